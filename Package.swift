@@ -1,0 +1,27 @@
+// swift-tools-version: 6.0
+// loopbackd: one static binary that is the virtio-loopback adapter and the device host.
+import PackageDescription
+
+// The executable is fully static (no glibc at run time); see README "Static binary".
+let staticExecutable: [SwiftSetting] = [.unsafeFlags(["-static-executable"])]
+let staticLink: [LinkerSetting] = [.unsafeFlags(["-static-executable"])]
+
+let package = Package(
+    name: "loopbackd",
+    products: [.executable(name: "loopbackd", targets: ["loopbackd"])],
+    targets: [
+        // Linux calls Glibc's module does not import (eventfd, memfd, epoll_event, CMSG, ioctl, pause, argv).
+        .target(name: "CLinux", cSettings: [.define("_GNU_SOURCE")]),
+        // liburing (io_uring), linked statically from Debian's liburing-dev.
+        .systemLibrary(name: "CURing", pkgConfig: "liburing", providers: [.apt(["liburing-dev"])]),
+        .target(name: "Transport", dependencies: ["CLinux"]),
+        .target(name: "Registry", dependencies: ["Transport", "CLinux", "CURing"]),
+        .target(name: "Daemon", dependencies: ["Registry", "Transport", "CLinux"]),
+        .executableTarget(name: "loopbackd", dependencies: ["Daemon"],
+                          swiftSettings: staticExecutable, linkerSettings: staticLink),
+        .testTarget(name: "TransportTests", dependencies: ["Transport", "CLinux"]),
+        .testTarget(name: "RegistryTests", dependencies: ["Registry", "Transport", "CLinux"]),
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "Registry", "Transport"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

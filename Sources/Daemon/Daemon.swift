@@ -1,0 +1,3 @@
+public enum Daemon {
+    public static func main() -> Int32 { 0 }
+}

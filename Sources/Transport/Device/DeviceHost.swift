@@ -1,0 +1,225 @@
+import Glibc
+
+/// What a driver side learns about a device before negotiating.
+public struct DeviceInfo: Sendable {
+    public var deviceID: UInt32
+    public var features: VirtioFeatures
+    public var queueMaxSizes: [UInt16]
+    public var configSize: Int
+}
+
+/// A driver side that wants to hear about device-side events it must forward (virtio-lo, vhost-user).
+public protocol DeviceHostObserver: AnyObject {
+    /// A queue was latched broken: the device status now has NEEDS_RESET.
+    func deviceNeedsReset(_ index: Int)
+}
+
+/// Runs device bodies on one event loop and turns driver-side events into device calls. Every driver side (the
+/// simulated driver, the kernel link, the vhost-user backend server) produces the same events: device added,
+/// features negotiated, queues ready (DRIVER_OK), kick, config access, reset.
+/// All methods except `init` run on the loop thread (driver sides on other threads use `loop.executeAndWait`).
+public final class DeviceHost: EventHandler, Poller {
+    public let loop: EventLoop
+    private var slots: [Slot] = []
+    public weak var observer: DeviceHostObserver?
+
+    final class Slot {
+        let name: String
+        let device: VirtioDevice
+        var status: UInt8 = 0
+        var features: VirtioFeatures = []
+        var queues: UnsafeMutablePointer<SplitQueue>?
+        var queueCount = 0
+        var kickFDs: [Int32] = []
+        var registrations: [Int] = []
+        var memory: GuestMemory?
+        var configInterrupt: Notifier = .none
+        init(name: String, device: VirtioDevice) { self.name = name; self.device = device }
+    }
+
+    public init(loop: EventLoop) {
+        self.loop = loop
+        loop.addPoller(self)
+    }
+
+    /// Adds a device; returns its index (the token the driver side uses).
+    public func add(name: String, device: VirtioDevice) -> Int {
+        slots.append(Slot(name: name, device: device))
+        return slots.count - 1
+    }
+
+    public var count: Int { slots.count }
+    public func name(_ i: Int) -> String { slots[i].name }
+    public func device(_ i: Int) -> VirtioDevice { slots[i].device }
+    public func status(_ i: Int) -> UInt8 { slots[i].status }
+    public func isActive(_ i: Int) -> Bool { slots[i].queues != nil }
+
+    public func info(_ i: Int) -> DeviceInfo {
+        let d = slots[i].device
+        let offered = VirtioFeatures(rawValue: d.offeredFeatures.rawValue
+            & (VirtioFeatures.deviceSpecificMask.rawValue | VirtioFeatures.transportSupported.rawValue))
+        return DeviceInfo(deviceID: d.deviceID, features: offered, queueMaxSizes: d.queueMaxSizes, configSize: d.configSize)
+    }
+
+    /// The driver's features. Bits we did not offer are a driver error: FEATURES_OK is refused (returns false).
+    public func setFeatures(_ i: Int, _ f: VirtioFeatures) -> Bool {
+        let s = slots[i]
+        guard s.queues == nil else { return false }
+        let offered = info(i).features
+        guard f.isSubset(of: offered) else {
+            Log.warning("\(s.name): driver accepted features \(hex(f.rawValue)) not offered (\(hex(offered.rawValue)))")
+            return false
+        }
+        s.features = f
+        s.device.ackFeatures(f)
+        s.status |= DeviceStatus.featuresOK
+        return true
+    }
+
+    /// Config space access; false if the range is outside the config space.
+    public func readConfig(_ i: Int, offset: Int, into b: UnsafeMutableRawBufferPointer) -> Bool {
+        let d = slots[i].device
+        guard offset >= 0, offset <= d.configSize, b.count <= d.configSize - offset else { return false }
+        d.readConfig(offset: offset, into: b)
+        return true
+    }
+    public func writeConfig(_ i: Int, offset: Int, from b: UnsafeRawBufferPointer) -> Bool {
+        let d = slots[i].device
+        guard offset >= 0, offset <= d.configSize, b.count <= d.configSize - offset else { return false }
+        d.writeConfig(offset: offset, from: b)
+        return true
+    }
+
+    /// DRIVER_OK: builds the queues (validating each ring), registers the kick fds, activates the device.
+    /// The host takes ownership of `kickFDs` (closed at reset), even on failure. A kick fd of -1 means the driver
+    /// side delivers kicks with `kick(_:_:)` instead.
+    public func activate(_ i: Int, queues configs: [QueueConfig], kickFDs: [Int32], interrupts: [Notifier],
+                         configInterrupt: Notifier, memory: GuestMemory,
+                         lastAvail: [UInt16]? = nil, usedFromRing: Bool = false) throws(DeviceError) {
+        let s = slots[i]
+        if s.queues != nil { reset(i) }
+        s.kickFDs = kickFDs
+        s.memory = memory
+        s.configInterrupt = configInterrupt
+        let maxes = s.device.queueMaxSizes
+        guard configs.count <= maxes.count, configs.count == kickFDs.count, configs.count == interrupts.count else {
+            closeKicks(s)
+            throw DeviceError("\(s.name): \(configs.count) queues set up, device has \(maxes.count)")
+        }
+        let q = UnsafeMutablePointer<SplitQueue>.allocate(capacity: max(configs.count, 1))
+        for (n, c) in configs.enumerated() {
+            do {
+                let queue = try SplitQueue(config: c, maxSize: maxes[n], memory: memory.view, features: s.features,
+                                           interrupt: interrupts[n], lastAvail: lastAvail?[n] ?? 0, usedFromRing: usedFromRing)
+                (q + n).initialize(to: queue)
+            } catch {
+                q.deinitialize(count: n)
+                q.deallocate()
+                closeKicks(s)
+                throw DeviceError("\(s.name): queue \(n): \(error.rawValue)")
+            }
+        }
+        s.queues = q
+        s.queueCount = configs.count
+        for (n, fd) in kickFDs.enumerated() where fd >= 0 {
+            do { s.registrations.append(try loop.register(fd: fd, handler: self, token: UInt32(i) << 16 | UInt32(n))) } catch {
+                reset(i)
+                throw DeviceError("\(s.name): cannot watch kick fd: \(error)")
+            }
+        }
+        do {
+            try s.device.activate(DeviceContext(queues: q, queueCount: configs.count, memory: memory.view, loop: loop,
+                                                configInterrupt: configInterrupt, features: s.features))
+        } catch {
+            reset(i)
+            throw error
+        }
+        s.status |= DeviceStatus.driverOK
+        // Chains the driver made available before we watched its kicks must not be lost.
+        for n in 0..<configs.count where q[n].hasAvailable { kick(i, n) }
+    }
+
+    /// A kick for queue `q` of device `i` (from a kick fd or a driver side without fds).
+    @inline(__always)
+    public func kick(_ i: Int, _ q: Int) {
+        let s = slots[i]
+        guard let queues = s.queues, q < s.queueCount else { return }
+        s.device.queueNotified(q)
+        if queues[q].faultPending { latched(i, q) }
+    }
+
+    public func handleEvent(token: UInt32, events: UInt32) {
+        let i = Int(token >> 16), q = Int(token & 0xffff)
+        guard i < slots.count, q < slots[i].kickFDs.count else { return }
+        _ = FD.drain(slots[i].kickFDs[q])
+        kick(i, q)
+    }
+
+    /// A queue broke: NEEDS_RESET plus a config interrupt (virtio 1.2 §2.1.2), logged once.
+    private func latched(_ i: Int, _ q: Int) {
+        let s = slots[i]
+        guard let queues = s.queues else { return }
+        queues[q].faultPending = false
+        Log.error("\(s.name): queue \(q) broken: \(queues[q].fault?.rawValue ?? "?"); device needs reset")
+        s.status |= DeviceStatus.needsReset
+        s.configInterrupt.signal()
+        observer?.deviceNeedsReset(i)
+    }
+
+    /// Driver reset (status 0), driver gone, or shutdown: the device stops, queues are freed, kicks unwatched.
+    public func reset(_ i: Int) {
+        let s = slots[i]
+        if s.queues != nil { s.device.reset() }
+        for (n, r) in s.registrations.enumerated() where n < s.kickFDs.count { loop.unregister(fd: s.kickFDs[n], registration: r) }
+        s.registrations = []
+        closeKicks(s)
+        if let q = s.queues { q.deinitialize(count: s.queueCount); q.deallocate() }
+        s.queues = nil
+        s.queueCount = 0
+        s.memory = nil
+        s.status = 0
+        s.features = []
+        s.configInterrupt = .none
+    }
+
+    private func closeKicks(_ s: Slot) {
+        for fd in s.kickFDs where fd >= 0 { close(fd) }
+        s.kickFDs = []
+    }
+
+    /// SIGTERM: complete in-flight requests, flush files, stop every device.
+    public func shutdown() {
+        for i in slots.indices {
+            slots[i].device.flush()
+            reset(i)
+        }
+    }
+
+    // MARK: Poller
+
+    public func poll() -> Bool {
+        var worked = false
+        for i in slots.indices {
+            let s = slots[i]
+            guard let q = s.queues else { continue }
+            for n in 0..<s.queueCount where q[n].hasAvailable {
+                kick(i, n)
+                worked = true
+            }
+        }
+        return worked
+    }
+
+    public func setPolling(_ on: Bool) {
+        for i in slots.indices {
+            let s = slots[i]
+            guard let q = s.queues else { continue }
+            for n in 0..<s.queueCount {
+                q[n].polling = on
+                if on { q[n].disableNotifications() } else if q[n].enableNotifications() { kick(i, n) }
+            }
+        }
+    }
+}
+
+func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

@@ -1,0 +1,52 @@
+/// What a device body gets when the driver sets DRIVER_OK: its queues (owned by the host, valid until `reset`),
+/// the driver's memory, the loop it runs on, its config interrupt and the negotiated features.
+public struct DeviceContext {
+    public let queues: UnsafeMutablePointer<SplitQueue>
+    public let queueCount: Int
+    public let memory: MemoryView
+    public let loop: EventLoop
+    public let configInterrupt: Notifier
+    public let features: VirtioFeatures
+    public init(queues: UnsafeMutablePointer<SplitQueue>, queueCount: Int, memory: MemoryView, loop: EventLoop,
+                configInterrupt: Notifier, features: VirtioFeatures) {
+        self.queues = queues; self.queueCount = queueCount; self.memory = memory; self.loop = loop
+        self.configInterrupt = configInterrupt; self.features = features
+    }
+}
+
+public struct DeviceError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ d: String) { description = d }
+}
+
+/// A virtio device body, written once and hosted by every driver side: the simulated driver, the kernel module
+/// link, and the vhost-user backend server (crosvm's `VirtioDevice`/`VhostUserDevice` sharing one body).
+/// All methods run on the host's event-loop thread.
+public protocol VirtioDevice: AnyObject {
+    /// Virtio device id (virtio 1.2 §5).
+    var deviceID: UInt32 { get }
+    /// One entry per queue: the largest ring size the device accepts.
+    var queueMaxSizes: [UInt16] { get }
+    /// Offered features, device-specific bits plus the transport bits the device wants.
+    var offeredFeatures: VirtioFeatures { get }
+    /// The driver's accepted subset (already masked to what was offered).
+    func ackFeatures(_ features: VirtioFeatures)
+    /// Size of the device's config space in bytes.
+    var configSize: Int { get }
+    /// Reads config bytes `[offset, offset+buffer.count)`; the host has checked the range.
+    func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer)
+    /// The driver wrote config bytes; the host has checked the range.
+    func writeConfig(offset: Int, from buffer: UnsafeRawBufferPointer)
+    /// The driver set DRIVER_OK: start serving the queues.
+    func activate(_ context: DeviceContext) throws(DeviceError)
+    /// The driver kicked queue `index` (or the host polls it): process what is available.
+    func queueNotified(_ index: Int)
+    /// Stop all I/O: wait for or cancel in-flight requests and forget the queues (they are freed after this).
+    func reset()
+    /// Flush buffered data to stable storage (SIGTERM, driver gone).
+    func flush()
+}
+
+extension VirtioDevice {
+    public func flush() {}
+}

@@ -1,0 +1,172 @@
+import Glibc
+import Synchronization
+import CLinux
+
+/// Something that owns fds in the loop. `token` is the value given at registration.
+public protocol EventHandler: AnyObject {
+    func handleEvent(token: UInt32, events: UInt32)
+}
+
+/// Something the loop busy-polls during the poll window (swift-nio SelectorEpoll + cloud-hypervisor's 50 µs poll).
+public protocol Poller: AnyObject {
+    /// Process whatever is ready; return true if there was work.
+    func poll() -> Bool
+    /// Entering (true) or leaving (false) the poll window: a queue keeps driver kicks disabled while polled and
+    /// re-enables them (with the re-check) when the window ends.
+    func setPolling(_ on: Bool)
+}
+
+/// One epoll thread that owns all fds of the devices it serves (principle 8). Only `execute`, `executeAndWait`
+/// and `stop` may be called from other threads; everything else runs on the loop thread.
+public final class EventLoop: @unchecked Sendable {
+    private let epfd: OwnedFD
+    private let wakeFD: OwnedFD
+    // Registration slots; epoll's u64 data = slot << 32 | token.
+    private var handlers: [EventHandler?] = []
+    private var freeSlots: [Int] = []
+    private var pollers: [Poller] = []
+    private let pending = Mutex<[@Sendable () -> Void]>([])
+    private let running = Atomic<Bool>(false)
+    private let stopRequested = Atomic<Bool>(false)
+    private var loopThread: pthread_t?
+    private var threadID: Int32 = 0
+    /// Busy-poll window in nanoseconds (0 = off): how long the loop keeps polling after the last work.
+    public var pollWindowNs: UInt64
+
+    public init(pollMicroseconds: Int = 0) throws(Errno) {
+        epfd = OwnedFD(adopting: try syscall { lb_epoll_create() })
+        wakeFD = try FD.eventfd()
+        pollWindowNs = UInt64(pollMicroseconds) * 1000
+        _ = try syscall { lb_epoll_ctl(epfd.raw, Int32(LB_EPOLL_CTL_ADD), wakeFD.raw, UInt32(LB_EPOLLIN), UInt64.max) }
+    }
+
+    public var isLoopThread: Bool { threadID != 0 && lb_gettid() == threadID }
+
+    // MARK: registration (loop thread)
+
+    /// Registers `fd` for `events` (EPOLLIN by default); returns a registration id for `unregister`.
+    @discardableResult
+    public func register(fd: Int32, events: UInt32 = UInt32(LB_EPOLLIN), handler: EventHandler, token: UInt32) throws(Errno) -> Int {
+        let slot: Int
+        if let s = freeSlots.popLast() { slot = s; handlers[s] = handler } else { slot = handlers.count; handlers.append(handler) }
+        let data = UInt64(slot) << 32 | UInt64(token)
+        do throws(Errno) { _ = try syscall { lb_epoll_ctl(epfd.raw, Int32(LB_EPOLL_CTL_ADD), fd, events, data) } } catch {
+            handlers[slot] = nil; freeSlots.append(slot); throw error
+        }
+        return slot
+    }
+
+    public func unregister(fd: Int32, registration: Int) {
+        _ = lb_epoll_ctl(epfd.raw, Int32(LB_EPOLL_CTL_DEL), fd, 0, 0)
+        if registration >= 0 && registration < handlers.count && handlers[registration] != nil {
+            handlers[registration] = nil
+            freeSlots.append(registration)
+        }
+    }
+
+    public func addPoller(_ p: Poller) { pollers.append(p) }
+    public func removePoller(_ p: Poller) { pollers.removeAll { $0 === p } }
+
+    // MARK: cross-thread
+
+    /// Runs `work` on the loop thread soon.
+    public func execute(_ work: @escaping @Sendable () -> Void) {
+        pending.withLock { $0.append(work) }
+        FD.signal(wakeFD.raw)
+    }
+
+    /// Runs `work` on the loop thread and waits for it (control plane only: allocates).
+    public func executeAndWait<T>(_ work: @escaping () -> T) -> T {
+        if isLoopThread || !running.load(ordering: .acquiring) { return work() }
+        let box = ResultBox<T>()
+        guard let done = try? FD.eventfd(nonblocking: false) else { fatalError("eventfd for executeAndWait failed") }
+        let fd = done.raw
+        let w = UncheckedBox(work)
+        execute { box.value = w.value(); FD.signal(fd) }
+        _ = FD.wait(fd)
+        return box.value!
+    }
+
+    public func stop() {
+        stopRequested.store(true, ordering: .releasing)
+        FD.signal(wakeFD.raw)
+    }
+
+    // MARK: running
+
+    /// Runs the loop on the calling thread until `stop()`.
+    public func run() {
+        threadID = lb_gettid()
+        running.store(true, ordering: .releasing)
+        var events = [lb_epoll_event](repeating: lb_epoll_event(), count: 64)
+        var pollUntil: UInt64 = 0
+        var polling = false
+        while !stopRequested.load(ordering: .acquiring) {
+            let timeout: Int32 = polling ? 0 : -1
+            let n = events.withUnsafeMutableBufferPointer { lb_epoll_wait(epfd.raw, $0.baseAddress, 64, timeout) }
+            var worked = n > 0
+            if n > 0 { dispatch(events, n) } else if n < 0 && errno != EINTR { Log.error("epoll_wait: \(Errno.current)"); break }
+            guard pollWindowNs > 0 else { continue }
+            for p in pollers where p.poll() { worked = true }
+            let now = lb_now_ns()
+            if worked {
+                pollUntil = now &+ pollWindowNs
+                if !polling { polling = true; for p in pollers { p.setPolling(true) } }
+            } else if polling && now >= pollUntil {
+                // Window over: re-enable kicks; `setPolling(false)` drains anything that slipped in.
+                polling = false
+                for p in pollers { p.setPolling(false) }
+            } else if polling {
+                lb_cpu_relax()
+            }
+        }
+        if polling { for p in pollers { p.setPolling(false) } }
+        runPending()
+        running.store(false, ordering: .releasing)
+        threadID = 0
+    }
+
+    private func dispatch(_ events: [lb_epoll_event], _ n: Int32) {
+        for i in 0..<Int(n) {
+            let data = events[i].data
+            if data == UInt64.max { _ = FD.drain(wakeFD.raw); runPending(); continue }
+            let slot = Int(data >> 32)
+            // A handler may unregister another fd whose event is already in this batch: skip stale slots.
+            guard slot < handlers.count, let h = handlers[slot] else { continue }
+            h.handleEvent(token: UInt32(truncatingIfNeeded: data), events: events[i].events)
+        }
+    }
+
+    private func runPending() {
+        let work = pending.withLock { q -> [@Sendable () -> Void] in let w = q; q.removeAll(); return w }
+        for w in work { w() }
+    }
+
+    /// Starts the loop on a new thread.
+    public func startThread() {
+        let ctx = Unmanaged.passRetained(self).toOpaque()
+        var t = pthread_t()
+        let r = pthread_create(&t, nil, eventLoopThreadMain, ctx)
+        precondition(r == 0, "pthread_create failed: \(r)")
+        loopThread = t
+        while !running.load(ordering: .acquiring) && !stopRequested.load(ordering: .acquiring) { sched_yield() }
+    }
+
+    /// Stops a loop started with `startThread` and joins it.
+    public func stopAndJoin() {
+        stop()
+        if let t = loopThread { pthread_join(t, nil); loopThread = nil }
+    }
+}
+
+private final class ResultBox<T>: @unchecked Sendable { var value: T? }
+/// Control-plane closures cross to the loop thread and back while the caller waits, so they never run
+/// concurrently with the caller: not Sendable by type, safe by protocol.
+struct UncheckedBox<T>: @unchecked Sendable { let value: T; init(_ v: T) { value = v } }
+
+// A global function, not a closure: Swift 6 main-actor closures passed to pthread_create crash (machine notes).
+private func eventLoopThreadMain(_ ctx: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    let loop = Unmanaged<EventLoop>.fromOpaque(ctx!).takeRetainedValue()
+    loop.run()
+    return nil
+}

@@ -1,0 +1,68 @@
+import Glibc
+import CLinux
+
+/// A file descriptor this program owns; closed exactly once in `deinit` (swift-system's ownership rule).
+public struct OwnedFD: ~Copyable {
+    public let raw: Int32
+    public init(adopting raw: Int32) { self.raw = raw }
+    /// Gives up ownership without closing.
+    public consuming func release() -> Int32 { let r = raw; discard self; return r }
+    deinit { if raw >= 0 { _ = Glibc.close(raw) } }
+}
+
+/// Small helpers over raw descriptors; every call retries EINTR.
+public enum FD {
+    public static func eventfd(nonblocking: Bool = true) throws(Errno) -> OwnedFD {
+        OwnedFD(adopting: try syscall { lb_eventfd(0, nonblocking ? 1 : 0) })
+    }
+    /// Adds 1 to an eventfd counter. EAGAIN (counter saturated) still means "signalled".
+    @inline(__always)
+    public static func signal(_ fd: Int32) {
+        var one: UInt64 = 1
+        _ = Glibc.write(fd, &one, 8)
+    }
+    /// Reads and clears an eventfd counter; 0 if it was not signalled (non-blocking fd).
+    @inline(__always)
+    public static func drain(_ fd: Int32) -> UInt64 {
+        var v: UInt64 = 0
+        while true {
+            let r = Glibc.read(fd, &v, 8)
+            if r == 8 { return v }
+            if r < 0 && errno == EINTR { continue }
+            return 0
+        }
+    }
+    /// Blocks until an eventfd is signalled (the fd may be non-blocking) or `timeoutMs` passes; returns the count.
+    public static func wait(_ fd: Int32, timeoutMs: Int32 = -1) -> UInt64 {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        while true {
+            let v = drain(fd)
+            if v != 0 { return v }
+            let r = poll(&p, 1, timeoutMs)
+            if r == 0 { return 0 }
+            if r < 0 && errno != EINTR { return 0 }
+        }
+    }
+    public static func open(_ path: String, flags: Int32, mode: mode_t = 0) throws(Errno) -> OwnedFD {
+        OwnedFD(adopting: try syscall { Glibc.open(path, flags | O_CLOEXEC, mode) })
+    }
+    public static func dup(_ fd: Int32) throws(Errno) -> OwnedFD {
+        OwnedFD(adopting: try syscall { fcntl(fd, F_DUPFD_CLOEXEC, 0) })
+    }
+    /// Reads exactly `count` bytes at `offset` (short reads retried); false on EOF.
+    public static func pread(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int, _ offset: Int64) throws(Errno) -> Bool {
+        var done = 0
+        while done < count {
+            let n = try syscall { Glibc.pread(fd, buf + done, count - done, off_t(offset) + off_t(done)) }
+            if n == 0 { return false }
+            done += n
+        }
+        return true
+    }
+    public static func pwrite(_ fd: Int32, _ buf: UnsafeRawPointer, _ count: Int, _ offset: Int64) throws(Errno) {
+        var done = 0
+        while done < count {
+            done += try syscall { Glibc.pwrite(fd, buf + done, count - done, off_t(offset) + off_t(done)) }
+        }
+    }
+}

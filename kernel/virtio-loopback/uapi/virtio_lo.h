@@ -1,0 +1,220 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/*
+ * virtio_lo.h - user-space ABI of the virtio-loopback ("virtio-lo") transport.
+ *
+ * A process opens /dev/virtio-lo and becomes the *device* side of one or
+ * more virtio devices; the Linux virtio drivers (virtio_blk, virtio-rng, ...)
+ * bind to them as to any other transport.  The kernel keeps the transport
+ * state (status, features, config, split vrings).  User space learns the ring
+ * physical addresses from ADDDEV, maps RAM with mmap(offset = physical
+ * address), is told of driver kicks through per-queue eventfds and raises
+ * used-buffer interrupts with VIRTIO_LO_KICK (or an interrupt eventfd, see
+ * VIRTIO_LO_SET_IRQFD).
+ *
+ * The first five ioctls are binary compatible with the unified-hmi virtio-lo
+ * driver (LP64 layout; 32-bit user space is not supported).  Everything
+ * numbered 0x40 and up is an extension; the upstream driver answers those
+ * with ENOTTY, so probe with VIRTIO_LO_GETEXT first.
+ *
+ * Only <linux/types.h> and <linux/ioctl.h> are needed.
+ */
+#ifndef _UAPI_LINUX_VIRTIO_LO_H
+#define _UAPI_LINUX_VIRTIO_LO_H
+
+#include <linux/types.h>
+#include <linux/ioctl.h>
+
+#define VIRTIO_LO_DEVICE_NODE "/dev/virtio-lo"
+
+/* Limits enforced by this implementation (reported by VIRTIO_LO_GETEXT). */
+#define VIRTIO_LO_MAX_QUEUES       64
+#define VIRTIO_LO_MAX_QUEUE_SIZE   32768 /* queue sizes must be powers of two */
+#define VIRTIO_LO_MAX_CONFIG_SIZE  4096
+
+/*
+ * Per-queue information, an array of devinfo.nqueues entries (32 bytes each).
+ *  kickfd  IN   eventfd the kernel signals when the driver notifies this
+ *               queue; -1 = none.
+ *  size    IN   maximum ring size (power of two, 1..32768; anything else is
+ *               rejected with EINVAL);  OUT  actual size (0 if the driver did
+ *               not set up this queue).
+ *  desc, avail, used  OUT  physical addresses of the split ring parts
+ *               (desc is page aligned, avail = desc + 16*size, used is on the
+ *               next page boundary).  0 if the queue was not set up.
+ */
+struct virtio_lo_qinfo {
+	__s32 kickfd;
+	__u32 size;
+	__u64 desc;
+	__u64 avail;
+	__u64 used;
+};
+
+/*
+ * VIRTIO_LO_ADDDEV argument (56 bytes).
+ *  idx          OUT  device index, used by every other ioctl.
+ *  device_id    IN   virtio device id (any non-zero id binds: 2 blk, 3 console,
+ *                    4 rng, 18 input, 41 gpio, ...).
+ *  vendor_id    IN   virtio vendor id.
+ *  nqueues      IN   1..VIRTIO_LO_MAX_QUEUES.
+ *  features     IN   device features; OUT features the driver accepted.
+ *                    VIRTIO_F_RING_PACKED (34), VIRTIO_F_ACCESS_PLATFORM (33)
+ *                    and VIRTIO_F_RING_RESET (40) are never offered.
+ *  config_size  IN   0..VIRTIO_LO_MAX_CONFIG_SIZE.
+ *  config_kick  IN   eventfd signalled when the driver writes config space
+ *                    (and, extension DEVSTATUS, when the driver status
+ *                    changes: reset, DRIVER_OK, FAILED); -1 = none.
+ *  config       IN   initial config (config_size bytes, NULL = zeros);
+ *               OUT  config after the driver probed.
+ *  qinfo        IN/OUT  array of nqueues struct virtio_lo_qinfo.
+ * Returns once the driver has set DRIVER_OK.  ENOENT: no driver bound within
+ * the probe timeout, or the driver's probe failed; the device is then gone.
+ */
+struct virtio_lo_devinfo {
+	__u32 idx;
+	__u32 device_id;
+	__u32 vendor_id;
+	__u32 nqueues;
+	__u64 features;
+	__u32 config_size;
+	__s32 config_kick;
+	__u32 padding;
+	__u32 __hole;
+	__u8 *config;
+	struct virtio_lo_qinfo *qinfo;
+};
+
+/* GCONF/SCONF argument (24 bytes): config[offset, offset+len) <-> *config. */
+struct virtio_lo_config {
+	__u32 idx;
+	__u32 offset;
+	__u32 len;
+	__u32 __hole;
+	__u8 *config;
+};
+
+/* KICK argument (8 bytes): used-buffer interrupt on queue qidx, -1 = all. */
+struct virtio_lo_kick {
+	__u32 idx;
+	__s32 qidx;
+};
+
+#define VIRTIO_LO_ADDDEV _IOWR('P', 1, struct virtio_lo_devinfo)   /* 0xC0385001 */
+/* DELDEV: the device index is the ioctl argument itself (by value). */
+#define VIRTIO_LO_DELDEV _IOW('P', 2, unsigned int)                /* 0x40045002 */
+#define VIRTIO_LO_GCONF  _IOR('P', 20, struct virtio_lo_config)    /* 0x80185014 */
+/* SCONF also bumps the config generation and raises a config interrupt. */
+#define VIRTIO_LO_SCONF  _IOW('P', 21, struct virtio_lo_config)    /* 0x40185015 */
+/* KICK: the number encodes sizeof(struct virtio_lo_config) (upstream quirk),
+ * the argument is a struct virtio_lo_kick. */
+#define VIRTIO_LO_KICK   _IOW('P', 30, struct virtio_lo_config)    /* 0x4018501E */
+
+/* ------------------------------------------------------------------------
+ * Extensions.
+ * ------------------------------------------------------------------------ */
+
+#define VIRTIO_LO_ABI_VERSION 1
+
+/* VIRTIO_LO_SET_IRQFD / VIRTIO_LO_KICK with qidx -1 */
+#define VIRTIO_LO_EXT_IRQFD          (1ULL << 0)
+/* VIRTIO_LO_GET_RAM */
+#define VIRTIO_LO_EXT_RAMLIST        (1ULL << 1)
+/* VIRTIO_LO_DEVSTATUS, config_kick signalled on status changes */
+#define VIRTIO_LO_EXT_DEVSTATUS      (1ULL << 2)
+/* VIRTIO_LO_GET_QUEUE */
+#define VIRTIO_LO_EXT_GETQUEUE       (1ULL << 3)
+/* mmap() is restricted to System RAM (module parameter mmap_ram_only) */
+#define VIRTIO_LO_EXT_MMAP_RAM_ONLY  (1ULL << 4)
+/* DELDEV/close/owner death fail the driver's in-flight requests */
+#define VIRTIO_LO_EXT_ABORT_INFLIGHT (1ULL << 5)
+/* KICK with qidx == -1 interrupts every queue */
+#define VIRTIO_LO_EXT_KICK_ALL       (1ULL << 6)
+
+/* VIRTIO_LO_GETEXT (24 bytes, all OUT). */
+struct virtio_lo_ext {
+	__u32 version;          /* VIRTIO_LO_ABI_VERSION */
+	__u32 max_queues;
+	__u32 max_queue_size;
+	__u32 max_config_size;
+	__u64 extensions;       /* VIRTIO_LO_EXT_* */
+};
+#define VIRTIO_LO_GETEXT _IOR('P', 0x40, struct virtio_lo_ext)      /* 0x80185040 */
+
+/*
+ * VIRTIO_LO_SET_IRQFD (16 bytes, IN): interrupt eventfd for queue (idx, qidx).
+ * The kernel watches fd (like KVM's irqfd); every signal drains the counter
+ * and runs the queue's used-buffer interrupt, exactly as VIRTIO_LO_KICK would,
+ * so a vhost-user back-end's call eventfd can be handed over directly.
+ * fd = -1 removes the queue's irqfd.  Replaces any previous one.
+ * Errors: EINVAL (bad idx/qidx, fd not an eventfd, flags != 0), EBADF.
+ */
+struct virtio_lo_irqfd {
+	__u32 idx;
+	__u32 qidx;
+	__s32 fd;
+	__u32 flags;            /* must be 0 */
+};
+#define VIRTIO_LO_SET_IRQFD _IOW('P', 0x41, struct virtio_lo_irqfd) /* 0x40105041 */
+
+/*
+ * VIRTIO_LO_GET_RAM (16 bytes, IN/OUT): the "System RAM" ranges, each rounded
+ * inwards to whole pages, i.e. exactly what mmap() accepts.
+ *  count   IN capacity of *ranges;  OUT number of entries written.
+ *  total   OUT number of ranges that exist (call again if total > count).
+ *  ranges  IN user pointer to an array of struct virtio_lo_mem_range.
+ */
+struct virtio_lo_mem_range {
+	__u64 start;            /* physical address, page aligned */
+	__u64 size;             /* bytes, multiple of the page size */
+};
+struct virtio_lo_ramlist {
+	__u32 count;
+	__u32 total;
+	__u64 ranges;           /* (struct virtio_lo_mem_range *) as integer */
+};
+#define VIRTIO_LO_GET_RAM _IOWR('P', 0x42, struct virtio_lo_ramlist) /* 0xC0105042 */
+
+/*
+ * VIRTIO_LO_DEVSTATUS (32 bytes, IN/OUT): driver-side state of device idx,
+ * optionally signalling a device error.
+ *  flags        IN  VIRTIO_LO_STATUS_F_* below (0 = query only).
+ *  status       OUT driver status byte (ACKNOWLEDGE 1, DRIVER 2, DRIVER_OK 4,
+ *                   FEATURES_OK 8, DEVICE_NEEDS_RESET 0x40, FAILED 0x80).
+ *  reset_count  OUT number of driver-initiated resets since ADDDEV
+ *                   (a change means the rings were re-created: re-read them
+ *                   with VIRTIO_LO_GET_QUEUE once status has DRIVER_OK).
+ *  features     OUT features the driver accepted.
+ *  generation   OUT config generation.
+ * config_kick (ADDDEV) is signalled whenever status changes.
+ */
+#define VIRTIO_LO_STATUS_F_NEEDS_RESET (1U << 0) /* set NEEDS_RESET (0x40), config interrupt */
+#define VIRTIO_LO_STATUS_F_BREAK       (1U << 1) /* also mark all queues broken (virtio_break_device) */
+struct virtio_lo_devstatus {
+	__u32 idx;
+	__u32 flags;
+	__u32 status;
+	__u32 reset_count;
+	__u64 features;
+	__u32 generation;
+	__u32 reserved;
+};
+#define VIRTIO_LO_DEVSTATUS _IOWR('P', 0x43, struct virtio_lo_devstatus) /* 0xC0205043 */
+
+/*
+ * VIRTIO_LO_GET_QUEUE (40 bytes, IN idx/qidx, OUT the rest): current ring of
+ * one queue, e.g. after a driver reset re-created it.
+ *  flags OUT VIRTIO_LO_QUEUE_F_ACTIVE when the driver has the queue set up.
+ */
+#define VIRTIO_LO_QUEUE_F_ACTIVE (1U << 0)
+struct virtio_lo_queue {
+	__u32 idx;
+	__u32 qidx;
+	__u32 size;
+	__u32 flags;
+	__u64 desc;
+	__u64 avail;
+	__u64 used;
+};
+#define VIRTIO_LO_GET_QUEUE _IOWR('P', 0x44, struct virtio_lo_queue) /* 0xC0285044 */
+
+#endif /* _UAPI_LINUX_VIRTIO_LO_H */
