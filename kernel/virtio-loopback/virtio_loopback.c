@@ -1,0 +1,1446 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * virtio-loopback: a virtio transport whose devices are implemented by a
+ * user-space process through /dev/virtio-lo.  ABI compatible with the
+ * unified-hmi "virtio-lo" driver; see uapi/virtio_lo.h for the ABI and the
+ * extensions.
+ *
+ * Design notes
+ *  - Every open() is an owner holding any number of devices (an IDR).
+ *  - A device is a struct virtio_device registered directly on the virtio
+ *    bus under the root device /sys/devices/virtio-lo, so any device id binds.
+ *  - Registration (and so the driver's probe) runs in a work item: drivers
+ *    such as virtio_blk do I/O in probe after DRIVER_OK, which only the
+ *    user-space device (blocked in ADDDEV until DRIVER_OK) can serve.
+ *  - Split rings are allocated here (physically contiguous), handed to
+ *    vring_new_virtqueue() and only freed when no user mapping of this file
+ *    remains (or at release()).
+ *  - Every queue tracks which descriptor heads the driver has outstanding
+ *    (avail entries seen minus used entries seen).  When a device is torn
+ *    down (DELDEV, close, owner killed) the module becomes a failing device:
+ *    it completes every outstanding request itself (len 0, virtio-blk status
+ *    IOERR), on every later notify too, until the driver's remove() has
+ *    reset the device.  So remove paths that wait for in-flight I/O (e.g.
+ *    virtio_blk's del_gendisk) never hang.
+ *  - Used-buffer interrupts (KICK ioctl, irqfd work, teardown) are
+ *    serialised per device by irq_lock and run with interrupts disabled,
+ *    like a hard interrupt handler.
+ */
+#include <linux/module.h>
+#include <linux/kernel.h>
+#include <linux/version.h>
+#include <linux/miscdevice.h>
+#include <linux/fs.h>
+#include <linux/file.h>
+#include <linux/mm.h>
+#include <linux/slab.h>
+#include <linux/vmalloc.h>
+#include <linux/idr.h>
+#include <linux/ioport.h>
+#include <linux/eventfd.h>
+#include <linux/poll.h>
+#include <linux/wait.h>
+#include <linux/workqueue.h>
+#include <linux/kref.h>
+#include <linux/log2.h>
+#include <linux/uaccess.h>
+#include <linux/virtio.h>
+#include <linux/virtio_config.h>
+#include <linux/virtio_ring.h>
+#include <linux/virtio_ids.h>
+#include <linux/virtio_blk.h>
+#include <linux/io.h>
+
+#include "uapi/virtio_lo.h"
+
+static unsigned int probe_timeout_ms = 3000;
+module_param(probe_timeout_ms, uint, 0644);
+MODULE_PARM_DESC(probe_timeout_ms, "ADDDEV: how long to wait for a driver to reach DRIVER_OK");
+
+static bool mmap_ram_only = true;
+module_param(mmap_ram_only, bool, 0644);
+MODULE_PARM_DESC(mmap_ram_only, "Only allow mmap() of System RAM");
+
+/* Features this transport never offers. */
+#define VLO_MASKED_FEATURES (BIT_ULL(VIRTIO_F_RING_PACKED) | \
+			     BIT_ULL(VIRTIO_F_ACCESS_PLATFORM) | \
+			     BIT_ULL(VIRTIO_F_RING_RESET))
+
+#define VLO_MAX_RAM_RANGES 1024
+
+static struct device *vlo_root;
+static struct workqueue_struct *vlo_wq;
+
+struct vlo_owner {
+	spinlock_t idr_lock;
+	struct idr devs;
+	spinlock_t grave_lock;		/* graveyard and nmaps */
+	struct list_head grave;		/* struct vlo_ring waiting for munmap */
+	unsigned int nmaps;
+};
+
+struct vlo_ring {
+	struct list_head node;
+	void *mem;
+	size_t bytes;
+};
+
+struct vlo_dev;
+
+struct vlo_irqfd {
+	struct vlo_dev *dev;
+	int qidx;
+	struct eventfd_ctx *ctx;
+	wait_queue_entry_t wait;
+	poll_table pt;
+	struct work_struct work;
+};
+
+struct vlo_queue {
+	struct vlo_dev *dev;
+	unsigned int index;
+	unsigned int max_size;
+	struct eventfd_ctx *kick;
+	struct vlo_irqfd *irqfd;	/* dev->irqfd_lock */
+
+	/* Set/cleared under dev->irq_lock and track_lock. */
+	struct virtqueue *vq;
+	struct vlo_ring *ring;
+	struct vring vr;
+	unsigned int num;
+
+	/* In-flight tracking, track_lock. */
+	spinlock_t track_lock;
+	u16 avail_seen;
+	u16 used_seen;
+	s16 *inflight;			/* per descriptor head */
+};
+
+struct vlo_dev {
+	struct virtio_device vdev;	/* release() drops one ref */
+	struct kref ref;
+	struct vlo_owner *owner;
+	u32 idx;
+	u32 nqueues;
+	u64 dev_features;
+
+	spinlock_t cfg_lock;		/* status, config, generation */
+	u8 status;
+	u32 reset_count;
+	u32 generation;
+	u32 config_size;
+	u8 *config;
+	struct eventfd_ctx *config_kick;
+
+	spinlock_t irq_lock;		/* serialises callbacks */
+	bool vqs_live;			/* find_vqs done, no reset since */
+	bool dying;
+	bool user_broke;
+
+	struct mutex irqfd_lock;
+	struct work_struct register_work;
+	struct delayed_work drain_work;
+	wait_queue_head_t wait;
+	bool reg_done;
+	bool registered;
+
+	struct vlo_queue q[];
+};
+
+#define to_vlo(v) container_of(v, struct vlo_dev, vdev)
+
+/* ---------------------------------------------------------------------- */
+
+static inline void vlo_signal(struct eventfd_ctx *ctx)
+{
+	if (!ctx)
+		return;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 8, 0)
+	eventfd_signal(ctx);
+#else
+	eventfd_signal(ctx, 1);
+#endif
+}
+
+static void vlo_dev_free(struct kref *ref)
+{
+	struct vlo_dev *dev = container_of(ref, struct vlo_dev, ref);
+	unsigned int i;
+
+	for (i = 0; i < dev->nqueues; i++)
+		if (dev->q[i].kick)
+			eventfd_ctx_put(dev->q[i].kick);
+	if (dev->config_kick)
+		eventfd_ctx_put(dev->config_kick);
+	kfree(dev->config);
+	kfree(dev);
+}
+
+static void vlo_dev_put(struct vlo_dev *dev)
+{
+	kref_put(&dev->ref, vlo_dev_free);
+}
+
+static void vlo_vdev_release(struct device *d)
+{
+	vlo_dev_put(to_vlo(dev_to_virtio(d)));
+}
+
+/* Ring memory: free now, or when the owner's last mapping goes away. */
+static void vlo_ring_free(struct vlo_ring *r)
+{
+	free_pages_exact(r->mem, r->bytes);
+	kfree(r);
+}
+
+static void vlo_bury_ring(struct vlo_owner *o, struct vlo_ring *r)
+{
+	bool now;
+
+	spin_lock(&o->grave_lock);
+	now = o->nmaps == 0;
+	if (!now)
+		list_add_tail(&r->node, &o->grave);
+	spin_unlock(&o->grave_lock);
+	if (now)
+		vlo_ring_free(r);
+}
+
+static void vlo_free_grave(struct list_head *list)
+{
+	struct vlo_ring *r, *t;
+
+	list_for_each_entry_safe(r, t, list, node) {
+		list_del(&r->node);
+		vlo_ring_free(r);
+	}
+}
+
+/* ---------------------------------------------------------------------- */
+/* In-flight tracking and the failing-device mode                          */
+
+static void vlo_track_locked(struct vlo_queue *q)
+{
+	struct virtio_device *vdev = &q->dev->vdev;
+	unsigned int num = q->num;
+	u16 a, u, h;
+
+	if (!q->inflight)
+		return;
+	a = virtio16_to_cpu(vdev, READ_ONCE(q->vr.avail->idx));
+	smp_rmb();
+	if ((u16)(a - q->avail_seen) > num)
+		q->avail_seen = a - num;
+	for (; q->avail_seen != a; q->avail_seen++) {
+		h = virtio16_to_cpu(vdev, READ_ONCE(q->vr.avail->ring[q->avail_seen & (num - 1)]));
+		if (h < num && q->inflight[h] < S16_MAX)
+			q->inflight[h]++;
+	}
+	u = virtio16_to_cpu(vdev, READ_ONCE(q->vr.used->idx));
+	smp_rmb();
+	if ((u16)(u - q->used_seen) > num)
+		q->used_seen = u - num;
+	for (; q->used_seen != u; q->used_seen++) {
+		u32 id = virtio32_to_cpu(vdev, READ_ONCE(q->vr.used->ring[q->used_seen & (num - 1)].id));
+
+		if (id < num && q->inflight[id] > S16_MIN)
+			q->inflight[id]--;
+	}
+}
+
+static void vlo_track(struct vlo_queue *q)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&q->track_lock, flags);
+	vlo_track_locked(q);
+	spin_unlock_irqrestore(&q->track_lock, flags);
+}
+
+static bool vlo_phys_ok(u64 addr, u64 len)
+{
+	if (!len || addr + len < addr)
+		return false;
+	return pfn_valid(PHYS_PFN(addr)) && pfn_valid(PHYS_PFN(addr + len - 1));
+}
+
+/* virtio-blk: the status byte is the last byte of the last device-writable buffer. */
+static void vlo_blk_fail(struct vlo_queue *q, u16 head)
+{
+	struct virtio_device *vdev = &q->dev->vdev;
+	struct vring_desc *tbl = q->vr.desc;
+	unsigned int n = q->num, i = head, steps;
+	u64 last = 0;
+	bool found = false;
+
+	if (virtio16_to_cpu(vdev, tbl[i].flags) & VRING_DESC_F_INDIRECT) {
+		u64 addr = virtio64_to_cpu(vdev, tbl[i].addr);
+		u32 len = virtio32_to_cpu(vdev, tbl[i].len);
+
+		if (len < sizeof(*tbl) || len > 65536 || !vlo_phys_ok(addr, len))
+			return;
+		tbl = phys_to_virt(addr);
+		n = len / sizeof(*tbl);
+		i = 0;
+	}
+	for (steps = 0; steps < n && i < n; steps++) {
+		u16 fl = virtio16_to_cpu(vdev, tbl[i].flags);
+
+		if (fl & VRING_DESC_F_WRITE) {
+			u64 addr = virtio64_to_cpu(vdev, tbl[i].addr);
+			u32 len = virtio32_to_cpu(vdev, tbl[i].len);
+
+			if (len && addr + len > addr) {
+				last = addr + len - 1;
+				found = true;
+			}
+		}
+		if (!(fl & VRING_DESC_F_NEXT))
+			break;
+		i = virtio16_to_cpu(vdev, tbl[i].next);
+	}
+	if (found && vlo_phys_ok(last, 1))
+		*(u8 *)phys_to_virt(last) = VIRTIO_BLK_S_IOERR;
+}
+
+/* Complete every outstanding head with len 0.  irq_lock held. */
+static void vlo_fail_inflight(struct vlo_queue *q)
+{
+	struct vlo_dev *dev = q->dev;
+	struct virtio_device *vdev = &dev->vdev;
+	unsigned int num = q->num, h;
+	u16 ui;
+
+	spin_lock(&q->track_lock);
+	if (!q->inflight)
+		goto out;
+	vlo_track_locked(q);
+	ui = q->used_seen;
+	for (h = 0; h < num; h++) {
+		if (q->inflight[h] > 0) {
+			struct vring_used_elem *e = &q->vr.used->ring[ui & (num - 1)];
+
+			if (dev->vdev.id.device == VIRTIO_ID_BLOCK)
+				vlo_blk_fail(q, h);
+			e->id = cpu_to_virtio32(vdev, h);
+			e->len = cpu_to_virtio32(vdev, 0);
+			ui++;
+		}
+		q->inflight[h] = 0;
+	}
+	smp_wmb();
+	WRITE_ONCE(q->vr.used->idx, cpu_to_virtio16(vdev, ui));
+	q->used_seen = ui;
+	/* Make the driver notify us about everything from now on. */
+	WRITE_ONCE(q->vr.used->flags, 0);
+	vring_avail_event(&q->vr) = q->vr.avail->idx;
+	smp_mb();
+out:
+	spin_unlock(&q->track_lock);
+}
+
+static void vlo_drain_work(struct work_struct *w)
+{
+	struct vlo_dev *dev = container_of(to_delayed_work(w), struct vlo_dev, drain_work);
+	unsigned long flags;
+	unsigned int i;
+	bool again;
+
+	spin_lock_irqsave(&dev->irq_lock, flags);
+	if (dev->user_broke && dev->vqs_live) {
+		/* Queues broken by DEVSTATUS would swallow our completions. */
+		__virtio_unbreak_device(&dev->vdev);
+		dev->user_broke = false;
+	}
+	if (dev->vqs_live) {
+		for (i = 0; i < dev->nqueues; i++) {
+			struct vlo_queue *q = &dev->q[i];
+
+			if (!q->vq)
+				continue;
+			vlo_fail_inflight(q);
+			vring_interrupt(0, q->vq);
+		}
+	}
+	again = dev->dying;
+	spin_unlock_irqrestore(&dev->irq_lock, flags);
+	/* Safety net for notifications we may not get. */
+	if (again)
+		queue_delayed_work(system_wq, &dev->drain_work, HZ / 10);
+}
+
+/* Used-buffer interrupt for one queue (qidx >= 0) or all (-1). */
+static void vlo_interrupt(struct vlo_dev *dev, int qidx)
+{
+	unsigned long flags;
+	unsigned int i;
+
+	spin_lock_irqsave(&dev->irq_lock, flags);
+	if (dev->vqs_live && !dev->dying) {
+		for (i = 0; i < dev->nqueues; i++) {
+			struct vlo_queue *q = &dev->q[i];
+
+			if ((qidx >= 0 && i != qidx) || !q->vq)
+				continue;
+			vlo_track(q);
+			vring_interrupt(0, q->vq);
+		}
+	}
+	spin_unlock_irqrestore(&dev->irq_lock, flags);
+}
+
+/* ---------------------------------------------------------------------- */
+/* virtio_config_ops                                                       */
+
+static void vlo_get(struct virtio_device *vdev, unsigned int off, void *buf, unsigned int len)
+{
+	struct vlo_dev *dev = to_vlo(vdev);
+	unsigned long flags;
+
+	memset(buf, 0, len);
+	spin_lock_irqsave(&dev->cfg_lock, flags);
+	if (off < dev->config_size)
+		memcpy(buf, dev->config + off, min(len, dev->config_size - off));
+	spin_unlock_irqrestore(&dev->cfg_lock, flags);
+}
+
+static void vlo_set(struct virtio_device *vdev, unsigned int off, const void *buf, unsigned int len)
+{
+	struct vlo_dev *dev = to_vlo(vdev);
+	unsigned long flags;
+
+	spin_lock_irqsave(&dev->cfg_lock, flags);
+	if (off < dev->config_size)
+		memcpy(dev->config + off, buf, min(len, dev->config_size - off));
+	spin_unlock_irqrestore(&dev->cfg_lock, flags);
+	vlo_signal(dev->config_kick);
+}
+
+static u32 vlo_generation(struct virtio_device *vdev)
+{
+	return READ_ONCE(to_vlo(vdev)->generation);
+}
+
+static u8 vlo_get_status(struct virtio_device *vdev)
+{
+	return READ_ONCE(to_vlo(vdev)->status);
+}
+
+static void vlo_set_status(struct virtio_device *vdev, u8 status)
+{
+	struct vlo_dev *dev = to_vlo(vdev);
+	unsigned long flags;
+	u8 old;
+
+	spin_lock_irqsave(&dev->cfg_lock, flags);
+	old = dev->status;
+	WRITE_ONCE(dev->status, status);
+	spin_unlock_irqrestore(&dev->cfg_lock, flags);
+	wake_up_all(&dev->wait);
+	if (old != status)
+		vlo_signal(dev->config_kick);
+}
+
+static void vlo_reset(struct virtio_device *vdev)
+{
+	struct vlo_dev *dev = to_vlo(vdev);
+	unsigned long flags;
+	u8 old;
+
+	/* After reset no callback may run: take irq_lock to wait for one in progress. */
+	spin_lock_irqsave(&dev->irq_lock, flags);
+	dev->vqs_live = false;
+	spin_unlock_irqrestore(&dev->irq_lock, flags);
+
+	spin_lock_irqsave(&dev->cfg_lock, flags);
+	old = dev->status;
+	WRITE_ONCE(dev->status, 0);
+	if (old)
+		dev->reset_count++;
+	spin_unlock_irqrestore(&dev->cfg_lock, flags);
+	wake_up_all(&dev->wait);
+	if (old)
+		vlo_signal(dev->config_kick);
+}
+
+static void vlo_synchronize_cbs(struct virtio_device *vdev)
+{
+	struct vlo_dev *dev = to_vlo(vdev);
+	unsigned long flags;
+
+	spin_lock_irqsave(&dev->irq_lock, flags);
+	spin_unlock_irqrestore(&dev->irq_lock, flags);
+}
+
+static u64 vlo_get_features(struct virtio_device *vdev)
+{
+	return to_vlo(vdev)->dev_features;
+}
+
+static int vlo_finalize_features(struct virtio_device *vdev)
+{
+	vring_transport_features(vdev);
+	return 0;
+}
+
+static const char *vlo_bus_name(struct virtio_device *vdev)
+{
+	return "virtio-lo";
+}
+
+static bool vlo_notify(struct virtqueue *vq)
+{
+	struct vlo_queue *q = vq->priv;
+	struct vlo_dev *dev = q->dev;
+
+	vlo_track(q);
+	if (READ_ONCE(dev->dying))
+		mod_delayed_work(system_wq, &dev->drain_work, 0);
+	else
+		vlo_signal(q->kick);
+	return true;
+}
+
+static void vlo_del_vqs(struct virtio_device *vdev)
+{
+	struct vlo_dev *dev = to_vlo(vdev);
+	unsigned long flags;
+	unsigned int i;
+
+	for (i = 0; i < dev->nqueues; i++) {
+		struct vlo_queue *q = &dev->q[i];
+		struct virtqueue *vq;
+		struct vlo_ring *ring;
+		s16 *inflight;
+
+		spin_lock_irqsave(&dev->irq_lock, flags);
+		dev->vqs_live = false;
+		spin_lock(&q->track_lock);
+		vq = q->vq;
+		ring = q->ring;
+		inflight = q->inflight;
+		q->vq = NULL;
+		q->ring = NULL;
+		q->inflight = NULL;
+		q->num = 0;
+		spin_unlock(&q->track_lock);
+		spin_unlock_irqrestore(&dev->irq_lock, flags);
+
+		if (vq)
+			vring_del_virtqueue(vq);
+		kvfree(inflight);
+		if (ring)
+			vlo_bury_ring(dev->owner, ring);
+	}
+}
+
+static struct virtqueue *vlo_setup_vq(struct vlo_dev *dev, unsigned int qi,
+				      void (*callback)(struct virtqueue *vq),
+				      const char *name, bool ctx)
+{
+	struct vlo_queue *q = &dev->q[qi];
+	unsigned int num = q->max_size;
+	struct vlo_ring *ring;
+	struct virtqueue *vq;
+	unsigned long flags;
+	s16 *inflight;
+
+	if (q->vq)
+		return ERR_PTR(-EBUSY);
+	ring = kzalloc(sizeof(*ring), GFP_KERNEL);
+	inflight = kvcalloc(num, sizeof(*inflight), GFP_KERNEL);
+	if (!ring || !inflight)
+		goto nomem;
+	ring->bytes = PAGE_ALIGN(vring_size(num, PAGE_SIZE));
+	ring->mem = alloc_pages_exact(ring->bytes, GFP_KERNEL | __GFP_ZERO | __GFP_NOWARN);
+	if (!ring->mem)
+		goto nomem;
+	vq = vring_new_virtqueue(qi, num, PAGE_SIZE, &dev->vdev, true, ctx,
+				 ring->mem, vlo_notify, callback, name);
+	if (!vq) {
+		free_pages_exact(ring->mem, ring->bytes);
+		goto nomem;
+	}
+	vq->priv = q;
+
+	spin_lock_irqsave(&dev->irq_lock, flags);
+	spin_lock(&q->track_lock);
+	vring_init(&q->vr, num, ring->mem, PAGE_SIZE);
+	q->num = num;
+	q->ring = ring;
+	q->inflight = inflight;
+	q->avail_seen = 0;
+	q->used_seen = 0;
+	q->vq = vq;
+	spin_unlock(&q->track_lock);
+	spin_unlock_irqrestore(&dev->irq_lock, flags);
+	return vq;
+nomem:
+	kvfree(inflight);
+	kfree(ring);
+	return ERR_PTR(-ENOMEM);
+}
+
+static int vlo_find_vqs_common(struct virtio_device *vdev, unsigned int nvqs,
+			       struct virtqueue *vqs[],
+			       void (*cb)(void *arg, unsigned int i, vq_callback_t **c,
+					  const char **n, bool *ctx),
+			       void *arg)
+{
+	struct vlo_dev *dev = to_vlo(vdev);
+	unsigned long flags;
+	unsigned int i, qi = 0;
+	int err;
+
+	for (i = 0; i < nvqs; i++) {
+		vq_callback_t *callback;
+		const char *name;
+		bool ctx;
+
+		cb(arg, i, &callback, &name, &ctx);
+		if (!name) {
+			vqs[i] = NULL;
+			continue;
+		}
+		if (qi >= dev->nqueues) {
+			err = -ENOENT;
+			goto fail;
+		}
+		vqs[i] = vlo_setup_vq(dev, qi++, callback, name, ctx);
+		if (IS_ERR(vqs[i])) {
+			err = PTR_ERR(vqs[i]);
+			goto fail;
+		}
+	}
+	spin_lock_irqsave(&dev->irq_lock, flags);
+	dev->vqs_live = true;
+	spin_unlock_irqrestore(&dev->irq_lock, flags);
+	return 0;
+fail:
+	vlo_del_vqs(vdev);
+	return err;
+}
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+static void vlo_vqi_cb(void *arg, unsigned int i, vq_callback_t **c, const char **n, bool *ctx)
+{
+	struct virtqueue_info *vqi = arg;
+
+	*c = vqi[i].callback;
+	*n = vqi[i].name;
+	*ctx = vqi[i].ctx;
+}
+
+static int vlo_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
+			struct virtqueue *vqs[], struct virtqueue_info vqs_info[],
+			struct irq_affinity *desc)
+{
+	return vlo_find_vqs_common(vdev, nvqs, vqs, vlo_vqi_cb, vqs_info);
+}
+#else
+struct vlo_fvq_args {
+	vq_callback_t **callbacks;
+	const char * const *names;
+	const bool *ctx;
+};
+
+static void vlo_fvq_cb(void *arg, unsigned int i, vq_callback_t **c, const char **n, bool *ctx)
+{
+	struct vlo_fvq_args *a = arg;
+
+	*c = a->callbacks[i];
+	*n = a->names[i];
+	*ctx = a->ctx ? a->ctx[i] : false;
+}
+
+static int vlo_find_vqs(struct virtio_device *vdev, unsigned int nvqs,
+			struct virtqueue *vqs[], vq_callback_t *callbacks[],
+			const char * const names[], const bool *ctx,
+			struct irq_affinity *desc)
+{
+	struct vlo_fvq_args a = { callbacks, names, ctx };
+
+	return vlo_find_vqs_common(vdev, nvqs, vqs, vlo_fvq_cb, &a);
+}
+#endif
+
+static const struct virtio_config_ops vlo_config_ops = {
+	.get			= vlo_get,
+	.set			= vlo_set,
+	.generation		= vlo_generation,
+	.get_status		= vlo_get_status,
+	.set_status		= vlo_set_status,
+	.reset			= vlo_reset,
+	.find_vqs		= vlo_find_vqs,
+	.del_vqs		= vlo_del_vqs,
+	.synchronize_cbs	= vlo_synchronize_cbs,
+	.get_features		= vlo_get_features,
+	.finalize_features	= vlo_finalize_features,
+	.bus_name		= vlo_bus_name,
+};
+
+/* ---------------------------------------------------------------------- */
+/* irqfd                                                                   */
+
+static void vlo_irqfd_work(struct work_struct *w)
+{
+	struct vlo_irqfd *irqfd = container_of(w, struct vlo_irqfd, work);
+
+	vlo_interrupt(irqfd->dev, irqfd->qidx);
+}
+
+/* Runs under the eventfd's wait-queue lock, interrupts off: defer. */
+static int vlo_irqfd_wakeup(wait_queue_entry_t *wait, unsigned int mode, int sync, void *key)
+{
+	struct vlo_irqfd *irqfd = container_of(wait, struct vlo_irqfd, wait);
+
+	if (key_to_poll(key) & EPOLLIN) {
+		u64 cnt;
+
+		eventfd_ctx_do_read(irqfd->ctx, &cnt);
+		queue_work(system_highpri_wq, &irqfd->work);
+	}
+	return 0;
+}
+
+static void vlo_irqfd_ptable(struct file *file, wait_queue_head_t *wqh, poll_table *pt)
+{
+	struct vlo_irqfd *irqfd = container_of(pt, struct vlo_irqfd, pt);
+
+	add_wait_queue(wqh, &irqfd->wait);
+}
+
+static void vlo_irqfd_free(struct vlo_irqfd *irqfd)
+{
+	u64 cnt;
+
+	if (!irqfd)
+		return;
+	eventfd_ctx_remove_wait_queue(irqfd->ctx, &irqfd->wait, &cnt);
+	cancel_work_sync(&irqfd->work);
+	eventfd_ctx_put(irqfd->ctx);
+	kfree(irqfd);
+}
+
+static int vlo_irqfd_set(struct vlo_dev *dev, unsigned int qidx, int fd)
+{
+	struct vlo_irqfd *irqfd = NULL, *old;
+	struct file *file = NULL;
+	__poll_t events;
+	int err = 0;
+
+	if (qidx >= dev->nqueues)
+		return -EINVAL;
+	if (fd >= 0) {
+		irqfd = kzalloc(sizeof(*irqfd), GFP_KERNEL);
+		if (!irqfd)
+			return -ENOMEM;
+		file = fget(fd);
+		if (!file) {
+			kfree(irqfd);
+			return -EBADF;
+		}
+		irqfd->ctx = eventfd_ctx_fileget(file);
+		if (IS_ERR(irqfd->ctx)) {
+			fput(file);
+			kfree(irqfd);
+			return -EINVAL;
+		}
+		irqfd->dev = dev;
+		irqfd->qidx = qidx;
+		INIT_WORK(&irqfd->work, vlo_irqfd_work);
+		init_waitqueue_func_entry(&irqfd->wait, vlo_irqfd_wakeup);
+		init_poll_funcptr(&irqfd->pt, vlo_irqfd_ptable);
+	} else if (fd != -1) {
+		return -EBADF;
+	}
+
+	mutex_lock(&dev->irqfd_lock);
+	if (READ_ONCE(dev->dying)) {
+		err = -ENODEV;
+		old = irqfd;
+		irqfd = NULL;
+	} else {
+		old = dev->q[qidx].irqfd;
+		dev->q[qidx].irqfd = irqfd;
+		if (irqfd) {
+			events = vfs_poll(file, &irqfd->pt);
+			if (events & EPOLLIN)
+				queue_work(system_highpri_wq, &irqfd->work);
+		}
+	}
+	mutex_unlock(&dev->irqfd_lock);
+	if (fd >= 0)
+		fput(file);
+	if (old && err) {
+		/* never hooked */
+		eventfd_ctx_put(old->ctx);
+		kfree(old);
+	} else {
+		vlo_irqfd_free(old);
+	}
+	return err;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Device creation and teardown                                            */
+
+static void vlo_register_work(struct work_struct *w)
+{
+	struct vlo_dev *dev = container_of(w, struct vlo_dev, register_work);
+	int err;
+
+	kref_get(&dev->ref);		/* dropped by vlo_vdev_release */
+	err = register_virtio_device(&dev->vdev);
+	if (err) {
+		dev_warn(vlo_root, "register_virtio_device: %d\n", err);
+		put_device(&dev->vdev.dev);
+	}
+	spin_lock_irq(&dev->cfg_lock);
+	dev->registered = !err;
+	dev->reg_done = true;
+	spin_unlock_irq(&dev->cfg_lock);
+	wake_up_all(&dev->wait);
+}
+
+static void vlo_dev_teardown(struct vlo_dev *dev)
+{
+	unsigned int i;
+
+	spin_lock_irq(&dev->irq_lock);
+	WRITE_ONCE(dev->dying, true);
+	spin_unlock_irq(&dev->irq_lock);
+
+	mutex_lock(&dev->irqfd_lock);
+	for (i = 0; i < dev->nqueues; i++) {
+		vlo_irqfd_free(dev->q[i].irqfd);
+		dev->q[i].irqfd = NULL;
+	}
+	mutex_unlock(&dev->irqfd_lock);
+
+	/* From here the module completes the driver's requests itself. */
+	mod_delayed_work(system_wq, &dev->drain_work, 0);
+	flush_work(&dev->register_work);
+	if (dev->registered)
+		unregister_virtio_device(&dev->vdev);
+	cancel_delayed_work_sync(&dev->drain_work);
+
+	/* A driver that did not delete its queues (or none bound). */
+	for (i = 0; i < dev->nqueues; i++) {
+		if (dev->q[i].vq) {
+			dev_warn(vlo_root, "device %u: queue %u left behind by the driver\n",
+				 dev->idx, i);
+			vlo_del_vqs(&dev->vdev);
+			break;
+		}
+	}
+	vlo_dev_put(dev);
+}
+
+static bool vlo_probe_settled(struct vlo_dev *dev)
+{
+	u8 st = READ_ONCE(dev->status);
+
+	return (st & (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED)) ||
+	       (READ_ONCE(dev->reg_done) && !READ_ONCE(dev->registered));
+}
+
+static struct vlo_dev *vlo_get_dev(struct vlo_owner *o, u32 idx)
+{
+	struct vlo_dev *dev;
+
+	spin_lock(&o->idr_lock);
+	dev = idr_find(&o->devs, idx);
+	if (dev)
+		kref_get(&dev->ref);
+	spin_unlock(&o->idr_lock);
+	return dev;
+}
+
+static int vlo_get_eventfd(int fd, struct eventfd_ctx **out)
+{
+	struct eventfd_ctx *ctx;
+
+	*out = NULL;
+	if (fd == -1)
+		return 0;
+	if (fd < 0)
+		return -EBADF;
+	ctx = eventfd_ctx_fdget(fd);
+	if (IS_ERR(ctx))
+		return PTR_ERR(ctx);
+	*out = ctx;
+	return 0;
+}
+
+static long vlo_ioctl_adddev(struct vlo_owner *o, void __user *uarg)
+{
+	struct virtio_lo_devinfo info;
+	struct virtio_lo_qinfo *qinfo = NULL;
+	struct vlo_dev *dev = NULL;
+	unsigned long flags;
+	unsigned int i;
+	long left;
+	int err, id;
+
+	if (copy_from_user(&info, uarg, sizeof(info)))
+		return -EFAULT;
+	if (!info.device_id || !info.nqueues || info.nqueues > VIRTIO_LO_MAX_QUEUES ||
+	    info.config_size > VIRTIO_LO_MAX_CONFIG_SIZE)
+		return -EINVAL;
+	if (!info.qinfo)
+		return -EFAULT;
+	qinfo = memdup_user((void __user *)info.qinfo, info.nqueues * sizeof(*qinfo));
+	if (IS_ERR(qinfo))
+		return PTR_ERR(qinfo);
+	for (i = 0; i < info.nqueues; i++) {
+		if (!qinfo[i].size || qinfo[i].size > VIRTIO_LO_MAX_QUEUE_SIZE ||
+		    !is_power_of_2(qinfo[i].size)) {
+			err = -EINVAL;
+			goto out_free;
+		}
+	}
+
+	dev = kzalloc(struct_size(dev, q, info.nqueues), GFP_KERNEL);
+	if (!dev) {
+		err = -ENOMEM;
+		goto out_free;
+	}
+	kref_init(&dev->ref);
+	dev->owner = o;
+	dev->nqueues = info.nqueues;
+	dev->dev_features = info.features & ~VLO_MASKED_FEATURES;
+	dev->config_size = info.config_size;
+	spin_lock_init(&dev->cfg_lock);
+	spin_lock_init(&dev->irq_lock);
+	mutex_init(&dev->irqfd_lock);
+	init_waitqueue_head(&dev->wait);
+	INIT_WORK(&dev->register_work, vlo_register_work);
+	INIT_DELAYED_WORK(&dev->drain_work, vlo_drain_work);
+	for (i = 0; i < info.nqueues; i++) {
+		struct vlo_queue *q = &dev->q[i];
+
+		q->dev = dev;
+		q->index = i;
+		q->max_size = qinfo[i].size;
+		spin_lock_init(&q->track_lock);
+	}
+	dev->config = kzalloc(max_t(u32, info.config_size, 1), GFP_KERNEL);
+	if (!dev->config) {
+		err = -ENOMEM;
+		goto out_dev;
+	}
+	if (info.config_size && info.config &&
+	    copy_from_user(dev->config, (void __user *)info.config, info.config_size)) {
+		err = -EFAULT;
+		goto out_dev;
+	}
+	err = vlo_get_eventfd(info.config_kick, &dev->config_kick);
+	if (err)
+		goto out_dev;
+	for (i = 0; i < info.nqueues; i++) {
+		err = vlo_get_eventfd(qinfo[i].kickfd, &dev->q[i].kick);
+		if (err)
+			goto out_dev;
+	}
+
+	dev->vdev.id.device = info.device_id;
+	dev->vdev.id.vendor = info.vendor_id;
+	dev->vdev.config = &vlo_config_ops;
+	dev->vdev.dev.parent = vlo_root;
+	dev->vdev.dev.release = vlo_vdev_release;
+
+	queue_work(vlo_wq, &dev->register_work);
+	left = wait_event_interruptible_timeout(dev->wait, vlo_probe_settled(dev),
+						msecs_to_jiffies(probe_timeout_ms));
+	if (!(READ_ONCE(dev->status) & VIRTIO_CONFIG_S_DRIVER_OK)) {
+		err = left < 0 ? -EINTR : -ENOENT;
+		goto out_teardown;
+	}
+
+	idr_preload(GFP_KERNEL);
+	spin_lock(&o->idr_lock);
+	id = idr_alloc(&o->devs, dev, 0, INT_MAX, GFP_NOWAIT);
+	if (id >= 0)
+		dev->idx = id;
+	spin_unlock(&o->idr_lock);
+	idr_preload_end();
+	if (id < 0) {
+		err = id;
+		goto out_teardown;
+	}
+
+	info.idx = dev->idx;
+	info.features = dev->vdev.features;
+	spin_lock_irqsave(&dev->irq_lock, flags);
+	for (i = 0; i < info.nqueues; i++) {
+		struct vlo_queue *q = &dev->q[i];
+
+		if (q->vq) {
+			qinfo[i].size = q->num;
+			qinfo[i].desc = virt_to_phys(q->vr.desc);
+			qinfo[i].avail = virt_to_phys(q->vr.avail);
+			qinfo[i].used = virt_to_phys(q->vr.used);
+		} else {
+			qinfo[i].size = 0;
+			qinfo[i].desc = qinfo[i].avail = qinfo[i].used = 0;
+		}
+	}
+	spin_unlock_irqrestore(&dev->irq_lock, flags);
+	err = 0;
+	if (copy_to_user((void __user *)info.qinfo, qinfo, info.nqueues * sizeof(*qinfo)) ||
+	    copy_to_user(uarg, &info, sizeof(info)))
+		err = -EFAULT;
+	if (!err && info.config_size && info.config) {
+		u8 *tmp = kmalloc(info.config_size, GFP_KERNEL);
+
+		if (!tmp) {
+			err = -ENOMEM;
+		} else {
+			spin_lock_irqsave(&dev->cfg_lock, flags);
+			memcpy(tmp, dev->config, info.config_size);
+			spin_unlock_irqrestore(&dev->cfg_lock, flags);
+			if (copy_to_user((void __user *)info.config, tmp, info.config_size))
+				err = -EFAULT;
+			kfree(tmp);
+		}
+	}
+	if (err) {
+		spin_lock(&o->idr_lock);
+		idr_remove(&o->devs, dev->idx);
+		spin_unlock(&o->idr_lock);
+		goto out_teardown;
+	}
+	kfree(qinfo);
+	return 0;
+
+out_teardown:
+	kfree(qinfo);
+	vlo_dev_teardown(dev);
+	return err;
+out_dev:
+	vlo_dev_put(dev);
+out_free:
+	kfree(qinfo);
+	return err;
+}
+
+static long vlo_ioctl_deldev(struct vlo_owner *o, unsigned long idx)
+{
+	struct vlo_dev *dev;
+
+	if (idx > INT_MAX)
+		return -EINVAL;
+	spin_lock(&o->idr_lock);
+	dev = idr_remove(&o->devs, idx);
+	spin_unlock(&o->idr_lock);
+	if (!dev)
+		return -ENODEV;
+	vlo_dev_teardown(dev);
+	return 0;
+}
+
+static long vlo_ioctl_conf(struct vlo_owner *o, void __user *uarg, bool write)
+{
+	struct virtio_lo_config c;
+	struct vlo_dev *dev;
+	unsigned long flags;
+	u8 *tmp;
+	long err = 0;
+
+	if (copy_from_user(&c, uarg, sizeof(c)))
+		return -EFAULT;
+	dev = vlo_get_dev(o, c.idx);
+	if (!dev)
+		return -ENODEV;
+	if (c.offset > dev->config_size || c.len > dev->config_size - c.offset) {
+		err = -EINVAL;
+		goto out;
+	}
+	if (!c.len)
+		goto out;
+	tmp = kmalloc(c.len, GFP_KERNEL);
+	if (!tmp) {
+		err = -ENOMEM;
+		goto out;
+	}
+	if (write) {
+		if (copy_from_user(tmp, (void __user *)c.config, c.len)) {
+			err = -EFAULT;
+		} else {
+			spin_lock_irqsave(&dev->cfg_lock, flags);
+			memcpy(dev->config + c.offset, tmp, c.len);
+			dev->generation++;
+			spin_unlock_irqrestore(&dev->cfg_lock, flags);
+			virtio_config_changed(&dev->vdev);
+		}
+	} else {
+		spin_lock_irqsave(&dev->cfg_lock, flags);
+		memcpy(tmp, dev->config + c.offset, c.len);
+		spin_unlock_irqrestore(&dev->cfg_lock, flags);
+		if (copy_to_user((void __user *)c.config, tmp, c.len))
+			err = -EFAULT;
+	}
+	kfree(tmp);
+out:
+	vlo_dev_put(dev);
+	return err;
+}
+
+static long vlo_ioctl_kick(struct vlo_owner *o, void __user *uarg)
+{
+	struct virtio_lo_kick k;
+	struct vlo_dev *dev;
+	long err = 0;
+
+	if (copy_from_user(&k, uarg, sizeof(k)))
+		return -EFAULT;
+	dev = vlo_get_dev(o, k.idx);
+	if (!dev)
+		return -ENODEV;
+	if (k.qidx < -1 || (k.qidx >= 0 && (u32)k.qidx >= dev->nqueues))
+		err = -EINVAL;
+	else
+		vlo_interrupt(dev, k.qidx);
+	vlo_dev_put(dev);
+	return err;
+}
+
+static long vlo_ioctl_irqfd(struct vlo_owner *o, void __user *uarg)
+{
+	struct virtio_lo_irqfd a;
+	struct vlo_dev *dev;
+	long err;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	if (a.flags)
+		return -EINVAL;
+	dev = vlo_get_dev(o, a.idx);
+	if (!dev)
+		return -ENODEV;
+	err = vlo_irqfd_set(dev, a.qidx, a.fd);
+	vlo_dev_put(dev);
+	return err;
+}
+
+struct vlo_ramwalk {
+	struct virtio_lo_mem_range *r;
+	u32 n;
+};
+
+static int vlo_ram_cb(struct resource *res, void *arg)
+{
+	struct vlo_ramwalk *w = arg;
+	u64 start = PAGE_ALIGN(res->start);
+	u64 end = (res->end + 1) & PAGE_MASK;
+
+	if (end <= start)
+		return 0;
+	/* Nested System RAM resources (kernel code/data) overlap their parent. */
+	if (w->n && start < w->r[w->n - 1].start + w->r[w->n - 1].size) {
+		struct virtio_lo_mem_range *l = &w->r[w->n - 1];
+
+		if (end > l->start + l->size)
+			l->size = end - l->start;
+		return 0;
+	}
+	if (w->n >= VLO_MAX_RAM_RANGES)
+		return 0;
+	w->r[w->n].start = start;
+	w->r[w->n].size = end - start;
+	w->n++;
+	return 0;
+}
+
+static long vlo_ioctl_getram(void __user *uarg)
+{
+	struct virtio_lo_ramlist l;
+	struct vlo_ramwalk w = { };
+	long err = 0;
+	u32 n;
+
+	if (copy_from_user(&l, uarg, sizeof(l)))
+		return -EFAULT;
+	w.r = kvcalloc(VLO_MAX_RAM_RANGES, sizeof(*w.r), GFP_KERNEL);
+	if (!w.r)
+		return -ENOMEM;
+	walk_iomem_res_desc(IORES_DESC_NONE, IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY,
+			    0, -1, &w, vlo_ram_cb);
+	n = min(l.count, w.n);
+	if (n && copy_to_user(u64_to_user_ptr(l.ranges), w.r, n * sizeof(*w.r)))
+		err = -EFAULT;
+	l.count = n;
+	l.total = w.n;
+	if (!err && copy_to_user(uarg, &l, sizeof(l)))
+		err = -EFAULT;
+	kvfree(w.r);
+	return err;
+}
+
+static long vlo_ioctl_devstatus(struct vlo_owner *o, void __user *uarg)
+{
+	struct virtio_lo_devstatus s;
+	struct vlo_dev *dev;
+	unsigned long flags;
+
+	if (copy_from_user(&s, uarg, sizeof(s)))
+		return -EFAULT;
+	if (s.flags & ~(VIRTIO_LO_STATUS_F_NEEDS_RESET | VIRTIO_LO_STATUS_F_BREAK))
+		return -EINVAL;
+	dev = vlo_get_dev(o, s.idx);
+	if (!dev)
+		return -ENODEV;
+	if (s.flags & VIRTIO_LO_STATUS_F_BREAK) {
+		spin_lock_irqsave(&dev->irq_lock, flags);
+		if (!dev->dying) {
+			dev->user_broke = true;
+			virtio_break_device(&dev->vdev);
+		}
+		spin_unlock_irqrestore(&dev->irq_lock, flags);
+	}
+	if (s.flags & (VIRTIO_LO_STATUS_F_NEEDS_RESET | VIRTIO_LO_STATUS_F_BREAK)) {
+		spin_lock_irqsave(&dev->cfg_lock, flags);
+		WRITE_ONCE(dev->status, dev->status | VIRTIO_CONFIG_S_NEEDS_RESET);
+		spin_unlock_irqrestore(&dev->cfg_lock, flags);
+		virtio_config_changed(&dev->vdev);
+	}
+	spin_lock_irqsave(&dev->cfg_lock, flags);
+	s.status = dev->status;
+	s.reset_count = dev->reset_count;
+	s.generation = dev->generation;
+	spin_unlock_irqrestore(&dev->cfg_lock, flags);
+	s.features = dev->vdev.features;
+	s.reserved = 0;
+	vlo_dev_put(dev);
+	return copy_to_user(uarg, &s, sizeof(s)) ? -EFAULT : 0;
+}
+
+static long vlo_ioctl_getqueue(struct vlo_owner *o, void __user *uarg)
+{
+	struct virtio_lo_queue a;
+	struct vlo_dev *dev;
+	unsigned long flags;
+	struct vlo_queue *q;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	dev = vlo_get_dev(o, a.idx);
+	if (!dev)
+		return -ENODEV;
+	if (a.qidx >= dev->nqueues) {
+		vlo_dev_put(dev);
+		return -EINVAL;
+	}
+	q = &dev->q[a.qidx];
+	a.size = 0;
+	a.flags = 0;
+	a.desc = a.avail = a.used = 0;
+	spin_lock_irqsave(&dev->irq_lock, flags);
+	if (q->vq) {
+		a.size = q->num;
+		a.flags = dev->vqs_live ? VIRTIO_LO_QUEUE_F_ACTIVE : 0;
+		a.desc = virt_to_phys(q->vr.desc);
+		a.avail = virt_to_phys(q->vr.avail);
+		a.used = virt_to_phys(q->vr.used);
+	}
+	spin_unlock_irqrestore(&dev->irq_lock, flags);
+	vlo_dev_put(dev);
+	return copy_to_user(uarg, &a, sizeof(a)) ? -EFAULT : 0;
+}
+
+static long vlo_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	struct vlo_owner *o = file->private_data;
+	void __user *uarg = (void __user *)arg;
+
+	switch (cmd) {
+	case VIRTIO_LO_ADDDEV:
+		return vlo_ioctl_adddev(o, uarg);
+	case VIRTIO_LO_DELDEV:
+		return vlo_ioctl_deldev(o, arg);
+	case VIRTIO_LO_GCONF:
+		return vlo_ioctl_conf(o, uarg, false);
+	case VIRTIO_LO_SCONF:
+		return vlo_ioctl_conf(o, uarg, true);
+	case VIRTIO_LO_KICK:
+		return vlo_ioctl_kick(o, uarg);
+	case VIRTIO_LO_GETEXT: {
+		struct virtio_lo_ext e = {
+			.version = VIRTIO_LO_ABI_VERSION,
+			.max_queues = VIRTIO_LO_MAX_QUEUES,
+			.max_queue_size = VIRTIO_LO_MAX_QUEUE_SIZE,
+			.max_config_size = VIRTIO_LO_MAX_CONFIG_SIZE,
+			.extensions = VIRTIO_LO_EXT_IRQFD | VIRTIO_LO_EXT_RAMLIST |
+				      VIRTIO_LO_EXT_DEVSTATUS | VIRTIO_LO_EXT_GETQUEUE |
+				      VIRTIO_LO_EXT_ABORT_INFLIGHT | VIRTIO_LO_EXT_KICK_ALL |
+				      (mmap_ram_only ? VIRTIO_LO_EXT_MMAP_RAM_ONLY : 0),
+		};
+		return copy_to_user(uarg, &e, sizeof(e)) ? -EFAULT : 0;
+	}
+	case VIRTIO_LO_SET_IRQFD:
+		return vlo_ioctl_irqfd(o, uarg);
+	case VIRTIO_LO_GET_RAM:
+		return vlo_ioctl_getram(uarg);
+	case VIRTIO_LO_DEVSTATUS:
+		return vlo_ioctl_devstatus(o, uarg);
+	case VIRTIO_LO_GET_QUEUE:
+		return vlo_ioctl_getqueue(o, uarg);
+	}
+	return -ENOTTY;
+}
+
+/* ---------------------------------------------------------------------- */
+/* mmap                                                                    */
+
+static void vlo_vm_open(struct vm_area_struct *vma)
+{
+	struct vlo_owner *o = vma->vm_private_data;
+
+	spin_lock(&o->grave_lock);
+	o->nmaps++;
+	spin_unlock(&o->grave_lock);
+}
+
+static void vlo_vm_close(struct vm_area_struct *vma)
+{
+	struct vlo_owner *o = vma->vm_private_data;
+	LIST_HEAD(list);
+
+	spin_lock(&o->grave_lock);
+	if (!--o->nmaps)
+		list_splice_init(&o->grave, &list);
+	spin_unlock(&o->grave_lock);
+	vlo_free_grave(&list);
+}
+
+static const struct vm_operations_struct vlo_vm_ops = {
+	.open = vlo_vm_open,
+	.close = vlo_vm_close,
+};
+
+static int vlo_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	struct vlo_owner *o = file->private_data;
+	unsigned long size = vma->vm_end - vma->vm_start;
+	u64 start = (u64)vma->vm_pgoff << PAGE_SHIFT;
+	int err;
+
+	if (!(vma->vm_flags & VM_SHARED))
+		return -EINVAL;
+	if ((start >> PAGE_SHIFT) != vma->vm_pgoff || start + size < start)
+		return -EINVAL;
+	if (mmap_ram_only &&
+	    region_intersects(start, size, IORESOURCE_SYSTEM_RAM, IORES_DESC_NONE) !=
+	    REGION_INTERSECTS)
+		return -EPERM;
+	vma->vm_ops = &vlo_vm_ops;
+	vma->vm_private_data = o;
+	err = remap_pfn_range(vma, vma->vm_start, vma->vm_pgoff, size, vma->vm_page_prot);
+	if (err)
+		return err;
+	vlo_vm_open(vma);
+	return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+
+static int vlo_open(struct inode *inode, struct file *file)
+{
+	struct vlo_owner *o = kzalloc(sizeof(*o), GFP_KERNEL);
+
+	if (!o)
+		return -ENOMEM;
+	spin_lock_init(&o->idr_lock);
+	idr_init(&o->devs);
+	spin_lock_init(&o->grave_lock);
+	INIT_LIST_HEAD(&o->grave);
+	file->private_data = o;
+	return 0;
+}
+
+static int vlo_release(struct inode *inode, struct file *file)
+{
+	struct vlo_owner *o = file->private_data;
+	struct vlo_dev *dev;
+	int id;
+
+	for (;;) {
+		spin_lock(&o->idr_lock);
+		id = 0;
+		dev = idr_get_next(&o->devs, &id);
+		if (dev)
+			idr_remove(&o->devs, id);
+		spin_unlock(&o->idr_lock);
+		if (!dev)
+			break;
+		vlo_dev_teardown(dev);
+	}
+	idr_destroy(&o->devs);
+	/* No mapping can exist any more: each holds a file reference. */
+	WARN_ON(o->nmaps);
+	vlo_free_grave(&o->grave);
+	kfree(o);
+	return 0;
+}
+
+static const struct file_operations vlo_fops = {
+	.owner		= THIS_MODULE,
+	.open		= vlo_open,
+	.release	= vlo_release,
+	.unlocked_ioctl	= vlo_ioctl,
+	.mmap		= vlo_mmap,
+	.llseek		= noop_llseek,
+};
+
+static struct miscdevice vlo_misc = {
+	.minor	= MISC_DYNAMIC_MINOR,
+	.name	= "virtio-lo",
+	.fops	= &vlo_fops,
+	.mode	= 0600,
+};
+
+static int __init vlo_init(void)
+{
+	int err;
+
+	BUILD_BUG_ON(sizeof(struct virtio_lo_devinfo) != 56);
+	BUILD_BUG_ON(sizeof(struct virtio_lo_qinfo) != 32);
+	BUILD_BUG_ON(sizeof(struct virtio_lo_config) != 24);
+	BUILD_BUG_ON(sizeof(struct virtio_lo_kick) != 8);
+	BUILD_BUG_ON(VIRTIO_LO_ADDDEV != 0xC0385001);
+	BUILD_BUG_ON(VIRTIO_LO_DELDEV != 0x40045002);
+	BUILD_BUG_ON(VIRTIO_LO_GCONF != 0x80185014);
+	BUILD_BUG_ON(VIRTIO_LO_SCONF != 0x40185015);
+	BUILD_BUG_ON(VIRTIO_LO_KICK != 0x4018501E);
+
+	vlo_root = root_device_register("virtio-lo");
+	if (IS_ERR(vlo_root))
+		return PTR_ERR(vlo_root);
+	vlo_wq = alloc_workqueue("virtio-lo", WQ_UNBOUND, 0);
+	if (!vlo_wq) {
+		err = -ENOMEM;
+		goto out_root;
+	}
+	err = misc_register(&vlo_misc);
+	if (err)
+		goto out_wq;
+	return 0;
+out_wq:
+	destroy_workqueue(vlo_wq);
+out_root:
+	root_device_unregister(vlo_root);
+	return err;
+}
+
+static void __exit vlo_exit(void)
+{
+	misc_deregister(&vlo_misc);
+	destroy_workqueue(vlo_wq);
+	root_device_unregister(vlo_root);
+}
+
+module_init(vlo_init);
+module_exit(vlo_exit);
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("virtio-loopback: virtio devices implemented in user space (virtio-lo ABI)");
