@@ -1,0 +1,105 @@
+import Glibc
+import CLinux
+import Transport
+import Registry
+
+/// Latency summary of one measured run.
+public struct LatencyStats: Equatable {
+    public var count: Int
+    public var p50, p90, p99, p999, max: UInt64
+    public var rps: Double
+
+    /// `samples` in nanoseconds (sorted in place); `elapsedNs` the wall time of the whole run.
+    public init(samples: inout [UInt64], elapsedNs: UInt64) {
+        samples.sort()
+        count = samples.count
+        func pct(_ p: Double) -> UInt64 {
+            guard !samples.isEmpty else { return 0 }
+            return samples[Swift.min(samples.count - 1, Int(Double(samples.count) * p))]
+        }
+        p50 = pct(0.50); p90 = pct(0.90); p99 = pct(0.99); p999 = pct(0.999)
+        max = samples.last ?? 0
+        rps = elapsedNs > 0 ? Double(samples.count) * 1e9 / Double(elapsedNs) : 0
+    }
+    public var json: String {
+        "{\"p50_ns\": \(p50), \"p90_ns\": \(p90), \"p99_ns\": \(p99), \"p999_ns\": \(p999), \"max_ns\": \(max), \"rps\": \(Int(rps))}"
+    }
+}
+
+func micro(_ ns: UInt64) -> String {
+    let v = Double(ns) / 1000
+    let s = String(Int((v * 10).rounded()))
+    let padded = s.count < 2 ? "0" + s : s
+    return String(padded.dropLast()) + "." + String(padded.last!)
+}
+func pad(_ s: String, _ n: Int, left: Bool = false) -> String {
+    s.count >= n ? s : (left ? s + String(repeating: " ", count: n - s.count) : String(repeating: " ", count: n - s.count) + s)
+}
+
+/// Runs `count` QD1 requests of `workload` and times each one (after `warmup` untimed ones).
+func measure(_ w: Workload, count: Int, warmup: Int, spinNs: UInt64) -> (LatencyStats, errors: Int) {
+    var errors = 0
+    for _ in 0..<warmup { if !w.runOne(spinNs: spinNs) { errors += 1 } }
+    var samples = [UInt64](repeating: 0, count: count)
+    let t0 = lb_now_ns()
+    samples.withUnsafeMutableBufferPointer { s in
+        for i in 0..<count {
+            let a = lb_now_ns()
+            if !w.runOne(spinNs: spinNs) { errors += 1 }
+            s[i] = lb_now_ns() &- a
+        }
+    }
+    let elapsed = lb_now_ns() - t0
+    return (LatencyStats(samples: &samples, elapsedNs: elapsed), errors)
+}
+
+/// `loopbackd bench`: rng 64-byte reads and blk 4 KiB random reads through the simulated driver, each with
+/// notifications only and with the busy-poll window (device loop polls 50 µs; the driver spins as long for its
+/// completion, like a polling kernel driver would).
+enum Bench {
+    static let pollWindowUs = 50
+
+    static func run(_ config: DaemonConfig, _ o: Options) -> Int32 {
+        let chosen = config.devices.filter { ($0.type == "rng" || $0.type == "blk") && $0.backend == .inproc && (o.device == nil || $0.name == o.device) }
+        guard !chosen.isEmpty else { printErr("loopbackd: error: bench: no in-process rng or blk device\(o.device.map { " named \($0)" } ?? "") in \(config.file)"); return 2 }
+        var rows: [(name: String, type: String, mode: String, stats: LatencyStats, errors: Int)] = []
+        for d in chosen {
+            for pollUs in [0, pollWindowUs] {
+                switch runOne(d, pollUs: pollUs, requests: o.requests) {
+                case .success(let r): rows.append((d.name, d.type, pollUs == 0 ? "notify" : "poll-\(pollUs)us", r.0, r.1))
+                case .failure(let e): printErr("loopbackd: error: bench \(d.name): \(e)"); return 1
+                }
+            }
+        }
+        if !o.json {
+            print("loopbackd bench: simulated driver, queue depth 1, \(o.requests) requests per row (+10% warm-up)")
+            print("device   type  mode        p50_us   p99_us   max_us    req/s  errors")
+            for r in rows {
+                print(pad(r.name, 8, left: true) + " " + pad(r.type, 5, left: true) + " " + pad(r.mode, 10, left: true)
+                      + pad(micro(r.stats.p50), 8) + " " + pad(micro(r.stats.p99), 8) + " " + pad(micro(r.stats.max), 8)
+                      + " " + pad(String(Int(r.stats.rps)), 8) + " " + pad(String(r.errors), 7))
+            }
+        }
+        let items = rows.map { "{\"device\": \"\($0.name)\", \"type\": \"\($0.type)\", \"mode\": \"\($0.mode)\", \"requests\": \($0.stats.count), \"errors\": \($0.errors), \"stats\": \($0.stats.json)}" }
+        print("{\"bench\": [" + items.joined(separator: ", ") + "]}")
+        return rows.contains { $0.errors > 0 } ? 1 : 0
+    }
+
+    static func runOne(_ d: DeviceConfig, pollUs: Int, requests: Int) -> Result<(LatencyStats, Int), DeviceError> {
+        do throws(DeviceError) {
+            let loop: EventLoop
+            do { loop = try EventLoop(pollMicroseconds: pollUs) } catch { throw DeviceError("event loop: \(error)") }
+            let host = DeviceHost(loop: loop)
+            let i = host.add(name: d.name, device: try d.make())
+            loop.startThread()
+            defer { loop.executeAndWait { host.shutdown() }; loop.stopAndJoin() }
+            let drv: SimDriver
+            do { drv = try SimDriver(host: host, index: i, ramSize: 16 << 20) } catch { throw DeviceError("\(error)") }
+            try drv.start(queueCount: 1)
+            guard let w = makeWorkload(type: d.type, driver: drv, verify: false) else { throw DeviceError("no workload") }
+            let r = measure(w, count: requests, warmup: requests / 10, spinNs: UInt64(pollUs) * 1000)
+            drv.reset()
+            return .success((r.0, r.errors))
+        } catch { return .failure(error) }
+    }
+}

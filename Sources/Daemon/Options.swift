@@ -1,0 +1,89 @@
+import Glibc
+import CLinux
+import Transport
+
+/// The parsed command line. Parsing is strict: unknown flags, missing values and bad numbers are usage errors
+/// (exit status 2) with one clear line.
+public struct Options: Equatable {
+    public enum Command: Equatable { case run, check, bench, ab, version, help }
+    public var command: Command = .run
+    public var configPath: String?
+    public var logLevel: Log.Level?
+    public var duration: Int?
+    public var json = false
+    public var requests = 20_000
+    public var device: String?
+    public var socket: String?
+    public var poll = false
+    public var rounds = 5
+
+    public struct UsageError: Error, CustomStringConvertible { public var description: String }
+
+    public static func parse(_ args: [String]) throws(UsageError) -> Options {
+        var o = Options()
+        var i = 0
+        if let first = args.first, !first.hasPrefix("-") {
+            switch first {
+            case "bench": o.command = .bench
+            case "ab": o.command = .ab
+            case "run": o.command = .run
+            case "check": o.command = .check
+            default: throw UsageError(description: "unknown command \"\(first)\" (commands: run, check, bench, ab)")
+            }
+            i = 1
+        }
+        func value(_ flag: String) throws(UsageError) -> String {
+            i += 1
+            guard i < args.count, !args[i].isEmpty else { throw UsageError(description: "\(flag) needs a value") }
+            return args[i]
+        }
+        func number(_ flag: String, _ range: ClosedRange<Int>) throws(UsageError) -> Int {
+            let v = try value(flag)
+            guard let n = Int(v), range.contains(n) else {
+                throw UsageError(description: "\(flag) must be a number in \(range.lowerBound)...\(range.upperBound), found \"\(v)\"")
+            }
+            return n
+        }
+        while i < args.count {
+            let a = args[i]
+            switch a {
+            case "-c", "--config": o.configPath = try value(a)
+            case "--check": o.command = .check
+            case "--version", "-V": o.command = .version
+            case "--help", "-h": o.command = .help
+            case "--log-level":
+                let v = try value(a)
+                guard let l = Log.Level(name: v) else { throw UsageError(description: "--log-level must be error, warning, info or debug") }
+                o.logLevel = l
+            case "--duration": o.duration = try number(a, 1...86_400_000)
+            case "--json": o.json = true
+            case "--requests": o.requests = try number(a, 100...10_000_000)
+            case "--rounds": o.rounds = try number(a, 1...1000)
+            case "--device": o.device = try value(a)
+            case "--socket": o.socket = try value(a)
+            case "--poll": o.poll = true
+            default: throw UsageError(description: "unknown option \"\(a)\" (see --help)")
+            }
+            i += 1
+        }
+        return o
+    }
+
+    public static let usage = """
+    usage: loopbackd [-c FILE] [--log-level LEVEL] [--duration SECONDS]
+           loopbackd --check -c FILE
+           loopbackd bench [-c FILE] [--device NAME] [--requests N] [--json]
+           loopbackd ab -c FILE --device NAME [--socket PATH] [--poll] [--rounds N] [--requests N] [--json]
+           loopbackd --version | --help
+
+    Serves the virtio devices of FILE (default /etc/loopbackd.conf, else the embedded default) to the
+    configured driver side: the virtio-loopback kernel module, or the simulated driver.
+      -c, --config FILE     configuration file (TOML)
+      --check               validate the configuration and exit (status 2 on errors)
+      --log-level LEVEL     error, warning, info or debug (overrides the file)
+      --duration SECONDS    stop by itself after SECONDS (as on SIGTERM)
+    bench: latency and throughput of the file's rng and blk devices through the simulated driver,
+           with notifications and with busy-polling; a table, then one JSON line (--json: only JSON)
+    ab:    the same device and workload in-process and through a vhost-user socket, interleaved in rounds
+    """
+}

@@ -1,0 +1,115 @@
+import Glibc
+import Transport
+
+/// Where a configured device's body runs.
+public enum DeviceBackend: Equatable, Sendable {
+    /// In this process, on the mapped rings.
+    case inproc
+    /// Forwarded to an external vhost-user backend listening on this socket path.
+    case vhostUser(path: String)
+}
+
+/// One `[device.NAME]` table, validated.
+public struct DeviceConfig {
+    public var name: String
+    public var type: String
+    public var backend: DeviceBackend
+    /// Serve this device as a vhost-user backend on this socket instead of attaching it to the transport.
+    public var serve: String?
+    public var line: Int
+    /// Builds the device body (opens files); the factory validated every option already.
+    public var make: () throws(DeviceError) -> VirtioDevice
+}
+
+/// The whole configuration file.
+public struct DaemonConfig {
+    public enum Transport: String, Sendable { case sim, virtioLo = "virtio-lo", none }
+    public var file: String
+    public var transport: Transport = .sim
+    public var deviceNode = "/dev/virtio-lo"
+    public var logLevel: Log.Level = .info
+    public var pollMicroseconds = 0
+    public var devices: [DeviceConfig] = []
+
+    /// Parses and validates a config document. Every error names the file, the line and the key.
+    public static func parse(_ doc: TOMLDocument, registry: DeviceRegistry = .standard) throws(ConfigError) -> DaemonConfig {
+        var c = DaemonConfig(file: doc.file)
+        var sawDaemon = false
+        for t in doc.tables {
+            switch t.name.count {
+            case 0:
+                if let e = t.entries.first {
+                    throw ConfigError(file: doc.file, line: e.line, key: e.key,
+                                      message: "keys must be inside a table: [daemon] or [device.NAME]")
+                }
+            case 1 where t.name[0] == "daemon":
+                sawDaemon = true
+                var r = OptionReader(table: t, file: doc.file)
+                if let v = try r.oneOf("transport", ["sim", "virtio-lo", "none"]) { c.transport = Transport(rawValue: v)! }
+                if let v = try r.string("device-node") {
+                    guard v.hasPrefix("/") else { throw r.error("device-node", "must be an absolute path") }
+                    c.deviceNode = v
+                }
+                if let v = try r.oneOf("log-level", ["error", "warning", "info", "debug"]) { c.logLevel = Log.Level(name: v)! }
+                if let v = try r.int("poll-us", range: 0...1_000_000) { c.pollMicroseconds = Int(v) }
+                try r.finish()
+            case 2 where t.name[0] == "device":
+                c.devices.append(try parseDevice(t, file: doc.file, registry: registry))
+            case 1 where t.name[0] == "device":
+                throw ConfigError(file: doc.file, line: t.line, message: "a device table needs a name: [device.NAME]")
+            default:
+                let name = t.name.joined(separator: ".")
+                throw ConfigError(file: doc.file, line: t.line, message: "unknown table [\(name)]; expected [daemon] or [device.NAME]")
+            }
+        }
+        _ = sawDaemon
+        guard !c.devices.isEmpty else { throw ConfigError(file: doc.file, line: 0, message: "no [device.NAME] table: nothing to serve") }
+        var sockets: [String: Int] = [:]
+        for d in c.devices {
+            for p in [d.serve, { if case .vhostUser(let p) = d.backend { return p } else { return nil } }()].compactMap({ $0 }) {
+                if let first = sockets[p] {
+                    throw ConfigError(file: doc.file, line: d.line, key: "device.\(d.name)",
+                                      message: "socket \(p) already used by the device on line \(first)")
+                }
+                sockets[p] = d.line
+            }
+        }
+        if c.transport == .none, let d = c.devices.first(where: { $0.serve == nil }) {
+            throw ConfigError(file: doc.file, line: d.line, key: "device.\(d.name)",
+                              message: "transport = \"none\" needs every device to set serve")
+        }
+        return c
+    }
+
+    static func parseDevice(_ t: TOMLTable, file: String, registry: DeviceRegistry) throws(ConfigError) -> DeviceConfig {
+        let name = t.name[1]
+        guard !name.isEmpty, name.utf8.count <= 32, name.utf8.allSatisfy({ isalnum(Int32($0)) != 0 || $0 == 0x2d || $0 == 0x5f }) else {
+            throw ConfigError(file: file, line: t.line, message: "device name \"\(name)\" must be 1-32 of A-Z a-z 0-9 - _")
+        }
+        var r = OptionReader(table: t, file: file)
+        let type = try r.requiredString("type")
+        guard let factory = registry.factories[type] else {
+            throw r.error("type", "unknown device type \"\(type)\"; known: \(registry.factories.keys.sorted().joined(separator: ", "))")
+        }
+        var backend = DeviceBackend.inproc
+        if let b = try r.string("backend") {
+            if b == "inproc" { backend = .inproc }
+            else if b.hasPrefix("vhost-user:"), b.count > 11, b.dropFirst(11).hasPrefix("/") { backend = .vhostUser(path: String(b.dropFirst(11))) }
+            else { throw r.error("backend", "must be \"inproc\" or \"vhost-user:/absolute/socket/path\"; found \"\(b)\"") }
+        }
+        var serve: String?
+        if let s = try r.string("serve") {
+            guard s.hasPrefix("/"), s.utf8.count < 108 else { throw r.error("serve", "must be an absolute socket path shorter than 108 bytes") }
+            guard backend == .inproc else { throw r.error("serve", "only an in-process device can be served") }
+            serve = s
+        }
+        let make = try factory(name, &r, backend)
+        try r.finish()
+        return DeviceConfig(name: name, type: type, backend: backend, serve: serve, line: t.line, make: make)
+    }
+
+    /// Reads and validates a config file.
+    public static func load(path: String, registry: DeviceRegistry = .standard) throws(ConfigError) -> DaemonConfig {
+        try parse(TOML.load(path: path), registry: registry)
+    }
+}
