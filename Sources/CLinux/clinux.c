@@ -129,3 +129,182 @@ int lb_zero_range(int fd, uint64_t off, uint64_t len) {
 }
 int lb_blk_discard(int fd, uint64_t off, uint64_t len) { uint64_t r[2] = { off, len }; return ioctl(fd, BLKDISCARD, r); }
 int lb_blk_zeroout(int fd, uint64_t off, uint64_t len) { uint64_t r[2] = { off, len }; return ioctl(fd, BLKZEROOUT, r); }
+
+// io_uring through liburing, behind an opaque handle: Swift cannot import liburing.h next to Glibc (liburing.h
+// defines _XOPEN_SOURCE, so its fd_set differs from SwiftGlibc's and the module merge fails).
+#include <liburing.h>
+#include <stdlib.h>
+
+struct lb_uring { struct io_uring ring; };
+
+int lb_uring_create(unsigned entries, int event_fd, struct lb_uring **out) {
+    struct lb_uring *r = calloc(1, sizeof *r);
+    if (!r) return -ENOMEM;
+    int e = io_uring_queue_init(entries, &r->ring, 0);
+    if (e < 0) { free(r); return e; }
+    if (event_fd >= 0) {
+        e = io_uring_register_eventfd(&r->ring, event_fd);
+        if (e < 0) { io_uring_queue_exit(&r->ring); free(r); return e; }
+    }
+    *out = r;
+    return 0;
+}
+void lb_uring_destroy(struct lb_uring *r) {
+    if (!r) return;
+    io_uring_queue_exit(&r->ring);
+    free(r);
+}
+int lb_uring_readv(struct lb_uring *r, int fd, const void *iov, unsigned n, uint64_t off, uint64_t user_data) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_readv(sqe, fd, (const struct iovec *)iov, n, off);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+int lb_uring_writev(struct lb_uring *r, int fd, const void *iov, unsigned n, uint64_t off, int rw_flags,
+                    uint64_t user_data) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_writev2(sqe, fd, (const struct iovec *)iov, n, off, rw_flags);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+int lb_uring_fdatasync(struct lb_uring *r, int fd, uint64_t user_data) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+    if (!sqe) return -EBUSY;
+    io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+    io_uring_sqe_set_data64(sqe, user_data);
+    return 0;
+}
+int lb_uring_submit(struct lb_uring *r) { return io_uring_submit(&r->ring); }
+int lb_uring_reap(struct lb_uring *r, uint64_t *user_data, int32_t *res, int max) {
+    struct io_uring_cqe *cqe;
+    unsigned head, n = 0;
+    io_uring_for_each_cqe(&r->ring, head, cqe) {
+        if ((int)n == max) break;
+        user_data[n] = cqe->user_data;
+        res[n] = cqe->res;
+        n++;
+    }
+    io_uring_cq_advance(&r->ring, n);
+    return (int)n;
+}
+int lb_uring_wait(struct lb_uring *r, uint64_t *user_data, int32_t *res) {
+    struct io_uring_cqe *cqe = NULL;
+    int e = io_uring_submit_and_wait(&r->ring, 1);
+    if (e < 0 && e != -EINTR && e != -EAGAIN && e != -EBUSY) return e;
+    e = io_uring_wait_cqe(&r->ring, &cqe);
+    if (e < 0) return e;
+    *user_data = cqe->user_data;
+    *res = cqe->res;
+    io_uring_cqe_seen(&r->ring, cqe);
+    return 0;
+}
+
+// ---- vhost-user support (Sources/Transport/VhostUser) ----
+#include <poll.h>
+#include <sys/stat.h>
+#include <sys/timerfd.h>
+#include <sys/un.h>
+
+static int lb_unix_addr(const char *path, struct sockaddr_un *a) {
+    size_t n = strlen(path);
+    memset(a, 0, sizeof *a);
+    a->sun_family = AF_UNIX;
+    if (n == 0 || n >= sizeof a->sun_path) { errno = ENAMETOOLONG; return -1; }
+    memcpy(a->sun_path, path, n + 1);
+    return 0;
+}
+
+int lb_unix_connect(const char *path, int nonblock) {
+    struct sockaddr_un a;
+    if (lb_unix_addr(path, &a) != 0) return -1;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0), 0);
+    if (fd < 0) return -1;
+    int r;
+    do { r = connect(fd, (struct sockaddr *)&a, sizeof a); } while (r < 0 && errno == EINTR);
+    if (r != 0) { int e = errno; close(fd); errno = e; return -1; }
+    return fd;
+}
+
+int lb_unix_listen(const char *path, int backlog, unsigned int mode) {
+    struct sockaddr_un a;
+    if (lb_unix_addr(path, &a) != 0) return -1;
+    struct stat st;
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) { errno = EEXIST; return -1; }
+        int probe = lb_unix_connect(path, 1);
+        if (probe >= 0) { close(probe); errno = EADDRINUSE; return -1; }
+        if (errno != ECONNREFUSED) return -1;
+        if (unlink(path) != 0 && errno != ENOENT) return -1;
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) return -1;
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0) { int e = errno; close(fd); errno = e; return -1; }
+    // Nobody can connect before listen(), so the mode is in place before the first peer arrives.
+    if (chmod(path, (mode_t)mode) != 0 || listen(fd, backlog) != 0) {
+        int e = errno; close(fd); unlink(path); errno = e; return -1;
+    }
+    return fd;
+}
+
+int lb_unix_accept(int listen_fd) {
+    int r;
+    do { r = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK); } while (r < 0 && errno == EINTR);
+    return r;
+}
+
+int lb_unix_socketpair(int sv[2], int nonblock0) {
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return -1;
+    if (nonblock0) {
+        int fl = fcntl(sv[0], F_GETFL);
+        if (fl < 0 || fcntl(sv[0], F_SETFL, fl | O_NONBLOCK) != 0) { int e = errno; close(sv[0]); close(sv[1]); errno = e; return -1; }
+    }
+    return 0;
+}
+
+int lb_dup3_cloexec(int oldfd, int newfd) {
+    int r;
+    do { r = dup3(oldfd, newfd, O_CLOEXEC); } while (r < 0 && errno == EINTR);
+    return r;
+}
+
+int lb_fd_regular_size(int fd, uint64_t *size) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return -1;
+    if (!S_ISREG(st.st_mode)) return 0;
+    *size = (uint64_t)st.st_size;
+    return 1;
+}
+
+long lb_page_size(void) { return sysconf(_SC_PAGESIZE); }
+
+ssize_t lb_send_nowait(int fd, const void *buf, size_t len) {
+    ssize_t r;
+    do { r = send(fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
+    return r;
+}
+
+ssize_t lb_peek_byte(int fd) {
+    char c;
+    ssize_t r;
+    do { r = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT); } while (r < 0 && errno == EINTR);
+    return r;
+}
+
+int lb_timerfd(void) { return timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK); }
+int lb_timerfd_arm(int fd, uint64_t ns) {
+    struct itimerspec it;
+    memset(&it, 0, sizeof it);
+    it.it_value.tv_sec = (time_t)(ns / 1000000000ull);
+    it.it_value.tv_nsec = (long)(ns % 1000000000ull);
+    return timerfd_settime(fd, 0, &it, NULL);
+}
+
+int lb_poll_one(int fd, int events, int timeout_ms) {
+    struct pollfd p = { .fd = fd, .events = (short)events, .revents = 0 };
+    int r;
+    do { r = poll(&p, 1, timeout_ms); } while (r < 0 && errno == EINTR);
+    if (r <= 0) return r;
+    return p.revents;
+}

@@ -1,10 +1,7 @@
 import Transport
 import Registry
 
-// Wiring points filled in by the kernel-link and vhost-user work; until then they refuse clearly.
-func makeKernelLink(host: DeviceHost, config: DaemonConfig, devices: [(config: DeviceConfig, index: Int)]) -> DriverSide? {
-    Log.error("transport \"virtio-lo\" is not built yet"); return nil
-}
+// Wiring points filled in by the vhost-user work; until then they refuse clearly.
 func startServer(host: DeviceHost, index: Int, path: String) throws(DeviceError) -> AnyObject {
     throw DeviceError("serve: vhost-user backend server not built yet")
 }

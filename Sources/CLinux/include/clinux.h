@@ -5,6 +5,19 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <sys/types.h>
+// The kernel module's user-space ABI (a symlink to kernel/virtio-loopback/uapi/virtio_lo.h: one source of truth).
+#include "virtio_lo.h"
+// The ioctl numbers, computed by the header's _IOWR macros (Swift does not import function-like macros).
+static inline unsigned long lb_vlo_adddev(void) { return VIRTIO_LO_ADDDEV; }
+static inline unsigned long lb_vlo_deldev(void) { return VIRTIO_LO_DELDEV; }
+static inline unsigned long lb_vlo_gconf(void) { return VIRTIO_LO_GCONF; }
+static inline unsigned long lb_vlo_sconf(void) { return VIRTIO_LO_SCONF; }
+static inline unsigned long lb_vlo_kick(void) { return VIRTIO_LO_KICK; }
+static inline unsigned long lb_vlo_getext(void) { return VIRTIO_LO_GETEXT; }
+static inline unsigned long lb_vlo_set_irqfd(void) { return VIRTIO_LO_SET_IRQFD; }
+static inline unsigned long lb_vlo_get_ram(void) { return VIRTIO_LO_GET_RAM; }
+static inline unsigned long lb_vlo_devstatus(void) { return VIRTIO_LO_DEVSTATUS; }
+static inline unsigned long lb_vlo_get_queue(void) { return VIRTIO_LO_GET_QUEUE; }
 
 // eventfd(2), memfd_create(2), getrandom(2); always CLOEXEC.
 int lb_eventfd(unsigned int initval, int nonblock);
@@ -58,4 +71,45 @@ int lb_punch_hole(int fd, uint64_t off, uint64_t len);
 int lb_zero_range(int fd, uint64_t off, uint64_t len);
 int lb_blk_discard(int fd, uint64_t off, uint64_t len);
 int lb_blk_zeroout(int fd, uint64_t off, uint64_t len);
+
+// io_uring (liburing) behind an opaque handle. `event_fd` (or -1) is signalled on every completion.
+// Queue functions add one SQE and return 0, or -EBUSY when the submission queue is full; `iov` is a struct iovec
+// array. All others return -errno on failure.
+struct lb_uring;
+int lb_uring_create(unsigned entries, int event_fd, struct lb_uring **out);
+void lb_uring_destroy(struct lb_uring *r);
+int lb_uring_readv(struct lb_uring *r, int fd, const void *iov, unsigned n, uint64_t off, uint64_t user_data);
+int lb_uring_writev(struct lb_uring *r, int fd, const void *iov, unsigned n, uint64_t off, int rw_flags,
+                    uint64_t user_data);
+int lb_uring_fdatasync(struct lb_uring *r, int fd, uint64_t user_data);
+// Passes queued SQEs to the kernel; returns how many.
+int lb_uring_submit(struct lb_uring *r);
+// Consumes up to `max` ready completions into the arrays; returns the count (never blocks).
+int lb_uring_reap(struct lb_uring *r, uint64_t *user_data, int32_t *res, int max);
+// Submits queued SQEs, then blocks until one completion is ready and consumes it.
+int lb_uring_wait(struct lb_uring *r, uint64_t *user_data, int32_t *res);
+// ---- vhost-user support (Sources/Transport/VhostUser) ----
+// Listening AF_UNIX stream socket (CLOEXEC, NONBLOCK) at `path` with file mode `mode`. A stale socket file (nobody
+// accepting: connect gives ECONNREFUSED) is unlinked first; a live one gives EADDRINUSE, a non-socket EEXIST.
+int lb_unix_listen(const char *path, int backlog, unsigned int mode);
+// Connected AF_UNIX stream socket (CLOEXEC; NONBLOCK if `nonblock`), or -1 with errno.
+int lb_unix_connect(const char *path, int nonblock);
+// accept4 with CLOEXEC|NONBLOCK.
+int lb_unix_accept(int listen_fd);
+// AF_UNIX stream socketpair, both CLOEXEC; sv[0] NONBLOCK if `nonblock0`, sv[1] blocking.
+int lb_unix_socketpair(int sv[2], int nonblock0);
+// dup3(old, new, O_CLOEXEC): atomically makes `newfd` refer to `oldfd`'s file.
+int lb_dup3_cloexec(int oldfd, int newfd);
+// 1 and *size if `fd` is a regular file (memfd, tmpfs, hugetlbfs), 0 if another kind (size unknown), -1 on error.
+int lb_fd_regular_size(int fd, uint64_t *size);
+long lb_page_size(void);
+// send(2) with MSG_DONTWAIT|MSG_NOSIGNAL.
+ssize_t lb_send_nowait(int fd, const void *buf, size_t len);
+// recv(2) of one byte with MSG_PEEK|MSG_DONTWAIT: 1 data pending, 0 EOF, -1 errno (EAGAIN: nothing yet).
+ssize_t lb_peek_byte(int fd);
+// One-shot CLOCK_MONOTONIC timerfd (CLOEXEC, NONBLOCK); lb_timerfd_arm(fd, 0) disarms.
+int lb_timerfd(void);
+int lb_timerfd_arm(int fd, uint64_t ns);
+// Waits up to timeout_ms for POLLIN (events=1) or POLLOUT (events=4); returns poll(2)'s revents, 0 on timeout, -1.
+int lb_poll_one(int fd, int events, int timeout_ms);
 #endif

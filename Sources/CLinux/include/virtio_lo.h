@@ -1,0 +1,1 @@
+../../../kernel/virtio-loopback/uapi/virtio_lo.h

@@ -1,0 +1,314 @@
+import Glibc
+import CLinux
+
+/// The kernel link: the driver side is the Linux kernel's own virtio drivers, reached through the virtio-loopback
+/// module's `/dev/virtio-lo` (kernel/virtio-loopback/uapi/virtio_lo.h; ABI-compatible with unified-hmi virtio-lo).
+///
+/// The kernel does the transport: ADDDEV creates a device, the driver probes inside the ioctl, and it returns the
+/// negotiated features and the ring physical addresses at DRIVER_OK. loopbackd maps every System RAM range once
+/// (mmap at offset = physical address), so the rings and every buffer the driver hands over are reachable without
+/// a per-request mmap. Kicks arrive on per-queue eventfds watched by the event loop; interrupts go out with the
+/// KICK ioctl (vring_interrupt runs synchronously in our context). With the module's extensions (probed with
+/// GETEXT; upstream answers ENOTTY) loopbackd also learns driver resets and can set NEEDS_RESET.
+public final class VirtioLoLink: EventHandler, DeviceHostObserver {
+    public let host: DeviceHost
+    public let path: String
+    let fd: Int32
+    public private(set) var extensions: UInt64 = 0
+    public private(set) var memory: GuestMemory?
+    private var devices: [Linked] = []
+
+    final class Linked {
+        let hostIndex: Int
+        let name: String
+        var kernelIndex: UInt32 = 0
+        var added = false
+        /// Our own copies of the kick eventfds given to the kernel (the host gets dups it may close).
+        var kicks: [Int32] = []
+        var configKick: Int32 = -1
+        var configChanged: Int32 = -1
+        var registrations: [(fd: Int32, reg: Int)] = []
+        var resetCount: UInt32 = 0
+        var config: [UInt8] = []
+        var queueCount = 0
+        init(hostIndex: Int, name: String) { self.hostIndex = hostIndex; self.name = name }
+    }
+
+    /// Opens the module's node and probes its extensions.
+    public init(host: DeviceHost, devicePath: String = "/dev/virtio-lo") throws(DeviceError) {
+        self.host = host
+        path = devicePath
+        let f = open(devicePath, O_RDWR | O_CLOEXEC)
+        guard f >= 0 else {
+            let e = Errno.current
+            throw DeviceError("cannot open \(devicePath): \(e)" + (e.rawValue == ENOENT ? " (is the virtio_loopback module loaded?)" : ""))
+        }
+        fd = f
+        var ext = virtio_lo_ext()
+        if lb_ioctl_ptr(fd, lb_vlo_getext(), &ext) == 0 {
+            extensions = ext.extensions
+            Log.info("\(devicePath): virtio-loopback ABI \(ext.version), extensions 0x\(String(ext.extensions, radix: 16))")
+        } else {
+            Log.info("\(devicePath): no extensions (upstream virtio-lo): \(Errno.current)")
+        }
+    }
+
+    deinit { close(fd) }
+
+    public var hasDeviceStatus: Bool { extensions & UInt64(VIRTIO_LO_EXT_DEVSTATUS) != 0 }
+    public var hasIRQFD: Bool { extensions & UInt64(VIRTIO_LO_EXT_IRQFD) != 0 }
+
+    // MARK: memory
+
+    /// The System RAM ranges: from the module (GET_RAM) or, with upstream virtio-lo, from /proc/iomem.
+    public func ramRanges() throws(DeviceError) -> [(start: UInt64, size: UInt64)] {
+        if extensions & UInt64(VIRTIO_LO_EXT_RAMLIST) != 0 {
+            var ranges = [virtio_lo_mem_range](repeating: virtio_lo_mem_range(), count: 64)
+            var list = virtio_lo_ramlist()
+            list.count = 64
+            let r = ranges.withUnsafeMutableBufferPointer { b -> Int32 in
+                list.ranges = UInt64(UInt(bitPattern: b.baseAddress))
+                return lb_ioctl_ptr(fd, lb_vlo_get_ram(), &list)
+            }
+            guard r == 0 else { throw DeviceError("GET_RAM: \(Errno.current)") }
+            return ranges.prefix(Int(min(list.count, 64))).map { ($0.start, $0.size) }.filter { $0.1 > 0 }
+        }
+        return try VirtioLoLink.parseIomem(readFile("/proc/iomem"))
+    }
+
+    /// Top-level "System RAM" lines of /proc/iomem ("00100000-1ffdffff : System RAM"), rounded inwards to pages.
+    public static func parseIomem(_ text: String) throws(DeviceError) -> [(start: UInt64, size: UInt64)] {
+        var out: [(UInt64, UInt64)] = []
+        for line in text.split(separator: "\n") where !line.hasPrefix(" ") && line.hasSuffix(": System RAM") {
+            let range = line.split(separator: " ")[0].split(separator: "-")
+            guard range.count == 2, let a = UInt64(range[0], radix: 16), let b = UInt64(range[1], radix: 16), b > a else { continue }
+            let start = (a + 4095) & ~4095, end = (b + 1) & ~4095
+            if end > start { out.append((start, end - start)) }
+        }
+        guard !out.isEmpty, out.contains(where: { $0.0 != 0 || $0.1 != 0 }) else {
+            throw DeviceError("no System RAM in /proc/iomem (not root, or /proc not mounted)")
+        }
+        return out
+    }
+
+    /// Maps every RAM range once, shared, at offset = physical address.
+    public func mapMemory() throws(DeviceError) {
+        var regions: [RegionInfo] = []
+        var maps: [(UnsafeMutableRawPointer, Int)] = []
+        for (start, size) in try ramRanges() {
+            let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(Int64(bitPattern: start)))
+            guard let p, p != MAP_FAILED else {
+                for (q, l) in maps { munmap(q, l) }
+                throw DeviceError("mmap of RAM 0x\(String(start, radix: 16)) (+\(size)) on \(path): \(Errno.current)")
+            }
+            maps.append((p, Int(size)))
+            regions.append(RegionInfo(guestBase: start, size: size, host: p, fd: fd, fdOffset: start,
+                                      userAddr: UInt64(UInt(bitPattern: p))))
+        }
+        // The GuestMemory owns the mappings, not the fd (the link closes it).
+        do { memory = try GuestMemory(regions: regions, mappings: maps, fds: []) } catch {
+            throw DeviceError("RAM ranges overlap: \(error)")
+        }
+        Log.info("mapped \(regions.count) RAM range(s), \(regions.reduce(0) { $0 + $1.size } >> 20) MiB")
+    }
+
+    // MARK: devices
+
+    /// ADDDEV for host device `index`; blocks until the kernel driver has probed (DRIVER_OK), then activates the
+    /// device on the loop. Call from a thread other than the loop's.
+    public func add(_ index: Int) throws(DeviceError) {
+        if memory == nil { try mapMemory() }
+        let host = self.host
+        let name = host.loop.executeAndWait { host.name(index) }
+        let info = host.loop.executeAndWait { host.info(index) }
+        let d = Linked(hostIndex: index, name: name)
+        let n = info.queueMaxSizes.count
+        guard n > 0, n <= Int(VIRTIO_LO_MAX_QUEUES) else { throw DeviceError("\(name): \(n) queues, the module allows 1...\(VIRTIO_LO_MAX_QUEUES)") }
+        do {
+            for _ in 0..<n { d.kicks.append(try FD.eventfd().release()) }
+            d.configKick = try FD.eventfd().release()
+            d.configChanged = try FD.eventfd().release()
+        } catch { closeAll(d); throw DeviceError("\(name): eventfd: \(error)") }
+        var config = [UInt8](repeating: 0, count: info.configSize)
+        _ = host.loop.executeAndWait { config.withUnsafeMutableBytes { host.readConfig(index, offset: 0, into: $0) } }
+        var qinfo = (0..<n).map { q in virtio_lo_qinfo(kickfd: d.kicks[q], size: UInt32(info.queueMaxSizes[q]), desc: 0, avail: 0, used: 0) }
+        var dev = virtio_lo_devinfo()
+        dev.device_id = info.deviceID
+        dev.vendor_id = 0x1AF4
+        dev.nqueues = UInt32(n)
+        dev.features = info.features.rawValue
+        dev.config_size = UInt32(info.configSize)
+        dev.config_kick = d.configKick
+        let r = config.withUnsafeMutableBufferPointer { cb in
+            qinfo.withUnsafeMutableBufferPointer { qb -> Int32 in
+                dev.config = cb.baseAddress
+                dev.qinfo = qb.baseAddress
+                return lb_ioctl_ptr(fd, lb_vlo_adddev(), &dev)
+            }
+        }
+        guard r == 0 else {
+            let e = Errno.current
+            closeAll(d)
+            throw DeviceError("\(name): ADDDEV: \(e)" + (e.rawValue == ENOENT ? " (no driver bound: is the virtio driver for device id \(info.deviceID) loaded?)" : ""))
+        }
+        d.kernelIndex = dev.idx
+        d.added = true
+        d.config = config
+        devices.append(d)
+        Log.info("\(name): added as virtio-lo device \(dev.idx), driver features 0x\(String(dev.features, radix: 16))")
+        let features = VirtioFeatures(rawValue: dev.features)
+        let queues = qinfo.map { QueueConfig(size: UInt16(truncatingIfNeeded: $0.size), desc: $0.desc, avail: $0.avail, used: $0.used) }
+        let err = host.loop.executeAndWait { () -> DeviceError? in
+            do throws(DeviceError) { try self.activate(d, features: features, queues: queues); return nil } catch { return error }
+        }
+        if let err { throw err }
+    }
+
+    /// On the loop: negotiate, activate with the active queues, watch the config kick and the device's config
+    /// interrupt.
+    private func activate(_ d: Linked, features: VirtioFeatures, queues: [QueueConfig]) throws(DeviceError) {
+        let i = d.hostIndex
+        guard host.setFeatures(i, features) else { throw DeviceError("\(d.name): driver features 0x\(String(features.rawValue, radix: 16)) refused") }
+        // The driver may set up fewer queues than offered (virtio_blk: one per CPU); they are a prefix.
+        let active = Array(queues.prefix { $0.size != 0 })
+        var kicks: [Int32] = []
+        for q in 0..<active.count {
+            guard let k = try? FD.dup(d.kicks[q]).release() else { for k in kicks { close(k) }; throw DeviceError("\(d.name): dup failed") }
+            kicks.append(k)
+        }
+        let irqs = (0..<active.count).map { Notifier.virtioLoKick(fd: fd, device: d.kernelIndex, queue: Int32($0)) }
+        guard let memory else { throw DeviceError("no memory mapped") }
+        d.queueCount = active.count
+        try host.activate(i, queues: active, kickFDs: kicks, interrupts: irqs,
+                          configInterrupt: .eventfd(d.configChanged), memory: memory)
+        if d.registrations.isEmpty {
+            let slot = UInt32(devices.firstIndex { $0 === d } ?? 0)
+            do {
+                d.registrations.append((d.configKick, try host.loop.register(fd: d.configKick, handler: self, token: slot << 1)))
+                d.registrations.append((d.configChanged, try host.loop.register(fd: d.configChanged, handler: self, token: slot << 1 | 1)))
+            } catch { throw DeviceError("\(d.name): cannot watch config eventfds: \(error)") }
+        }
+        host.observer = self
+    }
+
+    // MARK: events (loop thread)
+
+    public func handleEvent(token: UInt32, events: UInt32) {
+        let slot = Int(token >> 1)
+        guard slot < devices.count else { return }
+        let d = devices[slot]
+        if token & 1 == 0 { _ = FD.drain(d.configKick); driverChanged(d) } else { _ = FD.drain(d.configChanged); deviceConfigChanged(d) }
+    }
+
+    /// The driver wrote config or (extension) changed status: forward config writes; follow resets.
+    private func driverChanged(_ d: Linked) {
+        if hasDeviceStatus {
+            var st = virtio_lo_devstatus()
+            st.idx = d.kernelIndex
+            if lb_ioctl_ptr(fd, lb_vlo_devstatus(), &st) == 0 {
+                let driverOK = st.status & UInt32(DeviceStatus.driverOK) != 0
+                if st.reset_count != d.resetCount || !driverOK {
+                    // The driver reset the device (or is probing again): stop it, then follow the new rings.
+                    d.resetCount = st.reset_count
+                    if host.isActive(d.hostIndex) { Log.info("\(d.name): driver reset"); host.reset(d.hostIndex) }
+                    if driverOK { reactivate(d, features: VirtioFeatures(rawValue: st.features)) }
+                    return
+                }
+            }
+        }
+        guard !d.config.isEmpty else { return }
+        var now = [UInt8](repeating: 0, count: d.config.count)
+        var c = virtio_lo_config()
+        c.idx = d.kernelIndex
+        c.offset = 0
+        c.len = UInt32(now.count)
+        let r = now.withUnsafeMutableBufferPointer { b -> Int32 in c.config = b.baseAddress; return lb_ioctl_ptr(fd, lb_vlo_gconf(), &c) }
+        guard r == 0, now != d.config else { return }
+        let first = (0..<now.count).first { now[$0] != d.config[$0] } ?? 0
+        let last = (0..<now.count).last { now[$0] != d.config[$0] } ?? first
+        d.config = now
+        _ = now[first...last].withUnsafeBytes { host.writeConfig(d.hostIndex, offset: first, from: $0) }
+    }
+
+    private func reactivate(_ d: Linked, features: VirtioFeatures) {
+        var queues: [QueueConfig] = []
+        for q in 0..<d.kicks.count {
+            var gq = virtio_lo_queue()
+            gq.idx = d.kernelIndex
+            gq.qidx = UInt32(q)
+            guard lb_ioctl_ptr(fd, lb_vlo_get_queue(), &gq) == 0 else { Log.error("\(d.name): GET_QUEUE: \(Errno.current)"); return }
+            queues.append(QueueConfig(size: gq.flags & UInt32(VIRTIO_LO_QUEUE_F_ACTIVE) != 0 ? UInt16(truncatingIfNeeded: gq.size) : 0,
+                                      desc: gq.desc, avail: gq.avail, used: gq.used))
+        }
+        do { try activate(d, features: features, queues: queues); Log.info("\(d.name): re-activated after driver reset") }
+        catch { Log.error("\(error)") }
+    }
+
+    /// The device changed its config (e.g. capacity): push it to the kernel copy, which interrupts the driver.
+    private func deviceConfigChanged(_ d: Linked) {
+        guard !d.config.isEmpty else { return }
+        var now = [UInt8](repeating: 0, count: d.config.count)
+        _ = now.withUnsafeMutableBytes { host.readConfig(d.hostIndex, offset: 0, into: $0) }
+        var c = virtio_lo_config()
+        c.idx = d.kernelIndex
+        c.len = UInt32(now.count)
+        let r = now.withUnsafeMutableBufferPointer { b -> Int32 in c.config = b.baseAddress; return lb_ioctl_ptr(fd, lb_vlo_sconf(), &c) }
+        if r != 0 { Log.warning("\(d.name): SCONF: \(Errno.current)") } else { d.config = now }
+    }
+
+    public func deviceNeedsReset(_ index: Int) {
+        guard hasDeviceStatus, let d = devices.first(where: { $0.hostIndex == index }) else { return }
+        var st = virtio_lo_devstatus()
+        st.idx = d.kernelIndex
+        st.flags = UInt32(VIRTIO_LO_STATUS_F_NEEDS_RESET)
+        if lb_ioctl_ptr(fd, lb_vlo_devstatus(), &st) != 0 { Log.warning("\(d.name): DEVSTATUS NEEDS_RESET: \(Errno.current)") }
+    }
+
+    // MARK: teardown
+
+    /// Stops every device (in-flight requests complete, files flush) and removes it from the kernel.
+    /// Call from a thread other than the loop's.
+    public func removeAll() {
+        let host = self.host
+        host.loop.executeAndWait {
+            for d in self.devices {
+                for (f, r) in d.registrations { host.loop.unregister(fd: f, registration: r) }
+                d.registrations = []
+                host.device(d.hostIndex).flush()
+                host.reset(d.hostIndex)
+            }
+        }
+        for d in devices where d.added {
+            if lb_ioctl_val(fd, lb_vlo_deldev(), UInt(d.kernelIndex)) != 0 { Log.warning("\(d.name): DELDEV: \(Errno.current)") }
+            d.added = false
+            closeAll(d)
+        }
+        devices = []
+        // Unmap only after the devices are gone: the kernel frees the rings at DELDEV.
+        memory = nil
+    }
+
+    private func closeAll(_ d: Linked) {
+        for k in d.kicks { close(k) }
+        d.kicks = []
+        if d.configKick >= 0 { close(d.configKick); d.configKick = -1 }
+        if d.configChanged >= 0 { close(d.configChanged); d.configChanged = -1 }
+    }
+}
+
+/// Reads a whole (small, /proc) file without Foundation.
+func readFile(_ path: String) throws(DeviceError) -> String {
+    let f = open(path, O_RDONLY | O_CLOEXEC)
+    guard f >= 0 else { throw DeviceError("cannot read \(path): \(Errno.current)") }
+    defer { close(f) }
+    var bytes: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = buf.withUnsafeMutableBytes { read(f, $0.baseAddress, 4096) }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { break }
+        bytes += buf[0..<n]
+        if bytes.count > 1 << 20 { break }
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
