@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -105,6 +106,13 @@ uint64_t lb_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+// A static Swift binary asks /proc for its own path at start-up and aborts ("Unable to obtain Swift runtime
+// path") when /proc is not mounted, as in early init scripts. SWIFT_ROOT short-cuts that look-up; this runs
+// before the runtime's own constructors (priority 101 < the default), and only when /proc is missing.
+__attribute__((constructor(101))) static void lb_swift_root_without_proc(void) {
+    if (access("/proc/self/exe", F_OK) != 0 && getenv("SWIFT_ROOT") == NULL) setenv("SWIFT_ROOT", "/", 0);
 }
 
 static int saved_argc;
