@@ -12,8 +12,8 @@ let package = Package(
     targets: [
         // Linux calls Glibc's module does not import (eventfd, memfd, epoll_event, CMSG, ioctl, pause, argv).
         .target(name: "CLinux", cSettings: [.define("_GNU_SOURCE")]),
-        // liburing (io_uring), linked statically from Debian's liburing-dev.
-        .systemLibrary(name: "CURing", pkgConfig: "liburing", providers: [.apt(["liburing-dev"])]),
+        // io_uring through liburing (Debian's liburing-dev, linked statically into the binary).
+        .target(name: "CURing", linkerSettings: [.linkedLibrary("uring")]),
         .target(name: "Transport", dependencies: ["CLinux"]),
         .target(name: "Registry", dependencies: ["Transport", "CLinux", "CURing"]),
         .target(name: "Daemon", dependencies: ["Registry", "Transport", "CLinux"]),

@@ -16,7 +16,7 @@ final class KernelLinkTests: XCTestCase {
         let r = try VirtioLoLink.parseIomem(text)
         XCTAssertEqual(r.count, 2)
         XCTAssertEqual(r[0].start, 0x1000)
-        XCTAssertEqual(r[0].size, 0x9f000)          // rounded inwards to whole pages
+        XCTAssertEqual(r[0].size, 0x9f000 - 0x1000)   // end 0x9fc00 rounded down to a page
         XCTAssertEqual(r[1].start, 0x100000)
         XCTAssertEqual(r[1].size, 0x1ffe0000 - 0x100000)
     }

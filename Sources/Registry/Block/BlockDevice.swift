@@ -1,5 +1,6 @@
 import Glibc
 import CLinux
+import CURing
 import Transport
 
 /// One request the kernel is working on. Plain data in a preallocated table; `iov` points at the slot's own fixed
@@ -238,6 +239,8 @@ public final class BlockDevice: VirtioDevice, EventHandler {
     /// CONFIG_WCE is not offered, so nothing in the config space is writable; writes are ignored.
     public func writeConfig(offset: Int, from buffer: UnsafeRawBufferPointer) {}
 
+    private var faults = FaultReporter.none
+
     public func activate(_ context: DeviceContext) throws(DeviceError) {
         _ = FD.drain(eventFD)
         do throws(Errno) {
@@ -247,6 +250,7 @@ public final class BlockDevice: VirtioDevice, EventHandler {
         }
         loop = context.loop
         queues = context.queues
+        faults = context.faults
         queueCount = min(context.queueCount, queueMaxSizes.count)
         for q in 0..<queueMaxSizes.count { touched[q] = false; blocked[q] = false }
         anyBlocked = false
@@ -313,6 +317,7 @@ public final class BlockDevice: VirtioDevice, EventHandler {
         }
         queue.pointee.publish()
         touched[q] = false
+        if queue.pointee.faultPending { faults.report(queue: q) }
     }
 
     /// After completions freed slots: continue the queues that stalled, round-robin from where we stopped last.

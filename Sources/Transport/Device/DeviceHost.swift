@@ -129,7 +129,8 @@ public final class DeviceHost: EventHandler, Poller {
         }
         do {
             try s.device.activate(DeviceContext(queues: q, queueCount: configs.count, memory: memory.view, loop: loop,
-                                                configInterrupt: configInterrupt, features: s.features))
+                                                configInterrupt: configInterrupt, features: s.features,
+                                                faults: FaultReporter(host: self, index: i)))
         } catch {
             reset(i)
             throw error
@@ -146,6 +147,12 @@ public final class DeviceHost: EventHandler, Poller {
         guard let queues = s.queues, q < s.queueCount else { return }
         s.device.queueNotified(q)
         if queues[q].faultPending { latched(i, q) }
+    }
+
+    /// A device reports a fault latched outside `kick` (see `FaultReporter`).
+    public func queueFaulted(_ i: Int, _ q: Int) {
+        guard i < slots.count, let queues = slots[i].queues, q < slots[i].queueCount, queues[q].faultPending else { return }
+        latched(i, q)
     }
 
     public func handleEvent(token: UInt32, events: UInt32) {

@@ -7,11 +7,24 @@ public struct DeviceContext {
     public let loop: EventLoop
     public let configInterrupt: Notifier
     public let features: VirtioFeatures
+    /// For devices that pop chains outside `queueNotified` (e.g. after I/O completions): report a latched fault.
+    public let faults: FaultReporter
     public init(queues: UnsafeMutablePointer<SplitQueue>, queueCount: Int, memory: MemoryView, loop: EventLoop,
-                configInterrupt: Notifier, features: VirtioFeatures) {
+                configInterrupt: Notifier, features: VirtioFeatures, faults: FaultReporter = .none) {
         self.queues = queues; self.queueCount = queueCount; self.memory = memory; self.loop = loop
-        self.configInterrupt = configInterrupt; self.features = features
+        self.configInterrupt = configInterrupt; self.features = features; self.faults = faults
     }
+}
+
+/// Lets a device tell its host that a queue just latched a fault (NEEDS_RESET + config interrupt). The host checks
+/// after every kick itself; this covers chains a device pops from its own event handlers.
+public struct FaultReporter {
+    unowned(unsafe) let host: DeviceHost?
+    let index: Int
+    public static var none: FaultReporter { FaultReporter(host: nil, index: 0) }
+    init(host: DeviceHost?, index: Int) { self.host = host; self.index = index }
+    /// Call when `queues[q].faultPending` is set.
+    public func report(queue q: Int) { host?.queueFaulted(index, q) }
 }
 
 public struct DeviceError: Error, CustomStringConvertible {
@@ -43,7 +56,8 @@ public protocol VirtioDevice: AnyObject {
     func queueNotified(_ index: Int)
     /// Stop all I/O: wait for or cancel in-flight requests and forget the queues (they are freed after this).
     func reset()
-    /// Flush buffered data to stable storage (SIGTERM, driver gone).
+    /// Flush buffered data to stable storage (SIGTERM, driver gone). Called before `reset`, so an asynchronous
+    /// device first completes its in-flight requests (their writes must be covered by the flush).
     func flush()
 }
 

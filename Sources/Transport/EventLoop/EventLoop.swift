@@ -21,8 +21,10 @@ public protocol Poller: AnyObject {
 public final class EventLoop: @unchecked Sendable {
     private let epfd: OwnedFD
     private let wakeFD: OwnedFD
-    // Registration slots; epoll's u64 data = slot << 32 | token.
+    // Registration slots; epoll's u64 data = slot << 40 | generation << 32 | token. The generation (bumped when a
+    // slot is reused) keeps an event already fetched for an unregistered fd from reaching the slot's new owner.
     private var handlers: [EventHandler?] = []
+    private var generations: [UInt8] = []
     private var freeSlots: [Int] = []
     private var pollers: [Poller] = []
     private let pending = Mutex<[@Sendable () -> Void]>([])
@@ -48,8 +50,9 @@ public final class EventLoop: @unchecked Sendable {
     @discardableResult
     public func register(fd: Int32, events: UInt32 = UInt32(LB_EPOLLIN), handler: EventHandler, token: UInt32) throws(Errno) -> Int {
         let slot: Int
-        if let s = freeSlots.popLast() { slot = s; handlers[s] = handler } else { slot = handlers.count; handlers.append(handler) }
-        let data = UInt64(slot) << 32 | UInt64(token)
+        if let s = freeSlots.popLast() { slot = s; handlers[s] = handler; generations[s] &+= 1 }
+        else { slot = handlers.count; handlers.append(handler); generations.append(0) }
+        let data = UInt64(slot) << 40 | UInt64(generations[slot]) << 32 | UInt64(token)
         do throws(Errno) { _ = try syscall { lb_epoll_ctl(epfd.raw, Int32(LB_EPOLL_CTL_ADD), fd, events, data) } } catch {
             handlers[slot] = nil; freeSlots.append(slot); throw error
         }
@@ -130,9 +133,9 @@ public final class EventLoop: @unchecked Sendable {
         for i in 0..<Int(n) {
             let data = events[i].data
             if data == UInt64.max { _ = FD.drain(wakeFD.raw); runPending(); continue }
-            let slot = Int(data >> 32)
+            let slot = Int(data >> 40)
             // A handler may unregister another fd whose event is already in this batch: skip stale slots.
-            guard slot < handlers.count, let h = handlers[slot] else { continue }
+            guard slot < handlers.count, let h = handlers[slot], generations[slot] == UInt8(truncatingIfNeeded: data >> 32) else { continue }
             h.handleEvent(token: UInt32(truncatingIfNeeded: data), events: events[i].events)
         }
     }
