@@ -26,6 +26,11 @@ public struct LatencyStats: Equatable {
     }
 }
 
+func fmt2(_ v: Double) -> String {
+    let c = Int((v * 100).rounded())
+    return "\(c / 100)." + (c % 100 < 10 ? "0" : "") + "\(c % 100)"
+}
+
 func micro(_ ns: UInt64) -> String {
     let v = Double(ns) / 1000
     let s = String(Int((v * 10).rounded()))
@@ -37,9 +42,10 @@ func pad(_ s: String, _ n: Int, left: Bool = false) -> String {
 }
 
 /// Runs `count` QD1 requests of `workload` and times each one (after `warmup` untimed ones).
-func measure(_ w: Workload, count: Int, warmup: Int, spinNs: UInt64) -> (LatencyStats, errors: Int) {
+func measure(_ w: Workload, count: Int, warmup: Int, spinNs: UInt64) -> (LatencyStats, errors: Int, kicks: Double, sleeps: Double) {
     var errors = 0
     for _ in 0..<warmup { if !w.runOne(spinNs: spinNs) { errors += 1 } }
+    let k0 = w.q.kicks, s0 = w.q.sleeps
     var samples = [UInt64](repeating: 0, count: count)
     let t0 = lb_now_ns()
     samples.withUnsafeMutableBufferPointer { s in
@@ -50,7 +56,8 @@ func measure(_ w: Workload, count: Int, warmup: Int, spinNs: UInt64) -> (Latency
         }
     }
     let elapsed = lb_now_ns() - t0
-    return (LatencyStats(samples: &samples, elapsedNs: elapsed), errors)
+    return (LatencyStats(samples: &samples, elapsedNs: elapsed), errors,
+            Double(w.q.kicks - k0) / Double(count), Double(w.q.sleeps - s0) / Double(count))
 }
 
 /// `loopbackd bench`: rng 64-byte reads and blk 4 KiB random reads through the simulated driver, each with
@@ -62,30 +69,31 @@ enum Bench {
     static func run(_ config: DaemonConfig, _ o: Options) -> Int32 {
         let chosen = config.devices.filter { ($0.type == "rng" || $0.type == "blk") && $0.backend == .inproc && (o.device == nil || $0.name == o.device) }
         guard !chosen.isEmpty else { printErr("loopbackd: error: bench: no in-process rng or blk device\(o.device.map { " named \($0)" } ?? "") in \(config.file)"); return 2 }
-        var rows: [(name: String, type: String, mode: String, stats: LatencyStats, errors: Int)] = []
+        var rows: [(name: String, type: String, mode: String, stats: LatencyStats, errors: Int, kicks: Double, sleeps: Double)] = []
         for d in chosen {
             for pollUs in [0, pollWindowUs] {
                 switch runOne(d, pollUs: pollUs, requests: o.requests) {
-                case .success(let r): rows.append((d.name, d.type, pollUs == 0 ? "notify" : "poll-\(pollUs)us", r.0, r.1))
+                case .success(let r): rows.append((d.name, d.type, pollUs == 0 ? "notify" : "poll-\(pollUs)us", r.0, r.1, r.2, r.3))
                 case .failure(let e): printErr("loopbackd: error: bench \(d.name): \(e)"); return 1
                 }
             }
         }
         if !o.json {
             print("loopbackd bench: simulated driver, queue depth 1, \(o.requests) requests per row (+10% warm-up)")
-            print("device   type  mode        p50_us   p99_us   max_us    req/s  errors")
+            print("device   type  mode        p50_us   p99_us   max_us    req/s  kicks/req  irq-waits/req  errors")
             for r in rows {
                 print(pad(r.name, 8, left: true) + " " + pad(r.type, 5, left: true) + " " + pad(r.mode, 10, left: true)
                       + pad(micro(r.stats.p50), 8) + " " + pad(micro(r.stats.p99), 8) + " " + pad(micro(r.stats.max), 8)
-                      + " " + pad(String(Int(r.stats.rps)), 8) + " " + pad(String(r.errors), 7))
+                      + " " + pad(String(Int(r.stats.rps)), 8) + " " + pad(fmt2(r.kicks), 10) + " " + pad(fmt2(r.sleeps), 14)
+                      + " " + pad(String(r.errors), 7))
             }
         }
-        let items = rows.map { "{\"device\": \"\($0.name)\", \"type\": \"\($0.type)\", \"mode\": \"\($0.mode)\", \"requests\": \($0.stats.count), \"errors\": \($0.errors), \"stats\": \($0.stats.json)}" }
+        let items = rows.map { "{\"device\": \"\($0.name)\", \"type\": \"\($0.type)\", \"mode\": \"\($0.mode)\", \"requests\": \($0.stats.count), \"errors\": \($0.errors), \"kicks_per_req\": \(fmt2($0.kicks)), \"irq_waits_per_req\": \(fmt2($0.sleeps)), \"stats\": \($0.stats.json)}" }
         print("{\"bench\": [" + items.joined(separator: ", ") + "]}")
         return rows.contains { $0.errors > 0 } ? 1 : 0
     }
 
-    static func runOne(_ d: DeviceConfig, pollUs: Int, requests: Int) -> Result<(LatencyStats, Int), DeviceError> {
+    static func runOne(_ d: DeviceConfig, pollUs: Int, requests: Int) -> Result<(LatencyStats, Int, Double, Double), DeviceError> {
         do throws(DeviceError) {
             let loop: EventLoop
             do { loop = try EventLoop(pollMicroseconds: pollUs) } catch { throw DeviceError("event loop: \(error)") }
@@ -99,7 +107,9 @@ enum Bench {
             guard let w = makeWorkload(type: d.type, driver: drv, verify: false) else { throw DeviceError("no workload") }
             let r = measure(w, count: requests, warmup: requests / 10, spinNs: UInt64(pollUs) * 1000)
             drv.reset()
-            return .success((r.0, r.errors))
+            let windows = loop.executeAndWait { loop.pollWindows }
+            Log.debug("\(d.name) poll-us \(pollUs): \(windows) poll windows for \(requests + requests / 10) requests")
+            return .success((r.0, r.errors, r.kicks, r.sleeps))
         } catch { return .failure(error) }
     }
 }

@@ -12,6 +12,8 @@ public protocol Workload: AnyObject {
     func runOne(spinNs: UInt64) -> Bool
     /// Bytes of payload one request moves.
     var bytesPerRequest: Int { get }
+    /// The driver-side queue (for kick and interrupt counts).
+    var q: SimQueue { get }
 }
 
 /// Picks the workload for a device type: rng reads, blk random 4 KiB reads (or verified writes+reads).

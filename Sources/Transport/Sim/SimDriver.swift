@@ -117,7 +117,9 @@ public final class SimQueue {
     public private(set) var lastUsed: UInt16 = 0
     private var freeHeads: [UInt16]
     public var eventIdx: Bool
+    /// Kicks sent and waits that had to sleep for an interrupt (notification cost per request).
     public private(set) var kicks = 0
+    public private(set) var sleeps = 0
 
     init(driver: SimDriver, size: UInt16, desc: UInt64, avail: UInt64, used: UInt64) throws(Errno) {
         self.size = size
@@ -228,13 +230,14 @@ public final class SimQueue {
             let end = lb_now_ns() &+ spinNs
             repeat {
                 if let r = reap() { return r }
-                lb_cpu_relax()
+                sched_yield()   // the device's loop thread may share this CPU
             } while lb_now_ns() < end
         }
         while true {
             if let r = reap() { return r }
             enableInterrupts()
             if let r = reap() { return r }
+            sleeps += 1
             if FD.wait(interruptFD.raw, timeoutMs: timeoutMs) == 0 { return reap() }
         }
     }
