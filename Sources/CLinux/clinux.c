@@ -13,6 +13,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -101,6 +102,8 @@ ssize_t lb_recvmsg_fds(int sock, void *buf, size_t len, int *fds, int maxfds, in
     }
     return r;
 }
+
+int lb_die_with_parent(void) { return prctl(PR_SET_PDEATHSIG, SIGTERM); }
 
 uint64_t lb_now_ns(void) {
     struct timespec ts;

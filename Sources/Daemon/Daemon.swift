@@ -40,6 +40,7 @@ public enum Daemon {
             return 0
         case .bench: return Bench.run(config, o)
         case .ab: return AB.run(config, o)
+        case .abServe: return AB.serve(config, o)
         default: return Runner(config: config, options: o).run()
         }
     }
@@ -76,34 +77,42 @@ final class Runner {
         }
         let host = DeviceHost(loop: loop)
         var attached: [(config: DeviceConfig, index: Int)] = []
+        var served: [(config: DeviceConfig, device: VirtioDevice)] = []
         // Build every device before starting anything: a bad file means nothing is started.
         for d in config.devices {
             let device: VirtioDevice
-            do { device = try makeDevice(d) } catch {
+            do { device = try makeDevice(d, loop: loop) } catch {
                 printErr("loopbackd: error: device \(d.name) (\(config.file):\(d.line)): \(error)")
                 return 1
             }
-            attached.append((d, host.add(name: d.name, device: device)))
+            // A served device has one driver: the vhost-user frontend, not this daemon's transport.
+            if d.serve != nil { served.append((d, device)) } else { attached.append((d, host.add(name: d.name, device: device))) }
         }
         loop.startThread()
         var link: DriverSide?
         switch config.transport {
-        case .sim: link = SimTransport(host: host, devices: attached.filter { $0.config.serve == nil })
-        case .virtioLo: link = makeKernelLink(host: host, config: config, devices: attached.filter { $0.config.serve == nil })
+        case .sim: link = SimTransport(host: host, devices: attached)
+        case .virtioLo: link = makeKernelLink(host: host, config: config, devices: attached)
         case .none: link = nil
         }
-        var servers: [AnyObject] = []
-        do {
+        var servers: [VhostUserBackendServer] = []
+        do throws(DeviceError) {
+            for (d, dev) in served {
+                let r = loop.executeAndWait { () -> Result<VhostUserBackendServer, DeviceError> in
+                    do throws(DeviceError) { return .success(try startServer(host: host, name: d.name, device: dev, path: d.serve!)) }
+                    catch { return .failure(error) }
+                }
+                servers.append(try r.get())
+            }
             try link?.start()
-            for (d, i) in attached where d.serve != nil { servers.append(try startServer(host: host, index: i, path: d.serve!)) }
         } catch {
             printErr("loopbackd: error: \(error)")
             link?.stop()
-            loop.executeAndWait { host.shutdown() }
+            loop.executeAndWait { for s in servers { s.stop() }; host.shutdown() }
             loop.stopAndJoin()
             return 1
         }
-        Log.info("serving \(attached.count) device(s) via \(config.transport.rawValue) from \(config.file)")
+        Log.info("serving \(attached.count) device(s) via \(config.transport.rawValue)\(served.isEmpty ? "" : " and \(served.count) over vhost-user") from \(config.file)")
         let start = lb_now_ns()
         var lastReport = start
         var p = pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0)
@@ -122,17 +131,16 @@ final class Runner {
         }
         // Orderly stop: driver side first (its in-flight requests complete), then the devices flush and reset.
         link?.stop()
-        servers.removeAll()
-        loop.executeAndWait { host.shutdown() }
+        loop.executeAndWait { for s in servers { s.stop() }; host.shutdown() }
         loop.stopAndJoin()
         Log.info("stopped")
         return 0
     }
 
-    func makeDevice(_ d: DeviceConfig) throws(DeviceError) -> VirtioDevice {
+    func makeDevice(_ d: DeviceConfig, loop: EventLoop) throws(DeviceError) -> VirtioDevice {
         switch d.backend {
         case .inproc: return try d.make()
-        case .vhostUser(let path): return try makeFrontend(name: d.name, type: d.type, socket: path)
+        case .vhostUser(let path): return try makeFrontend(d, socket: path, loop: loop)
         }
     }
 }

@@ -5,7 +5,7 @@ import Transport
 /// The parsed command line. Parsing is strict: unknown flags, missing values and bad numbers are usage errors
 /// (exit status 2) with one clear line.
 public struct Options: Equatable {
-    public enum Command: Equatable { case run, check, bench, ab, version, help }
+    public enum Command: Equatable { case run, check, bench, ab, abServe, version, help }
     public var command: Command = .run
     public var configPath: String?
     public var logLevel: Log.Level?
@@ -28,6 +28,7 @@ public struct Options: Equatable {
             case "ab": o.command = .ab
             case "run": o.command = .run
             case "check": o.command = .check
+            case "ab-serve": o.command = .abServe   // internal: the socket side of `ab`
             default: throw UsageError(description: "unknown command \"\(first)\" (commands: run, check, bench, ab)")
             }
             i = 1

@@ -1,11 +1,18 @@
 import Glibc
 import Transport
 
+/// What a driver side must know of a device without building it (a vhost-user frontend gets it from here).
+public struct DeviceShape: Sendable, Equatable {
+    public var deviceID: UInt32
+    public var queueSizes: [UInt16]
+    public var configSize: Int
+}
+
 /// The embedded device registry: config `type` → a factory that validates its own options (reading them from the
 /// device's table) and returns how to build the device. Adding a device type = one entry here + its folder.
 public struct DeviceRegistry {
     /// `(name, options, backend)`; consumes the keys it knows; `finish()` later rejects the rest.
-    public typealias Factory = (String, inout OptionReader, DeviceBackend) throws(ConfigError) -> () throws(DeviceError) -> VirtioDevice
+    public typealias Factory = (String, inout OptionReader, DeviceBackend) throws(ConfigError) -> (DeviceShape, () throws(DeviceError) -> VirtioDevice)
     public var factories: [String: Factory]
 
     public static var standard: DeviceRegistry {
@@ -16,24 +23,24 @@ public struct DeviceRegistry {
     }
 
     /// rng: `source` (optional file, default getrandom(2)).
-    static func makeRng(_ name: String, _ r: inout OptionReader, _ backend: DeviceBackend) throws(ConfigError) -> () throws(DeviceError) -> VirtioDevice {
+    static func makeRng(_ name: String, _ r: inout OptionReader, _ backend: DeviceBackend) throws(ConfigError) -> (DeviceShape, () throws(DeviceError) -> VirtioDevice) {
         let source = try r.string("source")
         let qs = try r.int("queue-size", range: 1...32768)
         if let qs, qs & (qs - 1) != 0 { throw r.error("queue-size", "must be a power of two, found \(qs)") }
         if let source, !source.hasPrefix("/") { throw r.error("source", "must be an absolute path") }
         let size = UInt16(qs ?? 256)
-        return { () throws(DeviceError) -> VirtioDevice in
+        return (DeviceShape(deviceID: VirtioID.rng, queueSizes: [size], configSize: 0), { () throws(DeviceError) -> VirtioDevice in
             var fd: Int32 = -1
             if let source {
                 fd = open(source, O_RDONLY | O_CLOEXEC)
                 if fd < 0 { throw DeviceError("\(name): cannot open source \(source): \(Errno.current)") }
             }
             return RngDevice(sourceFD: fd, queueSize: size)
-        }
+        })
     }
 
     /// blk: `path` (required), `readonly`, `queues` (1-16), `queue-size` (power of two, 2-32768), `create-mib`.
-    static func makeBlk(_ name: String, _ r: inout OptionReader, _ backend: DeviceBackend) throws(ConfigError) -> () throws(DeviceError) -> VirtioDevice {
+    static func makeBlk(_ name: String, _ r: inout OptionReader, _ backend: DeviceBackend) throws(ConfigError) -> (DeviceShape, () throws(DeviceError) -> VirtioDevice) {
         let path = try backend == .inproc ? r.requiredString("path") : (r.string("path") ?? "")
         if backend == .inproc && !path.hasPrefix("/") { throw r.error("path", "must be an absolute path") }
         let ro = try r.bool("readonly") ?? false
@@ -41,7 +48,9 @@ public struct DeviceRegistry {
         let qs = try r.int("queue-size", range: 2...32768) ?? 256
         if qs & (qs - 1) != 0 { throw r.error("queue-size", "must be a power of two, found \(qs)") }
         let createMiB = try r.int("create-mib", range: 1...(1 << 24))
-        return { () throws(DeviceError) -> VirtioDevice in
+        let shape = DeviceShape(deviceID: VirtioID.block, queueSizes: Array(repeating: UInt16(qs), count: Int(queues)),
+                                configSize: VirtioBlk.configSize)
+        return (shape, { () throws(DeviceError) -> VirtioDevice in
             if let createMiB, access(path, F_OK) != 0 {
                 // A sparse backing file of the requested size, created only if nothing is there.
                 let fd = open(path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0o600)
@@ -50,6 +59,6 @@ public struct DeviceRegistry {
                 guard ftruncate(fd, off_t(createMiB) << 20) == 0 else { throw DeviceError("\(name): cannot size \(path): \(Errno.current)") }
             }
             return try BlockDevice(path: path, readOnly: ro, queues: Int(queues), queueSize: UInt16(qs))
-        }
+        })
     }
 }

@@ -55,7 +55,7 @@ if [ ! -s "$vmlinux" ]; then
   log "extracting vmlinux"
   bz=$kroot/boot/vmlinuz-$kver
   ok=
-  for off in $(grep -aboP '\xfd7zXZ\x00' "$bz" | cut -d: -f1); do
+  for off in $(LC_ALL=C grep -aboP '\xfd7zXZ\x00' "$bz" | cut -d: -f1); do
     if tail -c +$((off + 1)) "$bz" | xz -dc 2>/dev/null > "$vmlinux.tmp"; [ -s "$vmlinux.tmp" ] && \
        head -c 4 "$vmlinux.tmp" | grep -q 'ELF'; then ok=1; break; fi
   done

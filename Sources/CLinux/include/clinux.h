@@ -56,6 +56,9 @@ static inline void lb_cpu_relax(void) {
 #endif
 }
 
+// The calling process gets SIGTERM when its parent dies (a helper child must not outlive `loopbackd ab`).
+int lb_die_with_parent(void);
+
 // Monotonic clock in nanoseconds.
 uint64_t lb_now_ns(void);
 

@@ -17,6 +17,8 @@ public struct DeviceConfig {
     /// Serve this device as a vhost-user backend on this socket instead of attaching it to the transport.
     public var serve: String?
     public var line: Int
+    /// Device id, queue sizes and config size (what a vhost-user frontend cannot ask the backend).
+    public var shape: DeviceShape
     /// Builds the device body (opens files); the factory validated every option already.
     public var make: () throws(DeviceError) -> VirtioDevice
 }
@@ -103,9 +105,9 @@ public struct DaemonConfig {
             guard backend == .inproc else { throw r.error("serve", "only an in-process device can be served") }
             serve = s
         }
-        let make = try factory(name, &r, backend)
+        let (shape, make) = try factory(name, &r, backend)
         try r.finish()
-        return DeviceConfig(name: name, type: type, backend: backend, serve: serve, line: t.line, make: make)
+        return DeviceConfig(name: name, type: type, backend: backend, serve: serve, line: t.line, shape: shape, make: make)
     }
 
     /// Reads and validates a config file.

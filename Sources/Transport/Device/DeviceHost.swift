@@ -106,11 +106,14 @@ public final class DeviceHost: EventHandler, Poller {
             closeKicks(s)
             throw DeviceError("\(s.name): \(configs.count) queues set up, device has \(maxes.count)")
         }
+        let passthrough = s.device.passthroughRings
         let q = UnsafeMutablePointer<SplitQueue>.allocate(capacity: max(configs.count, 1))
         for (n, c) in configs.enumerated() {
             do {
+                // Passthrough rings are only validated here; the queue never writes them (usedFromRing).
                 let queue = try SplitQueue(config: c, maxSize: maxes[n], memory: memory.view, features: s.features,
-                                           interrupt: interrupts[n], lastAvail: lastAvail?[n] ?? 0, usedFromRing: usedFromRing)
+                                           interrupt: interrupts[n], lastAvail: lastAvail?[n] ?? 0,
+                                           usedFromRing: usedFromRing || passthrough)
                 (q + n).initialize(to: queue)
             } catch {
                 q.deinitialize(count: n)
@@ -121,7 +124,7 @@ public final class DeviceHost: EventHandler, Poller {
         }
         s.queues = q
         s.queueCount = configs.count
-        for (n, fd) in kickFDs.enumerated() where fd >= 0 {
+        for (n, fd) in kickFDs.enumerated() where fd >= 0 && !passthrough {
             do { s.registrations.append(try loop.register(fd: fd, handler: self, token: UInt32(i) << 16 | UInt32(n))) } catch {
                 reset(i)
                 throw DeviceError("\(s.name): cannot watch kick fd: \(error)")
@@ -130,14 +133,15 @@ public final class DeviceHost: EventHandler, Poller {
         do {
             try s.device.activate(DeviceContext(queues: q, queueCount: configs.count, memory: memory.view, loop: loop,
                                                 configInterrupt: configInterrupt, features: s.features,
-                                                faults: FaultReporter(host: self, index: i)))
+                                                faults: FaultReporter(host: self, index: i),
+                                                kickFDs: passthrough ? kickFDs : []))
         } catch {
             reset(i)
             throw error
         }
         s.status |= DeviceStatus.driverOK
         // Chains the driver made available before we watched its kicks must not be lost.
-        for n in 0..<configs.count where q[n].hasAvailable { kick(i, n) }
+        if !passthrough { for n in 0..<configs.count where q[n].hasAvailable { kick(i, n) } }
     }
 
     /// A kick for queue `q` of device `i` (from a kick fd or a driver side without fds).
@@ -208,7 +212,7 @@ public final class DeviceHost: EventHandler, Poller {
         var worked = false
         for i in slots.indices {
             let s = slots[i]
-            guard let q = s.queues else { continue }
+            guard let q = s.queues, !s.device.passthroughRings else { continue }
             for n in 0..<s.queueCount where q[n].hasAvailable {
                 kick(i, n)
                 worked = true
@@ -220,7 +224,7 @@ public final class DeviceHost: EventHandler, Poller {
     public func setPolling(_ on: Bool) {
         for i in slots.indices {
             let s = slots[i]
-            guard let q = s.queues else { continue }
+            guard let q = s.queues, !s.device.passthroughRings else { continue }
             for n in 0..<s.queueCount {
                 q[n].polling = on
                 if on { q[n].disableNotifications() } else if q[n].enableNotifications() { kick(i, n) }

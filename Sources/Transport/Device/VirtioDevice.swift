@@ -9,10 +9,12 @@ public struct DeviceContext {
     public let features: VirtioFeatures
     /// For devices that pop chains outside `queueNotified` (e.g. after I/O completions): report a latched fault.
     public let faults: FaultReporter
+    /// For `passthroughRings` devices: the driver side's kick eventfds (owned by the host; dup to keep).
+    public let kickFDs: [Int32]
     public init(queues: UnsafeMutablePointer<SplitQueue>, queueCount: Int, memory: MemoryView, loop: EventLoop,
-                configInterrupt: Notifier, features: VirtioFeatures, faults: FaultReporter = .none) {
+                configInterrupt: Notifier, features: VirtioFeatures, faults: FaultReporter = .none, kickFDs: [Int32] = []) {
         self.queues = queues; self.queueCount = queueCount; self.memory = memory; self.loop = loop
-        self.configInterrupt = configInterrupt; self.features = features; self.faults = faults
+        self.configInterrupt = configInterrupt; self.features = features; self.faults = faults; self.kickFDs = kickFDs
     }
 }
 
@@ -56,6 +58,10 @@ public protocol VirtioDevice: AnyObject {
     func queueNotified(_ index: Int)
     /// Stop all I/O: wait for or cancel in-flight requests and forget the queues (they are freed after this).
     func reset()
+    /// True for a device whose rings are served by another process (the vhost-user frontend): the host then
+    /// neither watches the kick fds (they go to the device in `DeviceContext.kickFDs`, to hand to the backend),
+    /// nor polls or writes the rings. The data path then bypasses loopbackd entirely.
+    var passthroughRings: Bool { get }
     /// Flush buffered data to stable storage (SIGTERM, driver gone). Called before `reset`, so an asynchronous
     /// device first completes its in-flight requests (their writes must be covered by the flush).
     func flush()
@@ -63,4 +69,5 @@ public protocol VirtioDevice: AnyObject {
 
 extension VirtioDevice {
     public func flush() {}
+    public var passthroughRings: Bool { false }
 }

@@ -31,6 +31,8 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         var resetCount: UInt32 = 0
         var config: [UInt8] = []
         var queueCount = 0
+        /// Interrupt eventfds registered with the module (irqfd extension), for passthrough devices.
+        var irqFDs: [Int32] = []
         init(hostIndex: Int, name: String) { self.hostIndex = hostIndex; self.name = name }
     }
 
@@ -176,7 +178,19 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
             guard let k = try? FD.dup(d.kicks[q]).release() else { for k in kicks { close(k) }; throw DeviceError("\(d.name): dup failed") }
             kicks.append(k)
         }
-        let irqs = (0..<active.count).map { Notifier.virtioLoKick(fd: fd, device: d.kernelIndex, queue: Int32($0)) }
+        var irqs = (0..<active.count).map { Notifier.virtioLoKick(fd: fd, device: d.kernelIndex, queue: Int32($0)) }
+        if host.device(i).passthroughRings && hasIRQFD {
+            // A vhost-user backend signals these eventfds; the module turns them into vring interrupts itself.
+            if d.irqFDs.isEmpty {
+                for q in 0..<d.kicks.count {
+                    guard let e = try? FD.eventfd().release() else { break }
+                    var req = virtio_lo_irqfd(idx: d.kernelIndex, qidx: UInt32(q), fd: e, flags: 0)
+                    guard lb_ioctl_ptr(fd, lb_vlo_set_irqfd(), &req) == 0 else { Log.warning("\(d.name): SET_IRQFD: \(Errno.current)"); close(e); break }
+                    d.irqFDs.append(e)
+                }
+            }
+            if d.irqFDs.count >= active.count { irqs = (0..<active.count).map { .eventfd(d.irqFDs[$0]) } }
+        }
         guard let memory else { throw DeviceError("no memory mapped") }
         d.queueCount = active.count
         try host.activate(i, queues: active, kickFDs: kicks, interrupts: irqs,
@@ -291,6 +305,8 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
     private func closeAll(_ d: Linked) {
         for k in d.kicks { close(k) }
         d.kicks = []
+        for k in d.irqFDs { close(k) }
+        d.irqFDs = []
         if d.configKick >= 0 { close(d.configKick); d.configKick = -1 }
         if d.configChanged >= 0 { close(d.configChanged); d.configChanged = -1 }
     }

@@ -430,7 +430,8 @@ public final class VhostUserBackendServer: EventHandler {
             var mapped: [MappedRegion] = []
             for (k, d) in descs.enumerated() {
                 for e in descs[..<k] where MappedRegion.overlap(d, e) { throw .badRegion("regions overlap") }
-                mapped.append(try MappedRegion(d, fd: fds.take(k)))
+                mapped.append(try MappedRegion(d, fd: fds.peek(k)))
+                _ = fds.take(k)   // owned by the region from now on
             }
             stopDevice(c)
             c.memory = nil
@@ -446,7 +447,8 @@ public final class VhostUserBackendServer: EventHandler {
             try require(.configureMemSlots, c, .addMemReg)
             guard c.regions.count < Self.maxMemSlots else { throw .tooManyRegions(c.regions.count + 1) }
             for r in c.regions where r.overlaps(d) { throw .badRegion("region overlaps an existing one") }
-            let region = try MappedRegion(d, fd: fds.take(0))
+            let region = try MappedRegion(d, fd: fds.peek(0))
+            _ = fds.take(0)
             stopDevice(c)
             c.memory = nil
             c.regions.append(region)

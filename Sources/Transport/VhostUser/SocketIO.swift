@@ -7,6 +7,8 @@ final class ReceivedFDs {
     private var fds: [Int32]
     init(_ fds: [Int32]) { self.fds = fds }
     var count: Int { fds.count }
+    /// Descriptor `i`, still owned here.
+    func peek(_ i: Int) -> Int32 { fds[i] }
     /// Takes ownership of descriptor `i` (the caller must close it).
     func take(_ i: Int) -> Int32 {
         let f = fds[i]

@@ -1,0 +1,150 @@
+import Glibc
+import CLinux
+import Transport
+import Registry
+
+/// `loopbackd ab`: the same device type and workload through two paths in one run, interleaved in rounds:
+/// (a) in-process: the device body runs on the loop that serves the simulated driver's rings;
+/// (b) socket: the simulated driver's rings go through loopbackd's vhost-user frontend to a backend (by default
+///     this binary's own backend server in a child process, running the same device body; or `--socket`).
+/// Both paths use queue depth 1, so each sample is one full round trip.
+enum AB {
+    static func run(_ config: DaemonConfig, _ o: Options) -> Int32 {
+        guard let name = o.device, let d = config.devices.first(where: { $0.name == name }) else {
+            printErr("loopbackd: error: ab needs --device NAME, one of: \(config.devices.map(\.name).joined(separator: ", "))")
+            return 2
+        }
+        guard d.type == "rng" || d.type == "blk" else { printErr("loopbackd: error: ab: no workload for type \(d.type)"); return 2 }
+        let pollUs = o.poll ? Bench.pollWindowUs : 0
+        let spin = UInt64(pollUs) * 1000
+        var child: pid_t = 0
+        let socket = o.socket ?? "/tmp/loopbackd-ab-\(getpid()).sock"
+        defer {
+            if child > 0 { kill(child, SIGTERM); var st: Int32 = 0; waitpid(child, &st, 0); unlink(socket) }
+        }
+        if o.socket == nil {
+            switch spawnBackend(config: config, device: name, socket: socket, poll: o.poll) {
+            case .success(let pid): child = pid
+            case .failure(let e): printErr("loopbackd: error: ab: \(e)"); return 1
+            }
+        }
+        do throws(DeviceError) {
+            // Path (a): in-process.
+            let loopA: EventLoop, loopB: EventLoop
+            do { loopA = try EventLoop(pollMicroseconds: pollUs); loopB = try EventLoop() } catch { throw DeviceError("event loop: \(error)") }
+            let hostA = DeviceHost(loop: loopA), hostB = DeviceHost(loop: loopB)
+            let ia = hostA.add(name: d.name, device: try d.make())
+            let ib = hostB.add(name: d.name, device: try makeFrontend(d, socket: socket, loop: loopB))
+            loopA.startThread(); loopB.startThread()
+            defer {
+                loopA.executeAndWait { hostA.shutdown() }; loopA.stopAndJoin()
+                loopB.executeAndWait { hostB.shutdown() }; loopB.stopAndJoin()
+            }
+            let da: SimDriver, db: SimDriver
+            do { da = try SimDriver(host: hostA, index: ia, ramSize: 16 << 20); db = try SimDriver(host: hostB, index: ib, ramSize: 16 << 20) }
+            catch { throw DeviceError("\(error)") }
+            try da.start(queueCount: 1)
+            try db.start(queueCount: 1)
+            guard let wa = makeWorkload(type: d.type, driver: da, verify: false),
+                  let wb = makeWorkload(type: d.type, driver: db, verify: false) else { throw DeviceError("no workload") }
+            let perRound = max(o.requests / o.rounds, 100)
+            var sa: [UInt64] = [], sb: [UInt64] = []
+            var ta: UInt64 = 0, tb: UInt64 = 0, errors = 0
+            for _ in 0..<perRound / 10 { _ = wa.runOne(spinNs: spin); _ = wb.runOne(spinNs: spin) }   // warm-up
+            for r in 0..<o.rounds {
+                // Alternate which path goes first, so drift in the machine's state hits both alike.
+                for path in (r % 2 == 0 ? [0, 1] : [1, 0]) {
+                    let (samples, elapsed, e) = collect(path == 0 ? wa : wb, count: perRound, spinNs: spin)
+                    errors += e
+                    if path == 0 { sa += samples; ta += elapsed } else { sb += samples; tb += elapsed }
+                }
+            }
+            da.reset(); db.reset()
+            let a = LatencyStats(samples: &sa, elapsedNs: ta), b = LatencyStats(samples: &sb, elapsedNs: tb)
+            let ratio = a.p50 > 0 ? Double(b.p50) / Double(a.p50) : 0
+            let backend = o.socket == nil ? "loopbackd ab-serve (child process, same device body)" : o.socket!
+            if !o.json {
+                print("loopbackd ab: device \(d.name) (\(d.type)), driver sim, \(o.rounds) rounds x \(perRound) requests per path, queue depth 1, \(o.poll ? "busy-poll \(pollUs) us" : "notifications")")
+                print("socket backend: \(backend)")
+                print("path        p50_us   p90_us   p99_us  p99.9_us   max_us    req/s")
+                for (n, s) in [("inproc", a), ("socket", b)] {
+                    print(pad(n, 10, left: true) + pad(micro(s.p50), 8) + " " + pad(micro(s.p90), 8) + " " + pad(micro(s.p99), 8)
+                          + " " + pad(micro(s.p999), 9) + " " + pad(micro(s.max), 8) + " " + pad(String(Int(s.rps)), 8))
+                }
+                print("ratio socket/inproc p50: \(fmt2(ratio))   errors: \(errors)")
+            }
+            print("{\"device\": \"\(d.name)\", \"driver\": \"sim\", \"poll\": \(o.poll), \"paths\": {\"inproc\": \(a.json), \"socket\": \(b.json)}, \"ratio_p50\": \(fmt2(ratio)), \"errors\": \(errors)}")
+            return errors == 0 ? 0 : 1
+        } catch {
+            printErr("loopbackd: error: ab: \(error)")
+            return 1
+        }
+    }
+
+    static func collect(_ w: Workload, count: Int, spinNs: UInt64) -> ([UInt64], UInt64, Int) {
+        var s = [UInt64](repeating: 0, count: count)
+        var errors = 0
+        let t0 = lb_now_ns()
+        s.withUnsafeMutableBufferPointer { b in
+            for i in 0..<count {
+                let t = lb_now_ns()
+                if !w.runOne(spinNs: spinNs) { errors += 1 }
+                b[i] = lb_now_ns() &- t
+            }
+        }
+        return (s, lb_now_ns() - t0, errors)
+    }
+
+    /// Starts `loopbackd ab-serve` (this same binary) and waits until its socket accepts connections.
+    static func spawnBackend(config: DaemonConfig, device: String, socket: String, poll: Bool) -> Result<pid_t, DeviceError> {
+        var exe = [CChar](repeating: 0, count: 4096)
+        var n = readlink("/proc/self/exe", &exe, 4095)
+        if n <= 0, let a0 = lb_argv()?[0] { strncpy(&exe, a0, 4095); n = Int(strlen(&exe)) }
+        guard n > 0 else { return .failure(DeviceError("cannot find this executable's path")) }
+        let path = String(decoding: exe[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        guard config.file.hasPrefix("/") || access(config.file, R_OK) == 0, config.file != "(embedded default)" else {
+            return .failure(DeviceError("ab needs -c FILE (the child reads the same file)"))
+        }
+        var args = [path, "ab-serve", "-c", config.file, "--device", device, "--socket", socket, "--log-level", "warning"]
+        if poll { args.append("--poll") }
+        unlink(socket)
+        var cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+        defer { for p in cargs { free(p) } }
+        var pid: pid_t = 0
+        let r = posix_spawn(&pid, path, nil, nil, &cargs, environ)
+        guard r == 0 else { return .failure(DeviceError("posix_spawn \(path): \(Errno(r))")) }
+        for _ in 0..<300 {
+            let fd = lb_unix_connect(socket, 0)
+            if fd >= 0 { close(fd); return .success(pid) }
+            var st: Int32 = 0
+            if waitpid(pid, &st, WNOHANG) == pid { return .failure(DeviceError("backend child exited (status \(st))")) }
+            usleep(10_000)
+        }
+        kill(pid, SIGTERM)
+        return .failure(DeviceError("backend child did not listen on \(socket) within 3 s"))
+    }
+
+    /// The child: serve one device body on the socket until SIGTERM or the parent's death.
+    static func serve(_ config: DaemonConfig, _ o: Options) -> Int32 {
+        _ = lb_die_with_parent()
+        guard let name = o.device, let socket = o.socket, let d = config.devices.first(where: { $0.name == name }) else {
+            printErr("loopbackd: ab-serve needs --device and --socket"); return 2
+        }
+        let sigfd = lb_signalfd_stop_signals()
+        guard sigfd >= 0, let loop = try? EventLoop(pollMicroseconds: o.poll ? Bench.pollWindowUs : 0) else { return 1 }
+        let host = DeviceHost(loop: loop)
+        let device: VirtioDevice
+        do { device = try d.make() } catch { printErr("loopbackd: error: \(error)"); return 1 }
+        loop.startThread()
+        let r = loop.executeAndWait { () -> Result<VhostUserBackendServer, DeviceError> in
+            do throws(DeviceError) { return .success(try startServer(host: host, name: name, device: device, path: socket)) }
+            catch { return .failure(error) }
+        }
+        guard case .success(let server) = r else { printErr("loopbackd: error: \(r)"); loop.stopAndJoin(); return 1 }
+        var p = pollfd(fd: sigfd, events: Int16(POLLIN), revents: 0)
+        while poll(&p, 1, -1) <= 0 {}
+        loop.executeAndWait { server.stop(); host.shutdown() }
+        loop.stopAndJoin()
+        return 0
+    }
+}

@@ -1,0 +1,17 @@
+import Glibc
+import Transport
+import Registry
+
+/// `serve = PATH`: the in-process device body, served as a vhost-user backend (the server adds it to the host).
+func startServer(host: DeviceHost, name: String, device: VirtioDevice, path: String) throws(DeviceError) -> VhostUserBackendServer {
+    let s = VhostUserBackendServer(socketPath: path, host: host, name: name, device: device)
+    do { try s.start() } catch { throw DeviceError("\(name): cannot serve on \(path): \(error)") }
+    Log.info("\(name): serving vhost-user on \(path)")
+    return s
+}
+
+/// `backend = "vhost-user:PATH"`: the device is forwarded to an external backend.
+func makeFrontend(_ d: DeviceConfig, socket: String, loop: EventLoop) throws(DeviceError) -> VirtioDevice {
+    try VhostUserFrontendDevice(socketPath: socket, deviceID: d.shape.deviceID, queueSizes: d.shape.queueSizes,
+                                configSize: d.shape.configSize, loop: loop)
+}

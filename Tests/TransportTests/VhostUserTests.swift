@@ -1,0 +1,438 @@
+import XCTest
+import Glibc
+import CLinux
+@testable import Transport
+
+/// A small device body for these tests: every chain's readable bytes come back XOR 0x5A in its writable part.
+/// 8 bytes of writable config space; `changeConfig` raises the config interrupt.
+private final class VUEchoDevice: VirtioDevice {
+    let deviceID: UInt32 = 0x4c42
+    let queueMaxSizes: [UInt16]
+    let offeredFeatures: VirtioFeatures = [.version1, .eventIdx, .indirectDesc]
+    let configSize = 8
+    var config: [UInt8] = [1, 2, 3, 4, 5, 6, 7, 8]
+    private var context: DeviceContext?
+    var activations = 0
+    var completed = 0
+
+    init(queues: Int = 1, maxSize: UInt16 = 64) { queueMaxSizes = Array(repeating: maxSize, count: queues) }
+    func ackFeatures(_ features: VirtioFeatures) {}
+    func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {
+        for k in 0..<buffer.count { buffer[k] = config[offset + k] }
+    }
+    func writeConfig(offset: Int, from buffer: UnsafeRawBufferPointer) {
+        for k in 0..<buffer.count { config[offset + k] = buffer[k] }
+    }
+    func activate(_ c: DeviceContext) throws(DeviceError) { context = c; activations += 1 }
+    func reset() { context = nil }
+    func queueNotified(_ index: Int) {
+        guard let c = context, index < c.queueCount else { return }
+        var done = 0
+        (c.queues + index).pointee.drain { chain in
+            let n = Int(chain.readableBytes)
+            var tmp = [UInt8](repeating: 0, count: max(n, 1))
+            let got = tmp.withUnsafeMutableBytes { chain.read(into: $0.baseAddress!, length: n) }
+            for k in 0..<got { tmp[k] ^= 0x5A }
+            done += 1
+            return UInt32(tmp.withUnsafeBytes { chain.write(from: $0.baseAddress!, length: min(got, Int(chain.writableBytes))) })
+        }
+        completed += done
+    }
+    func changeConfig(_ b: [UInt8]) {
+        config = b
+        context?.configInterrupt.signal()
+    }
+}
+
+/// A hand-driven front-end for protocol tests: raw bytes and fds in, replies and EOF out.
+private final class VURawClient {
+    let fd: Int32
+    init?(_ path: String) {
+        fd = path.withCString { lb_unix_connect($0, 1) }
+        if fd < 0 { return nil }
+    }
+    deinit { close(fd) }
+
+    static func message(_ request: UInt32, flags: UInt32 = 1, payload: [UInt8] = [], size: UInt32? = nil) -> [UInt8] {
+        var b: [UInt8] = []
+        for v in [request, flags, size ?? UInt32(payload.count)] { withUnsafeBytes(of: v) { b.append(contentsOf: $0) } }
+        return b + payload
+    }
+    static func message(_ r: VhostUserRequest, flags: UInt32 = 1, payload: [UInt8] = []) -> [UInt8] {
+        message(r.rawValue, flags: flags, payload: payload)
+    }
+    func send(_ bytes: [UInt8], fds: [Int32] = []) {
+        XCTAssertNoThrow(try VhostUserSocket.send(fd, bytes, fds: fds, timeoutMs: 2000))
+    }
+    func reply(timeoutMs: Int32 = 2000) -> (VhostUserHeader, [UInt8])? {
+        try? VhostUserSocket.receive(fd, timeoutMs: timeoutMs, request: nil)
+    }
+    func call(_ r: VhostUserRequest, flags: UInt32 = 1, payload: [UInt8] = [], fds: [Int32] = []) -> [UInt8]? {
+        send(VURawClient.message(r, flags: flags, payload: payload), fds: fds)
+        guard let (h, p) = reply() else { return nil }
+        XCTAssertEqual(h.request, r.rawValue)
+        XCTAssertEqual(h.flags, 5)
+        return p
+    }
+    func halfClose() { shutdown(fd, Int32(SHUT_WR)) }
+    /// True once the server closed the connection (replies to earlier messages are skipped).
+    func waitClosed(timeoutMs: Int = 3000) -> Bool {
+        let end = lb_now_ns() + UInt64(timeoutMs) * 1_000_000
+        var buf = [UInt8](repeating: 0, count: 512)
+        while lb_now_ns() < end {
+            _ = lb_poll_one(fd, 1, 100)
+            let r = recv(fd, &buf, buf.count, Int32(MSG_DONTWAIT))
+            if r == 0 { return true }
+            if r < 0 && errno == ECONNRESET { return true }
+        }
+        return false
+    }
+}
+
+private func u64(_ v: UInt64) -> [UInt8] { withUnsafeBytes(of: v) { Array($0) } }
+private func u32s(_ vs: [UInt32]) -> [UInt8] { vs.flatMap { v in withUnsafeBytes(of: v) { Array($0) } } }
+private func regionBytes(_ r: VhostUserMemoryRegion) -> [UInt8] { [r.guestAddress, r.size, r.userAddress, r.mmapOffset].flatMap(u64) }
+private func memTable(_ rs: [VhostUserMemoryRegion]) -> [UInt8] { u32s([UInt32(rs.count), 0]) + rs.flatMap(regionBytes) }
+private func memfd(_ size: Int) -> Int32 {
+    let fd = lb_memfd("vhost-user-test", 0)
+    precondition(fd >= 0 && ftruncate(fd, off_t(size)) == 0)
+    return fd
+}
+private func openFDCount() -> Int {
+    guard let d = opendir("/proc/self/fd") else { return -1 }
+    var n = 0
+    while readdir(d) != nil { n += 1 }
+    closedir(d)
+    return n
+}
+nonisolated(unsafe) private var socketCounter = 0
+private func testSocketPath() -> String {
+    socketCounter += 1
+    return "/tmp/lb-vhost-\(getpid())-\(socketCounter).sock"
+}
+
+final class VhostUserTests: XCTestCase {
+    var loop: EventLoop!
+    var host: DeviceHost!
+
+    override func setUp() {
+        loop = try! EventLoop()
+        host = DeviceHost(loop: loop)
+        loop.startThread()
+    }
+    override func tearDown() { loop.stopAndJoin() }
+
+    // MARK: codec
+
+    func testRequestAndFeatureNumbersMatchTheSpec() {
+        // vhost-user.rst ":id:" fields and "Protocol features".
+        let ids: [(VhostUserRequest, UInt32)] = [(.getFeatures, 1), (.setFeatures, 2), (.setOwner, 3), (.resetOwner, 4),
+            (.setMemTable, 5), (.setVringNum, 8), (.setVringAddr, 9), (.setVringBase, 10), (.getVringBase, 11),
+            (.setVringKick, 12), (.setVringCall, 13), (.setVringErr, 14), (.getProtocolFeatures, 15),
+            (.setProtocolFeatures, 16), (.getQueueNum, 17), (.setVringEnable, 18), (.setBackendReqFD, 21),
+            (.getConfig, 24), (.setConfig, 25), (.resetDevice, 34), (.getMaxMemSlots, 36), (.addMemReg, 37),
+            (.remMemReg, 38), (.setStatus, 39), (.getStatus, 40)]
+        for (r, n) in ids { XCTAssertEqual(r.rawValue, n, "\(r)") }
+        XCTAssertEqual(VhostUserBackendRequest.configChange.rawValue, 2)
+        let bits: [(VhostUserProtocolFeatures, Int)] = [(.mq, 0), (.replyAck, 3), (.backendReq, 5), (.config, 9),
+            (.resetDevice, 13), (.configureMemSlots, 15), (.status, 16)]
+        for (f, b) in bits { XCTAssertEqual(f.rawValue, 1 << UInt64(b)) }
+    }
+
+    func testDecoderChecks() {
+        let limits = VhostUserLimits(queueMaxSizes: [64, 64])
+        func decode(_ r: VhostUserRequest, _ p: [UInt8], fds: Int = 0) -> Result<VhostUserMessage, VhostUserError> {
+            let h = VhostUserHeader(request: r.rawValue, flags: 1, size: UInt32(p.count))
+            return p.withUnsafeBytes { b in
+                Result { () throws(VhostUserError) -> VhostUserMessage in try VhostUserMessage.decode(h, payload: b, fdCount: fds, limits: limits) }
+            }
+        }
+        XCTAssertEqual(try decode(.setVringNum, u32s([1, 32])).get(), .setVringNum(index: 1, num: 32))
+        XCTAssertEqual(try decode(.setVringKick, u64(0x101)).get(), .setVringKick(index: 1, hasFD: false))
+        XCTAssertEqual(try decode(.setVringKick, u64(1), fds: 1).get(), .setVringKick(index: 1, hasFD: true))
+        for (r, p, fds) in [(VhostUserRequest.setVringNum, u32s([2, 32]), 0), (.setVringNum, u32s([0, 48]), 0),
+                            (.setVringNum, u32s([0, 128]), 0), (.setVringNum, u32s([0, 0]), 0),
+                            (.setVringKick, u64(0x200), 1), (.setVringKick, u64(0x100), 1), (.setVringKick, u64(0), 0),
+                            (.setFeatures, u32s([1]), 0), (.getFeatures, u64(0), 0), (.setFeatures, u64(1), 1),
+                            (.setVringEnable, u32s([0, 2]), 0), (.setStatus, u64(0x100), 0),
+                            (.getConfig, u32s([0, 257, 0]) + [UInt8](repeating: 0, count: 257), 0),
+                            (.getConfig, u32s([0, 8, 0]), 0), (.setMemTable, memTable([]), 0),
+                            (.addMemReg, u64(0) + regionBytes(.init(guestAddress: 0, size: 4096, userAddress: 0, mmapOffset: 0)), 0)] {
+            XCTAssertThrowsError(try decode(r, p, fds: fds).get(), "\(r) \(p) fds \(fds)")
+        }
+    }
+
+    // MARK: server: hostile front-ends
+
+    private func startServer(_ device: VirtioDevice = VUEchoDevice()) throws -> VhostUserBackendServer {
+        let s = VhostUserBackendServer(socketPath: testSocketPath(), host: host, name: "echo", device: device)
+        try s.start()
+        return s
+    }
+
+    /// A fresh connection works (the server listens again after closing a bad one).
+    private func assertServes(_ s: VhostUserBackendServer, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertTrue(loop.executeAndWait { true }, file: file, line: line)
+        guard let c = VURawClient(s.socketPath) else { return XCTFail("connect", file: file, line: line) }
+        let p = c.call(.getFeatures)
+        XCTAssertEqual(p?.count, 8, file: file, line: line)
+        if let p { XCTAssertNotEqual(p.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) } & (1 << 30), 0, file: file, line: line) }
+    }
+
+    func testMalformedMessagesCloseTheConnectionOnly() throws {
+        let before = openFDCount()
+        let s = try startServer(VUEchoDevice(queues: 2))
+        let negotiateAll = VURawClient.message(.setProtocolFeatures, payload: u64(VhostUserBackendServer.protocolFeatures.rawValue))
+        let region = VhostUserMemoryRegion(guestAddress: 0x10000, size: 0x10000, userAddress: 0x7000_0000, mmapOffset: 0)
+        typealias Case = (name: String, preamble: [UInt8], bytes: [UInt8], fds: () -> [Int32], halfClose: Bool,
+                          expect: (VhostUserError) -> Bool)
+        func c(_ name: String, _ bytes: [UInt8], pre: [UInt8] = [], fds: @escaping () -> [Int32] = { [] }, halfClose: Bool = false,
+               _ expect: @escaping (VhostUserError) -> Bool) -> Case {
+            (name, pre, bytes, fds, halfClose, expect)
+        }
+        let cases: [Case] = [
+            c("truncated header", [1, 0, 0, 0, 1, 0], halfClose: true) { $0 == .peerClosed(midMessage: true) },
+            c("oversize payload", VURawClient.message(2, size: 5000)) { if case .payloadTooLarge = $0 { true } else { false } },
+            c("bad version", VURawClient.message(.getFeatures, flags: 2)) { if case .badVersion = $0 { true } else { false } },
+            c("reply flag in request", VURawClient.message(.getFeatures, flags: 5)) { if case .replyFlagInRequest = $0 { true } else { false } },
+            c("short SET_FEATURES", VURawClient.message(.setFeatures, payload: [0, 0, 0, 0])) { if case .payloadSize = $0 { true } else { false } },
+            c("GET_FEATURES with payload", VURawClient.message(.getFeatures, payload: u64(0))) { if case .payloadSize = $0 { true } else { false } },
+            c("short SET_VRING_ADDR", VURawClient.message(.setVringAddr, payload: [UInt8](repeating: 0, count: 32))) { if case .payloadSize = $0 { true } else { false } },
+            c("SET_VRING_ADDR with LOG", VURawClient.message(.setVringAddr, payload: u32s([0, 1]) + [UInt8](repeating: 0, count: 32))) { if case .badFlags = $0 { true } else { false } },
+            c("vring index", VURawClient.message(.setVringNum, payload: u32s([2, 8]))) { if case .vringIndex = $0 { true } else { false } },
+            c("kick vring index", VURawClient.message(.setVringKick, payload: u64(0x109))) { if case .vringIndex = $0 { true } else { false } },
+            c("num not a power of two", VURawClient.message(.setVringNum, payload: u32s([0, 3]))) { if case .vringNum = $0 { true } else { false } },
+            c("num above max", VURawClient.message(.setVringNum, payload: u32s([0, 128]))) { if case .vringNum = $0 { true } else { false } },
+            c("base above 16 bits", VURawClient.message(.setVringBase, payload: u32s([0, 0x10000]))) { if case .vringBase = $0 { true } else { false } },
+            c("overlapping regions", VURawClient.message(.setMemTable, payload: memTable([region,
+                VhostUserMemoryRegion(guestAddress: 0x18000, size: 0x10000, userAddress: 0x7100_0000, mmapOffset: 0)])),
+              fds: { [memfd(0x20000), memfd(0x20000)] }) { if case .badRegion = $0 { true } else { false } },
+            c("overlapping user addresses", VURawClient.message(.setMemTable, payload: memTable([region,
+                VhostUserMemoryRegion(guestAddress: 0x80000, size: 0x10000, userAddress: 0x7000_8000, mmapOffset: 0)])),
+              fds: { [memfd(0x20000), memfd(0x20000)] }) { if case .badRegion = $0 { true } else { false } },
+            c("region larger than the memfd", VURawClient.message(.setMemTable, payload: memTable([
+                VhostUserMemoryRegion(guestAddress: 0, size: 1 << 20, userAddress: 0x7000_0000, mmapOffset: 0)])),
+              fds: { [memfd(0x10000)] }) { if case .badRegion = $0 { true } else { false } },
+            c("offset beyond the memfd", VURawClient.message(.setMemTable, payload: memTable([
+                VhostUserMemoryRegion(guestAddress: 0, size: 0x1000, userAddress: 0x7000_0000, mmapOffset: 0x10000)])),
+              fds: { [memfd(0x10000)] }) { if case .badRegion = $0 { true } else { false } },
+            c("ADD_MEM_REG outside the memfd", VURawClient.message(.addMemReg, payload: u64(0) + regionBytes(
+                VhostUserMemoryRegion(guestAddress: 0, size: 0x2000, userAddress: 0x7000_0000, mmapOffset: 0xf000))),
+              pre: negotiateAll, fds: { [memfd(0x10000)] }) { if case .badRegion = $0 { true } else { false } },
+            c("SET_MEM_TABLE without fds", VURawClient.message(.setMemTable, payload: memTable([region]))) { if case .fdCount = $0 { true } else { false } },
+            c("SET_MEM_TABLE with too few fds", VURawClient.message(.setMemTable, payload: memTable([region,
+                VhostUserMemoryRegion(guestAddress: 0x80000, size: 0x10000, userAddress: 0x7100_0000, mmapOffset: 0)])),
+              fds: { [memfd(0x10000)] }) { if case .fdCount = $0 { true } else { false } },
+            c("kick without fd", VURawClient.message(.setVringKick, payload: u64(0))) { if case .fdCount = $0 { true } else { false } },
+            c("ADD_MEM_REG without fd", VURawClient.message(.addMemReg, payload: u64(0) + regionBytes(region)), pre: negotiateAll) { if case .fdCount = $0 { true } else { false } },
+            c("BACKEND_REQ_FD without fd", VURawClient.message(.setBackendReqFD), pre: negotiateAll) { if case .fdCount = $0 { true } else { false } },
+            c("fd on SET_FEATURES", VURawClient.message(.setFeatures, payload: u64(0)), fds: { [lb_eventfd(0, 1)] }) { if case .fdCount = $0 { true } else { false } },
+            c("fd on a NOFD kick", VURawClient.message(.setVringCall, payload: u64(0x100)), fds: { [lb_eventfd(0, 1)] }) { if case .fdCount = $0 { true } else { false } },
+            c("two fds on a kick", VURawClient.message(.setVringKick, payload: u64(0)), fds: { [lb_eventfd(0, 1), lb_eventfd(0, 1)] }) { if case .fdCount = $0 { true } else { false } },
+            c("unknown request 99", VURawClient.message(99)) { $0 == .unknownRequest(99) },
+            c("unknown request 0", VURawClient.message(0)) { $0 == .unknownRequest(0) },
+            c("unsupported SET_LOG_BASE", VURawClient.message(.setLogBase, payload: u64(0))) { $0 == .unsupportedRequest(.setLogBase) },
+            c("GET_CONFIG not negotiated", VURawClient.message(.getConfig, payload: u32s([0, 8, 0]) + [UInt8](repeating: 0, count: 8))) { $0 == .notNegotiated(.getConfig) },
+            c("GET_CONFIG above 256", VURawClient.message(.getConfig, payload: u32s([0, 300, 0]) + [UInt8](repeating: 0, count: 300)), pre: negotiateAll) { $0 == .configSize(300) },
+            c("features not offered", VURawClient.message(.setFeatures, payload: u64(1 << 40))) { if case .featuresNotOffered = $0 { true } else { false } },
+            c("protocol features not offered", VURawClient.message(.setProtocolFeatures, payload: u64(1 << 12))) { if case .protocolFeaturesNotOffered = $0 { true } else { false } },
+            c("disconnect mid-message", Array(VURawClient.message(.setVringAddr, payload: [UInt8](repeating: 0, count: 40)).prefix(22)), halfClose: true) { $0 == .peerClosed(midMessage: true) },
+        ]
+        for k in cases {
+            guard let cl = VURawClient(s.socketPath) else { XCTFail("\(k.name): connect"); continue }
+            if !k.preamble.isEmpty { cl.send(k.preamble) }
+            let fds = k.fds()
+            cl.send(k.bytes, fds: fds)
+            for f in fds { close(f) }
+            if k.halfClose { cl.halfClose() }
+            XCTAssertTrue(cl.waitClosed(), "\(k.name): connection still open")
+            let err = loop.executeAndWait { s.lastError }
+            XCTAssertTrue(err.map(k.expect) ?? false, "\(k.name): got \(String(describing: err))")
+            XCTAssertFalse(s.isConnected, k.name)
+        }
+        assertServes(s)
+        XCTAssertEqual(s.connectionsAccepted, cases.count + 1)
+        s.stop()
+        XCTAssertEqual(openFDCount(), before, "file descriptors leaked")
+    }
+
+    func testSplitMessagesAndBacklog() throws {
+        let s = try startServer()
+        guard let a = VURawClient(s.socketPath), let b = VURawClient(s.socketPath) else { return XCTFail("connect") }
+        // One message in three pieces, with pauses: reassembled.
+        let m = VURawClient.message(.getFeatures)
+        a.send(Array(m[0..<3])); usleep(20_000)
+        a.send(Array(m[3..<10])); usleep(20_000)
+        a.send(Array(m[10...]))
+        XCTAssertEqual(a.reply()?.1.count, 8)
+        // Two messages in one write.
+        a.send(VURawClient.message(.getFeatures) + VURawClient.message(.getProtocolFeatures))
+        XCTAssertEqual(a.reply()?.0.request, 1)
+        XCTAssertEqual(a.reply()?.0.request, 15)
+        // The second front-end waits in the backlog while the first is served...
+        b.send(VURawClient.message(.getFeatures))
+        XCTAssertNil(b.reply(timeoutMs: 200))
+        // ...and is served once the first goes away.
+        a.halfClose()
+        XCTAssertTrue(a.waitClosed())
+        XCTAssertEqual(b.reply()?.0.request, 1)
+        s.stop()
+    }
+
+    func testProtocolHappyPath() throws {
+        let before = openFDCount()
+        let dev = VUEchoDevice()
+        let s = try startServer(dev)
+        try happyPath(s, dev)
+        s.stop()
+        XCTAssertEqual(openFDCount(), before, "file descriptors leaked")
+    }
+
+    private func happyPath(_ s: VhostUserBackendServer, _ dev: VUEchoDevice) throws {
+        guard let c = VURawClient(s.socketPath) else { return XCTFail("connect") }
+        XCTAssertEqual(c.call(.getProtocolFeatures), u64(VhostUserBackendServer.protocolFeatures.rawValue))
+        c.send(VURawClient.message(.setProtocolFeatures, payload: u64(VhostUserBackendServer.protocolFeatures.rawValue)))
+        let ackFlags: UInt32 = 1 | 8
+        XCTAssertEqual(c.call(.setOwner, flags: ackFlags), u64(0))
+        XCTAssertEqual(c.call(.getQueueNum), u64(1))
+        XCTAssertEqual(c.call(.getMaxMemSlots), u64(32))
+        XCTAssertEqual(c.call(.getConfig, payload: u32s([0, 8, 0]) + [UInt8](repeating: 0, count: 8)),
+                       u32s([0, 8, 0]) + [1, 2, 3, 4, 5, 6, 7, 8])
+        XCTAssertEqual(c.call(.getConfig, payload: u32s([4, 8, 0]) + [UInt8](repeating: 0, count: 8)), [], "out of range: empty reply")
+        XCTAssertEqual(c.call(.setConfig, flags: ackFlags, payload: u32s([6, 2, 0]) + [0xEE, 0xFF]), u64(0))
+        XCTAssertEqual(loop.executeAndWait { dev.config }, [1, 2, 3, 4, 5, 6, 0xEE, 0xFF])
+        // Memory through ADD_MEM_REG (what QEMU uses with CONFIGURE_MEM_SLOTS); a ring inside it.
+        let mfd = memfd(0x10000)
+        let ram = mmap(nil, 0x10000, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0)!
+        defer { munmap(ram, 0x10000) }
+        let ua = UInt64(UInt(bitPattern: ram))
+        let region = VhostUserMemoryRegion(guestAddress: 0x4000_0000, size: 0x10000, userAddress: ua, mmapOffset: 0)
+        XCTAssertEqual(c.call(.addMemReg, flags: ackFlags, payload: u64(0) + regionBytes(region), fds: [mfd]), u64(0))
+        close(mfd)
+        XCTAssertEqual(c.call(.setFeatures, flags: ackFlags, payload: u64(VirtioFeatures.version1.rawValue | 1 << 30)), u64(0))
+        XCTAssertEqual(c.call(.setVringNum, flags: ackFlags, payload: u32s([0, 8])), u64(0))
+        XCTAssertEqual(c.call(.setVringBase, flags: ackFlags, payload: u32s([0, 5])), u64(0))
+        let addr = u32s([0, 0]) + u64(ua) + u64(ua + 0x2000) + u64(ua + 0x1000) + u64(0)
+        XCTAssertEqual(c.call(.setVringAddr, flags: ackFlags, payload: addr), u64(0))
+        let kick = lb_eventfd(0, 1), call = lb_eventfd(0, 1)
+        XCTAssertEqual(c.call(.setVringCall, flags: ackFlags, payload: u64(0), fds: [call]), u64(0))
+        XCTAssertEqual(c.call(.setVringKick, flags: ackFlags, payload: u64(0), fds: [kick]), u64(0))
+        XCTAssertFalse(loop.executeAndWait { self.host.isActive(s.index) }, "protocol features negotiated: ring starts disabled")
+        // The driver had 5 chains completed before (e.g. a previous back-end): used.idx is re-read from the ring.
+        (ram + 0x2000 + 2).storeBytes(of: UInt16(5), as: UInt16.self)
+        (ram + 0x1000 + 2).storeBytes(of: UInt16(5), as: UInt16.self)
+        XCTAssertEqual(c.call(.setVringEnable, flags: ackFlags, payload: u32s([0, 1])), u64(0))
+        XCTAssertTrue(loop.executeAndWait { self.host.isActive(s.index) })
+        // A chain at avail slot 5 (the base): one readable and one writable buffer.
+        let desc = ram, avail = ram + 0x1000, used = ram + 0x2000
+        func setDesc(_ i: Int, _ addr: UInt64, _ len: UInt32, _ flags: UInt16, _ next: UInt16) {
+            (desc + 16 * i).storeBytes(of: addr, as: UInt64.self)
+            (desc + 16 * i + 8).storeBytes(of: len, as: UInt32.self)
+            (desc + 16 * i + 12).storeBytes(of: flags, as: UInt16.self)
+            (desc + 16 * i + 14).storeBytes(of: next, as: UInt16.self)
+        }
+        memset(ram + 0x3000, 0x11, 16)
+        setDesc(0, 0x4000_3000, 16, 1, 1)
+        setDesc(1, 0x4000_4000, 16, 2, 0)
+        (avail + 4 + 2 * 5).storeBytes(of: UInt16(0), as: UInt16.self)
+        (avail + 2).storeBytes(of: UInt16(6), as: UInt16.self)
+        FD.signal(kick)
+        XCTAssertNotEqual(FD.wait(call, timeoutMs: 3000), 0, "interrupt on the call fd")
+        XCTAssertEqual((used + 2).load(as: UInt16.self), 6)
+        XCTAssertEqual((ram + 0x4000).load(as: UInt8.self), 0x11 ^ 0x5A)
+        // A new call fd replaces the old one without stopping the ring.
+        let call2 = lb_eventfd(0, 1)
+        XCTAssertEqual(c.call(.setVringCall, flags: ackFlags, payload: u64(0), fds: [call2]), u64(0))
+        XCTAssertEqual(loop.executeAndWait { dev.activations }, 1)
+        // GET_VRING_BASE stops the ring and reports where it stopped.
+        XCTAssertEqual(c.call(.getVringBase, payload: u32s([0, 0])), u32s([0, 6]))
+        XCTAssertFalse(loop.executeAndWait { self.host.isActive(s.index) })
+        XCTAssertEqual(c.call(.remMemReg, flags: ackFlags, payload: u64(0) + regionBytes(region)), u64(0))
+        XCTAssertEqual(c.call(.setStatus, flags: ackFlags, payload: u64(7)), u64(0))
+        XCTAssertEqual(c.call(.getStatus), u64(7))
+        XCTAssertEqual(c.call(.resetDevice, flags: ackFlags), u64(0))
+        close(kick); close(call); close(call2)
+        c.halfClose()
+        XCTAssertTrue(c.waitClosed())
+    }
+
+    // MARK: front-end ↔ back-end loopback
+
+    func testLoopbackFrontendToBackendServerWithRestart() throws {
+        // Back-end: its own loop (a separate "process").
+        let backLoop = try EventLoop()
+        let backHost = DeviceHost(loop: backLoop)
+        backLoop.startThread()
+        defer { backLoop.stopAndJoin() }
+        let path = testSocketPath()
+        var echo = VUEchoDevice()
+        var server = VhostUserBackendServer(socketPath: path, host: backHost, name: "echo0", device: echo)
+        try server.start()
+
+        let fe = try VhostUserFrontendDevice(socketPath: path, deviceID: 0x4c42, queueSizes: [64], configSize: 8, loop: loop)
+        XCTAssertTrue(fe.offeredFeatures.contains(.eventIdx))
+        XCTAssertFalse(fe.offeredFeatures.contains(.vhostUserProtocolFeatures))
+        let idx = loop.executeAndWait { self.host.add(name: "fe0", device: fe) }
+        let drv = try SimDriver(host: host, index: idx, ramSize: 1 << 20)
+        try drv.start(queueSizes: [16])
+        XCTAssertEqual(drv.readConfig(offset: 0, count: 8), [1, 2, 3, 4, 5, 6, 7, 8])
+        let q = drv.queues[0]
+        let src = drv.alloc(64), dst = drv.alloc(64)
+
+        func submit(_ seed: UInt8) throws -> UInt16 {
+            for k in 0..<64 { (drv.host(src) + k).storeBytes(of: seed &+ UInt8(k), as: UInt8.self) }
+            memset(drv.host(dst), 0, 64)
+            let head = try XCTUnwrap(q.addChain(readable: [(src, 64)], writable: [(dst, 64)]))
+            q.submit(head)
+            return head
+        }
+        func complete(_ head: UInt16, _ seed: UInt8, timeoutMs: Int32 = 5000) throws {
+            let u = try XCTUnwrap(q.waitUsed(timeoutMs: timeoutMs), "no completion")
+            XCTAssertEqual(u.id, head)
+            XCTAssertEqual(u.len, 64)
+            q.recycle(head)
+            let out = Array(UnsafeRawBufferPointer(start: drv.host(dst), count: 64))
+            XCTAssertEqual(out, (0..<64).map { (seed &+ UInt8($0)) ^ 0x5A })
+        }
+        for i in 0..<40 { try complete(try submit(UInt8(i)), UInt8(i)) }
+        XCTAssertEqual(backLoop.executeAndWait { echo.completed }, 40)
+
+        // Config write goes to the back-end; a back-end config change comes back as a config interrupt.
+        XCTAssertTrue(drv.writeConfig(offset: 2, bytes: [0xAA, 0xBB]))
+        XCTAssertEqual(backLoop.executeAndWait { echo.config }, [1, 2, 0xAA, 0xBB, 5, 6, 7, 8])
+        let e1 = echo
+        backLoop.executeAndWait { e1.changeConfig([9, 8, 7, 6, 5, 4, 3, 2]) }
+        XCTAssertNotEqual(FD.wait(drv.configInterruptFD.raw, timeoutMs: 5000), 0, "config interrupt")
+        XCTAssertEqual(drv.readConfig(offset: 0, count: 8), [9, 8, 7, 6, 5, 4, 3, 2])
+
+        // The back-end restarts mid-run: a request submitted while it is away completes after the reconnect.
+        server.stop()
+        let head = try submit(200)
+        usleep(300_000)
+        echo = VUEchoDevice()
+        server = VhostUserBackendServer(socketPath: path, host: backHost, name: "echo1", device: echo)
+        try server.start()
+        try complete(head, 200, timeoutMs: 10_000)
+        for i in 0..<20 { try complete(try submit(UInt8(i)), UInt8(i)) }
+        XCTAssertEqual(loop.executeAndWait { fe.reconnects }, 1)
+        XCTAssertEqual(backLoop.executeAndWait { echo.completed }, 21)
+
+        // Driver reset: the back-end's rings stop (GET_VRING_BASE).
+        drv.reset()
+        let s = server
+        XCTAssertFalse(backLoop.executeAndWait { backHost.isActive(s.index) })
+        loop.executeAndWait { fe.shutdown() }
+        server.stop()
+    }
+
+    func testFrontendGivesUpOnASilentBackendWithinTheTimeout() throws {
+        // A listener that never accepts: connect succeeds (backlog), no reply ever comes.
+        let path = testSocketPath()
+        let l = path.withCString { lb_unix_listen($0, 4, 0o600) }
+        XCTAssertGreaterThanOrEqual(l, 0)
+        defer { close(l); unlink(path) }
+        let t0 = lb_now_ns()
+        XCTAssertThrowsError(try VhostUserFrontendDevice(socketPath: path, deviceID: 4, queueSizes: [8], loop: loop))
+        XCTAssertLessThan(lb_now_ns() - t0, 3_000_000_000)
+    }
+}

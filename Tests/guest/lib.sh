@@ -1,0 +1,62 @@
+# Helpers sourced by guest test cases (busybox sh).
+NAME=$(cat /tests/name)
+pass() { echo "GUEST-TEST $NAME PASS"; exit 0; }
+fail() { echo "GUEST-TEST $NAME FAIL $*"; exit 1; }
+info() { echo "GUEST-INFO $*"; }
+# wait_for SECONDS COMMAND...: poll until the command succeeds
+wait_for() {
+  t=$1; shift
+  i=0
+  while [ $i -lt $((t * 10)) ]; do
+    "$@" >/dev/null 2>&1 && return 0
+    # a loopbackd case: stop waiting once the daemon is gone
+    [ -n "${LBPID:-}" ] && ! kill -0 "$LBPID" 2>/dev/null && return 1
+    usleep 100000; i=$((i + 1))
+  done
+  return 1
+}
+load_lo() { insmod /lib/modules/virtio_loopback.ko "$@" || fail "insmod virtio_loopback"; [ -c /dev/virtio-lo ] || fail "no /dev/virtio-lo"; }
+rng_current() { cat /sys/class/misc/hw_random/rng_current 2>/dev/null; }
+is_virtio_rng() { case "$(rng_current)" in virtio_rng*) return 0;; esac; return 1; }
+not_virtio_rng() { ! is_virtio_rng; }
+# read N KiB from /dev/hwrng into FILE, check size and that it is not constant
+hwrng_check() {
+  kib=$1; out=$2
+  dd if=/dev/hwrng of="$out" bs=1024 count="$kib" 2>/dev/null || return 1
+  [ "$(wc -c < "$out")" -eq $((kib * 1024)) ] || return 1
+  # not constant: more than a few distinct bytes in the first 4 KiB
+  n=$(head -c 4096 "$out" | od -An -v -tx1 | tr -s ' ' '\n' | sort -u | wc -l)
+  [ "$n" -gt 200 ] || return 1
+  return 0
+}
+# start a background command with its output in a file; sets BGPID
+bg_start() { out=$1; shift; "$@" > "$out" 2>&1 & BGPID=$!; }
+no_d_state() { ! grep -l '^State:.*D' /proc/[0-9]*/status 2>/dev/null | grep -q .; }
+
+# ---- loopbackd helpers
+# How loopbackd is started; adjust here if its command line changes.
+LOOPBACKD_ARGS=${LOOPBACKD_ARGS:---config /etc/loopbackd.conf}
+have_loopbackd() { [ -x /bin/loopbackd ] || fail "no loopbackd binary in the image (build .build/release/loopbackd)"; }
+# write_conf: the [daemon] section, then whatever the case appends
+write_conf() {
+  cat > /etc/loopbackd.conf <<CONF
+[daemon]
+transport = "virtio-lo"
+device-node = "/dev/virtio-lo"
+CONF
+}
+loopbackd_start() { loopbackd $LOOPBACKD_ARGS > /tmp/loopbackd.log 2>&1 & LBPID=$!; }
+loopbackd_stop() { # $1 = signal (default TERM)
+  kill -0 $LBPID 2>/dev/null || lb_fail "loopbackd died before SIG${1:-TERM}"
+  kill -"${1:-TERM}" $LBPID 2>/dev/null
+  i=0; while kill -0 $LBPID 2>/dev/null && [ $i -lt 100 ]; do usleep 100000; i=$((i+1)); done
+  kill -0 $LBPID 2>/dev/null && fail "loopbackd did not exit on SIG${1:-TERM}"
+  wait $LBPID 2>/dev/null
+  LBPID=
+}
+lb_fail() { fail "$* -- loopbackd log: $(tail -n 5 /tmp/loopbackd.log 2>/dev/null | tr '\n' '|')"; }
+# sectors DEV: size in 512-byte sectors
+sectors() { cat /sys/block/$1/size 2>/dev/null; }
+# copy a file to the AHCI disk so the host can read it after poweroff
+to_host_disk() { dd if="$1" of=/dev/sda bs=1M conv=fsync 2>/dev/null || fail "copy $1 to /dev/sda"; }
+gone() { ! test -e "$1"; }

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Guest test harness: boots Debian's kernel under QEMU (TCG) once per test case
+# with a busybox initramfs, runs Tests/guest/cases/<case>.sh inside and judges
+# the serial console.
+#
+#   Tests/guest/run.sh [SET|CASE]...     SET = module | loopbackd | all (default all)
+#                                         CASE = a case file name without .sh
+# Environment:
+#   GUEST_CACHE   cache dir made by setup.sh (default <repo>/.build-guest)
+#   LOOPBACKD     static loopbackd binary (default <repo>/.build/release/loopbackd)
+#   LOOPBACKD_CONF  optional file installed as /etc/loopbackd.conf
+#   GUEST_TIMEOUT per-case timeout in seconds (default 150)
+#   GUEST_KEEP=1  keep the work dir (logs, initramfs, disk images)
+# Output: one line per case, then exactly "N passed, N failed".  Exit status
+# is non-zero on any failure, missing result, timeout, or kernel
+# Oops/BUG/WARNING/hung task in the console log.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cache=${GUEST_CACHE:-$repo/.build-guest}
+loopbackd=${LOOPBACKD:-$repo/.build/release/loopbackd}
+timeout_s=${GUEST_TIMEOUT:-150}
+
+[ -f "$cache/kver" ] && [ -s "$cache/vmlinux" ] || { echo "run.sh: run Tests/guest/setup.sh first" >&2; exit 2; }
+kver=$(cat "$cache/kver")
+kroot=$cache/kernel-$kver
+ko=$repo/kernel/virtio-loopback/virtio_loopback.ko
+lotool=$repo/kernel/virtio-loopback/tools/lo-tool
+[ -f "$ko" ] && [ -x "$lotool" ] && [ -x "$cache/odirect" ] || { echo "run.sh: module/tools not built; run Tests/guest/setup.sh" >&2; exit 2; }
+
+# ---- select cases
+sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=(all)
+cases=()
+for s in "${sel[@]}"; do
+  case "$s" in
+    all) for f in "$here"/cases/*.sh; do cases+=("$(basename "$f" .sh)"); done ;;
+    module|loopbackd) for f in "$here"/cases/"$s"-*.sh; do [ -e "$f" ] && cases+=("$(basename "$f" .sh)"); done ;;
+    *) [ -f "$here/cases/$s.sh" ] || { echo "run.sh: no case $s" >&2; exit 2; }; cases+=("$s") ;;
+  esac
+done
+[ ${#cases[@]} -gt 0 ] || { echo "run.sh: no cases selected" >&2; exit 2; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/guest.XXXXXX")
+[ "${GUEST_KEEP:-0}" = 1 ] || trap 'rm -rf "$work"' EXIT
+
+# ---- base initramfs tree (shared by all cases)
+root=$work/root
+mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,lib/modules,tests,usr/bin,mnt}
+cp "$(command -v busybox)" "$root/bin/busybox"
+ln -s busybox "$root/bin/sh"
+# modules and their dependencies, in load order
+moddep=$kroot/lib/modules/$kver/modules.dep
+declare -A seen=()
+order=()
+resolve() { # $1 = module name
+  local path deps d
+  path=$(grep -E "(^|/)$1\.ko(\.xz)?:" "$moddep" | head -1 | cut -d: -f1)
+  [ -n "$path" ] || { echo "run.sh: module $1 not found" >&2; return; }
+  [ -n "${seen[$path]:-}" ] && return
+  seen[$path]=1
+  deps=$(grep -E "^$path:" "$moddep" | cut -d: -f2)
+  for d in $deps; do resolve "$(basename "$d" .ko)"; done
+  order+=("$path")
+}
+for m in virtio_ring virtio virtio-rng virtio_blk ahci sd_mod; do resolve "$m"; done
+: > "$root/lib/modules/load.list"
+for p in "${order[@]}"; do
+  cp "$kroot/lib/modules/$kver/$p" "$root/lib/modules/"
+  echo "$(basename "$p")" >> "$root/lib/modules/load.list"
+done
+cp "$ko" "$root/lib/modules/virtio_loopback.ko"
+cp "$lotool" "$root/bin/lo-tool"
+cp "$cache/odirect" "$root/bin/odirect"
+if [ -x "$loopbackd" ]; then cp "$loopbackd" "$root/bin/loopbackd"; fi
+if [ -n "${LOOPBACKD_CONF:-}" ]; then cp "$LOOPBACKD_CONF" "$root/etc/loopbackd.conf"; fi
+cp "$here/lib.sh" "$root/tests/lib.sh"
+cat > "$root/init" <<'INIT'
+#!/bin/sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin SWIFT_ROOT=/ HOME=/tmp
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+echo 20 > /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
+echo 1 > /proc/sys/kernel/hung_task_panic 2>/dev/null
+echo 1 > /proc/sys/kernel/panic_on_oops 2>/dev/null
+for m in $(cat /lib/modules/load.list); do insmod /lib/modules/$m || echo "GUEST-INFO insmod $m failed"; done
+echo GUEST-BOOTED
+cd /tmp
+sh /tests/case.sh
+echo GUEST-CASE-EXIT $?
+echo "GUEST-DMESG-BEGIN"
+dmesg | grep -iE 'virtio|loopback|blk|vd[a-z]|hwrng|rng' | tail -n 60
+echo "GUEST-DMESG-END"
+sync
+poweroff -f
+INIT
+chmod +x "$root/init"
+
+passed=0; failed=0; t0=$(date +%s)
+results=()
+for c in "${cases[@]}"; do
+  cdir=$work/$c; mkdir -p "$cdir"
+  cp "$here/cases/$c.sh" "$root/tests/case.sh"
+  echo "$c" > "$root/tests/name"
+  (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$cdir/initramfs.gz"
+  # A non-virtio disk (AHCI) the guest can copy images to; read back here.
+  truncate -s 64M "$cdir/disk.img"
+  log=$cdir/console.log
+  s0=$(date +%s)
+  timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nodefaults -nographic \
+    -serial stdio -no-reboot -kernel "$cache/vmlinux" -initrd "$cdir/initramfs.gz" \
+    -append 'console=ttyS0 quiet panic=-1' \
+    -drive if=none,id=d0,file="$cdir/disk.img",format=raw -device ahci,id=ahci0 -device ide-hd,drive=d0,bus=ahci0.0 \
+    < /dev/null > "$log" 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - s0 ))
+  tr -d '\r' < "$log" > "$log.txt"
+  verdict=""; why=""
+  res=$(grep -E "^GUEST-TEST $c (PASS|FAIL)" "$log.txt" | tail -1)
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then why="timeout after ${timeout_s}s"
+  elif [ -z "$res" ]; then why="no result (qemu rc $rc)"
+  elif [[ "$res" == *" FAIL"* ]]; then why=${res#GUEST-TEST $c FAIL}
+  fi
+  if grep -qE 'Oops|BUG:|WARNING:|INFO: task .* blocked|Kernel panic|general protection fault|kernel BUG|Call Trace' "$log.txt"; then
+    why="${why:+$why; }kernel oops/BUG/WARNING/hang in console"
+  fi
+  # host-side check hook: a case may ask the host to verify the disk image
+  if [ -z "$why" ]; then
+    while read -r _ what off size seed; do
+      case "$what" in
+        disk-pattern)
+          "$cache/odirect" checkb "$cdir/disk.img" "$off" "$size" "$seed" > /dev/null || why="host image check failed ($off $size $seed)" ;;
+      esac
+    done < <(grep -E '^GUEST-HOSTCHECK ' "$log.txt")
+  fi
+  if [ -z "$why" ]; then passed=$((passed+1)); echo "PASS $c (${secs}s)"
+  else failed=$((failed+1)); echo "FAIL $c (${secs}s):$why"
+    echo "----- console tail ($c) -----"; tail -n 40 "$log.txt"; echo "-----"
+  fi
+  [ "${GUEST_KEEP:-0}" = 1 ] && echo "  log: $log.txt"
+done
+echo "guest suite time: $(( $(date +%s) - t0 ))s"
+echo "$passed passed, $failed failed"
+[ $failed -eq 0 ]
