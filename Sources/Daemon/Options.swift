@@ -15,6 +15,7 @@ public struct Options: Equatable {
     public var device: String?
     public var socket: String?
     public var poll = false
+    public var relay = false
     public var rounds = 5
 
     public struct UsageError: Error, CustomStringConvertible { public var description: String }
@@ -63,6 +64,7 @@ public struct Options: Equatable {
             case "--device": o.device = try value(a)
             case "--socket": o.socket = try value(a)
             case "--poll": o.poll = true
+            case "--relay": o.relay = true
             default: throw UsageError(description: "unknown option \"\(a)\" (see --help)")
             }
             i += 1
@@ -74,7 +76,7 @@ public struct Options: Equatable {
     usage: loopbackd [-c FILE] [--log-level LEVEL] [--duration SECONDS]
            loopbackd --check -c FILE
            loopbackd bench [-c FILE] [--device NAME] [--requests N] [--json]
-           loopbackd ab -c FILE --device NAME [--socket PATH] [--poll] [--rounds N] [--requests N] [--json]
+           loopbackd ab -c FILE --device NAME [--socket PATH] [--poll] [--relay] [--rounds N] [--requests N] [--json]
            loopbackd --version | --help
 
     Serves the virtio devices of FILE (default /etc/loopbackd.conf, else the embedded default) to the
@@ -85,6 +87,7 @@ public struct Options: Equatable {
       --duration SECONDS    stop by itself after SECONDS (as on SIGTERM)
     bench: latency and throughput of the file's rng and blk devices through the simulated driver,
            with notifications and with busy-polling; a table, then one JSON line (--json: only JSON)
-    ab:    the same device and workload in-process and through a vhost-user socket, interleaved in rounds
+    ab:    the same device and workload in-process and through a vhost-user socket, interleaved in rounds;
+           --relay routes kicks and interrupts through loopbackd like the original adapter
     """
 }

@@ -76,8 +76,11 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     /// features and protocol features, checks the back-end has `queueSizes.count` queues (MQ), takes ownership
     /// (SET_OWNER), opens the back-end request channel and caches the config space. vhost-user does not carry the
     /// device type, queue sizes or config size: the caller gives them. Blocks the calling thread (start-up only).
+    /// `relay`: route kicks and interrupts through loopbackd's loop instead of handing the driver side's eventfds
+    /// to the back-end: the original virtio-loopback adapter's data path, kept to measure what it costs (`ab --relay`).
     public init(socketPath: String, deviceID: UInt32, queueSizes: [UInt16], configSize: Int = 0, loop: EventLoop,
-                connectTimeoutMs: Int = 5000) throws(DeviceError) {
+                connectTimeoutMs: Int = 5000, relay: Bool = false) throws(DeviceError) {
+        self.relay = relay
         self.socketPath = socketPath
         self.deviceID = deviceID
         queueMaxSizes = queueSizes
@@ -265,7 +268,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         }
         for q in 0..<n {
             let irq = context.queues[q].interrupt
-            if irq.kind == .eventfd || irq.kind == .none {
+            if !relay && (irq.kind == .eventfd || irq.kind == .none) {
                 calls.append((-1, -1, irq))   // the back-end signals the driver's eventfd itself
                 continue
             }
@@ -291,7 +294,8 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     }
 
     /// The back-end reads the driver's kick eventfd and writes the driver's interrupt eventfd directly.
-    public var passthroughRings: Bool { true }
+    public var passthroughRings: Bool { !relay }
+    public let relay: Bool
 
     /// Only reached for driver sides without kick fds; normally the back-end sees the driver's kicks itself.
     @inline(__always)
