@@ -21,7 +21,9 @@ let package = Package(
                           swiftSettings: staticExecutable, linkerSettings: staticLink),
         .testTarget(name: "TransportTests", dependencies: ["Transport", "CLinux"]),
         .testTarget(name: "RegistryTests", dependencies: ["Registry", "Transport", "CLinux"]),
-        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "Registry", "Transport"]),
+        // Test-only malloc counter (interposes malloc in the test executable).
+        .target(name: "CMallocCounter", path: "Tests/CMallocCounter"),
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "Registry", "Transport", "CMallocCounter"]),
     ],
     swiftLanguageModes: [.v6]
 )
