@@ -60,3 +60,25 @@ sectors() { cat /sys/block/$1/size 2>/dev/null; }
 # copy a file to the AHCI disk so the host can read it after poweroff
 to_host_disk() { dd if="$1" of=/dev/sda bs=1M conv=fsync 2>/dev/null || fail "copy $1 to /dev/sda"; }
 gone() { ! test -e "$1"; }
+
+# ---- vhost-user cases (Tests/guest/vhost-user.sh; QEMU is the front-end, loopbackd on the host the back-end)
+# vu_param NAME: a value the runner put into the initramfs (/tests/param/NAME)
+vu_param() { cat "/tests/param/$1" 2>/dev/null; }
+# hwrng_varies FILE: the file is not constant anywhere: every 64 KiB block differs from the first one
+hwrng_varies() {
+  f=$1; n=$(( $(wc -c < "$f") / 65536 )); k=1
+  [ "$n" -ge 2 ] || return 1
+  head -c 65536 "$f" > /tmp/.blk0
+  while [ $k -lt "$n" ]; do
+    dd if="$f" bs=65536 skip=$k count=1 2>/dev/null | cmp -s - /tmp/.blk0 && return 1
+    k=$((k + 1))
+  done
+  return 0
+}
+# marker_read DEV SECTOR: the text stored in that 512-byte sector (NULs stripped)
+marker_read() { dd if="$1" bs=512 skip="$2" count=1 2>/dev/null | tr -d '\000' | head -c 200; }
+# marker_write DEV SECTOR TEXT: write it (NUL padded) and flush it to the device
+marker_write() {
+  { printf '%s' "$3"; head -c 512 /dev/zero; } | head -c 512 > /tmp/.marker
+  dd if=/tmp/.marker of="$1" bs=512 seek="$2" count=1 conv=notrunc,fsync 2>/dev/null
+}

@@ -168,6 +168,10 @@ public final class VhostUserBackendServer: EventHandler {
     public static let protocolFeatures: VhostUserProtocolFeatures =
         [.mq, .replyAck, .config, .configureMemSlots, .backendReq, .resetDevice, .status]
     static let protocolFeaturesBit: UInt64 = 1 << 30
+    /// CONFIG only for a device that has a config space: QEMU's vhost-user-rng warns about it otherwise.
+    var offeredProtocolFeatures: VhostUserProtocolFeatures {
+        served.configSize > 0 ? Self.protocolFeatures : Self.protocolFeatures.subtracting(.config)
+    }
 
     private var listenFD: Int32 = -1
     private var listenRegistration = -1
@@ -531,10 +535,10 @@ public final class VhostUserBackendServer: EventHandler {
             return .status(0)
 
         case .getProtocolFeatures:
-            return .reply(u64(Self.protocolFeatures.rawValue))
+            return .reply(u64(offeredProtocolFeatures.rawValue))
 
         case .setProtocolFeatures(let v):
-            guard v & ~Self.protocolFeatures.rawValue == 0 else { throw .protocolFeaturesNotOffered(v & ~Self.protocolFeatures.rawValue) }
+            guard v & ~offeredProtocolFeatures.rawValue == 0 else { throw .protocolFeaturesNotOffered(v & ~offeredProtocolFeatures.rawValue) }
             c.protocolFeatures = VhostUserProtocolFeatures(rawValue: v)
             return .status(0)
 

@@ -1,0 +1,269 @@
+#!/usr/bin/env bash
+# vhost-user end-to-end tests: QEMU is the vhost-user FRONT-END (vhost-user-rng-pci, vhost-user-blk-pci), loopbackd
+# on the host is the BACK-END (transport "none", every device served on a Unix socket), and the guest is Debian's
+# kernel with its own virtio_pci, virtio-rng and virtio_blk drivers.
+#
+#   Tests/guest/vhost-user.sh [CASE]...     CASE = a file name in Tests/guest/vhost/ without .sh (default: all)
+#
+# One loopbackd runs for the whole suite; every case boots its own QEMU (TCG) against it, so each case after the
+# first also tests that loopbackd takes the next front-end after the previous one disconnected.  A case prints
+# "GUEST-TEST vhost-<case> PASS|FAIL"; "GUEST-HOSTCHECK disk-pattern OFF SIZE SEED" lines are checked against the
+# host image after QEMU exited.  Case "reboot" runs QEMU without -no-reboot and must boot exactly twice.
+# After the last case loopbackd gets SIGTERM and must exit 0 within 1 s with no error/warning in its log.
+#
+# Environment:
+#   GUEST_CACHE     cache dir made by setup.sh (default <repo>/.build-guest)
+#   LOOPBACKD       loopbackd binary run on the host (default <repo>/.build/release/loopbackd)
+#   VHOST_TIMEOUT   per-case QEMU timeout in seconds (default 90)
+#   VHOST_LOG_LEVEL loopbackd log level (default debug: every vhost-user message is logged)
+#   GUEST_KEEP=1    keep the work dir (console logs, loopbackd log, image)
+#   VHOST_VERBOSE=1 print each case's guest kernel messages
+# Output: one line per case, then exactly "N passed, N failed" (the loopbackd shutdown check counts as a test).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cache=${GUEST_CACHE:-$repo/.build-guest}
+loopbackd=${LOOPBACKD:-$repo/.build/release/loopbackd}
+timeout_s=${VHOST_TIMEOUT:-90}
+loglevel=${VHOST_LOG_LEVEL:-debug}
+disk_mib=32
+
+[ -f "$cache/kver" ] && [ -s "$cache/vmlinux" ] && [ -x "$cache/odirect" ] || { echo "vhost-user.sh: run Tests/guest/setup.sh first" >&2; exit 2; }
+[ -x "$loopbackd" ] || { echo "vhost-user.sh: no loopbackd at $loopbackd (swift build -c release --product loopbackd)" >&2; exit 2; }
+command -v qemu-system-x86_64 >/dev/null || { echo "vhost-user.sh: qemu-system-x86_64 missing" >&2; exit 2; }
+kver=$(cat "$cache/kver")
+kroot=$cache/kernel-$kver
+
+# ---- select cases
+sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=(all)
+cases=()
+for s in "${sel[@]}"; do
+  case "$s" in
+    all) for f in "$here"/vhost/*.sh; do cases+=("$(basename "$f" .sh)"); done ;;
+    *) s=${s#vhost-}; [ -f "$here/vhost/$s.sh" ] || { echo "vhost-user.sh: no case $s" >&2; exit 2; }; cases+=("$s") ;;
+  esac
+done
+[ ${#cases[@]} -gt 0 ] || { echo "vhost-user.sh: no cases selected" >&2; exit 2; }
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/vhost.XXXXXX")
+lbpid=
+cleanup() {
+  [ -n "$lbpid" ] && kill -0 "$lbpid" 2>/dev/null && kill -KILL "$lbpid" 2>/dev/null
+  [ "${GUEST_KEEP:-0}" = 1 ] || rm -rf "$work"
+}
+trap cleanup EXIT
+t0=$(date +%s.%N)
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# ---- initramfs tree: busybox, odirect, lib.sh, virtio_pci + virtio-rng + virtio_blk with their dependencies
+root=$work/root
+mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,lib/modules,tests/param,usr/bin}
+cp "$(command -v busybox)" "$root/bin/busybox"
+ln -s busybox "$root/bin/sh"
+moddep=$kroot/lib/modules/$kver/modules.dep
+declare -A seen=()
+order=()
+resolve() { # $1 = module name; appends it after its dependencies (same resolver as run.sh)
+  local path deps d
+  path=$(grep -E "(^|/)$1\.ko(\.xz)?:" "$moddep" | head -1 | cut -d: -f1)
+  [ -n "$path" ] || { echo "vhost-user.sh: module $1 not found" >&2; exit 2; }
+  [ -n "${seen[$path]:-}" ] && return
+  seen[$path]=1
+  deps=$(grep -E "^$path:" "$moddep" | cut -d: -f2)
+  for d in $deps; do resolve "$(basename "$d" .ko)"; done
+  order+=("$path")
+}
+for m in virtio_ring virtio virtio_pci virtio-rng virtio_blk; do resolve "$m"; done
+: > "$root/lib/modules/load.list"
+for p in "${order[@]}"; do
+  cp "$kroot/lib/modules/$kver/$p" "$root/lib/modules/"
+  echo "$(basename "$p")" >> "$root/lib/modules/load.list"
+done
+cp "$cache/odirect" "$root/bin/odirect"
+cp "$here/lib.sh" "$root/tests/lib.sh"
+# The same /init runs on every boot (also after the reboot case's reboot -f).
+cat > "$root/init" <<'INIT'
+#!/bin/sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin HOME=/tmp
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+echo 20 > /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
+echo 1 > /proc/sys/kernel/hung_task_panic 2>/dev/null
+echo 1 > /proc/sys/kernel/panic_on_oops 2>/dev/null
+for m in $(cat /lib/modules/load.list); do insmod /lib/modules/$m || echo "GUEST-INFO insmod $m failed"; done
+echo; echo GUEST-BOOTED
+cd /tmp
+sh /tests/case.sh
+echo GUEST-CASE-EXIT $?
+echo "GUEST-DMESG-BEGIN"
+dmesg | grep -iE 'virtio|vhost|blk|vd[a-z]|hwrng|rng|pci.*0000:00:0[2-9]|error|fail|warn' | tail -n 60
+echo "GUEST-DMESG-END"
+sync
+poweroff -f
+INIT
+chmod +x "$root/init"
+
+# ---- host side: image, loopbackd (transport none, both devices served)
+img=$work/disk0.img
+truncate -s ${disk_mib}M "$img"
+rng_sock=$work/rng.sock
+blk_sock=$work/blk.sock
+conf=$work/loopbackd.conf
+cat > "$conf" <<CONF
+[daemon]
+transport = "none"
+log-level = "$loglevel"
+
+[device.rng0]
+type = "rng"
+serve = "$rng_sock"
+
+[device.disk0]
+type = "blk"
+path = "$img"
+readonly = false
+queues = 1
+queue-size = 256
+serve = "$blk_sock"
+CONF
+lblog=$work/loopbackd.log
+"$loopbackd" -c "$conf" > "$lblog" 2>&1 &
+lbpid=$!
+for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
+if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ]; then
+  echo "vhost-user.sh: loopbackd did not create its sockets:"; cat "$lblog"; echo "0 passed, 1 failed"; exit 1
+fi
+
+# qmp_pause_cycles QMP_SOCKET CONSOLE_LOG: once the guest printed GUEST-PAUSE-READY, pause and resume the VM
+# (QMP stop, 0.3 s, cont, 0.4 s) until the guest printed its result; prints the number of completed cycles.
+qmp_pause_cycles() {
+  python3 - "$1" "$2" "$timeout_s" <<'PY'
+import json, socket, sys, time
+path, log, limit = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end = time.time() + limit
+def console():
+    try:
+        with open(log, 'rb') as f: return f.read().decode('latin-1')
+    except OSError: return ''
+while 'GUEST-PAUSE-READY' not in console():
+    if time.time() > end or 'GUEST-TEST' in console(): print(0); sys.exit()
+    time.sleep(0.1)
+s = socket.socket(socket.AF_UNIX); s.connect(path); f = s.makefile('rw')
+def cmd(c):
+    f.write(json.dumps({'execute': c}) + '\n'); f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if 'return' in r: return
+        if 'error' in r: raise SystemExit('qmp %s: %s' % (c, r['error']))
+json.loads(f.readline()); cmd('qmp_capabilities')
+n = 0
+while 'GUEST-TEST' not in console() and time.time() < end:
+    cmd('stop'); time.sleep(0.3); cmd('cont'); n += 1; time.sleep(0.4)
+print(n)
+PY
+}
+echo ${VHOST_PAUSE_ITERATIONS:-40} > "$root/tests/param/pause_iterations"
+
+passed=0; failed=0
+for c in "${cases[@]}"; do
+  name=vhost-$c
+  cdir=$work/$c; mkdir -p "$cdir"
+  cp "$here/vhost/$c.sh" "$root/tests/case.sh"
+  echo "$name" > "$root/tests/name"
+  echo $(( $(stat -c %s "$img") / 512 )) > "$root/tests/param/sectors"
+  echo "$c-$$-$RANDOM$RANDOM" > "$root/tests/param/nonce"
+  (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$cdir/initramfs.gz"
+  reboot_opt=(-no-reboot); want_boots=1
+  [ "$c" = reboot ] && { reboot_opt=(); want_boots=2; }
+  lbmark=$(wc -l < "$lblog")
+  log=$cdir/console.log
+  s0=$(date +%s.%N)
+  qmp_opt=(); [ "$c" = pause ] && qmp_opt=(-qmp unix:"$cdir/qmp.sock",server=on,wait=off)
+  timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nodefaults -nographic \
+    -serial stdio "${reboot_opt[@]}" "${qmp_opt[@]}" -kernel "$cache/vmlinux" -initrd "$cdir/initramfs.gz" \
+    -append 'console=ttyS0 quiet panic=-1' \
+    -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
+    -chardev socket,id=c0,path="$rng_sock" -device vhost-user-rng-pci,chardev=c0 \
+    -chardev socket,id=c1,path="$blk_sock" -device vhost-user-blk-pci,chardev=c1,num-queues=1 \
+    < /dev/null > "$log" 2>&1 &
+  qpid=$!
+  pause_why=""
+  if [ "$c" = pause ]; then
+    cycles=$(qmp_pause_cycles "$cdir/qmp.sock" "$log")
+    info_cycles="  host: $cycles QMP stop/cont cycles during guest I/O"
+    [ "${cycles:-0}" -ge 3 ] 2>/dev/null || pause_why="only '${cycles}' stop/cont cycles before the guest finished (want >= 3)"
+  fi
+  wait $qpid; rc=$?
+  secs=$(elapsed "$s0")
+  tr -d '\r' < "$log" > "$log.txt"
+  why=""
+  res=$(grep -E "^GUEST-TEST $name (PASS|FAIL)" "$log.txt" | tail -1)
+  boots=$(grep -o 'GUEST-BOOTED' "$log.txt" | wc -l)
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then why="timeout after ${timeout_s}s"
+  elif [ -z "$res" ]; then why="no result (qemu rc $rc)"
+  elif [[ "$res" == *" FAIL"* ]]; then why=${res#GUEST-TEST $name FAIL}
+  elif [ $rc -ne 0 ]; then why="qemu exit status $rc"
+  fi
+  [ "$boots" -eq "$want_boots" ] || why="${why:+$why; }$boots boot(s), want $want_boots"
+  [ -n "$pause_why" ] && why="${why:+$why; }$pause_why"
+  if grep -qE 'Oops|BUG:|WARNING:|INFO: task .* blocked|Kernel panic|general protection fault|kernel BUG|Call Trace' "$log.txt"; then
+    why="${why:+$why; }kernel oops/BUG/WARNING/hang in console"
+  fi
+  # QEMU's own complaints about the back-end (vhost-user errors and warnings print as "qemu-system-x86_64: ...").
+  notes=
+  qerr=$(grep -E '^qemu-system-x86_64: ' "$log.txt")
+  [ -n "$qerr" ] && why="${why:+$why; }qemu: $(echo "$qerr" | head -3 | tr '\n' '|')"
+  kill -0 $lbpid 2>/dev/null || why="${why:+$why; }loopbackd died"
+  # the image on the host holds what the guest wrote (QEMU has exited; loopbackd keeps the file open)
+  if [ -z "$why" ]; then
+    while read -r _ what off size seed; do
+      case "$what" in
+        disk-pattern)
+          "$cache/odirect" checkb "$img" "$off" "$size" "$seed" > /dev/null || why="host image check failed ($off $size $seed)" ;;
+      esac
+    done < <(grep -E '^GUEST-HOSTCHECK ' "$log.txt")
+  fi
+  tail -n +$((lbmark + 1)) "$lblog" > "$cdir/loopbackd.log"
+  if [ -z "$why" ]; then passed=$((passed+1)); echo "PASS $name (${secs}s)"
+  else failed=$((failed+1)); echo "FAIL $name (${secs}s):$why"
+    echo "----- console tail ($name) -----"; tail -n 40 "$log.txt"
+    echo "----- loopbackd log during $name -----"; grep -vE 'debug: vhost-user: [a-z0-9]+: (SET|GET)_' "$cdir/loopbackd.log" | tail -n 20; echo "-----"
+  fi
+  grep -E '^GUEST-INFO' "$log.txt" | sed 's/^/  /'
+  [ "$c" = pause ] && echo "$info_cycles"
+  [ -n "$notes" ] && echo "$notes" | sed 's/^/  note (known): /'
+  if [ "${VHOST_VERBOSE:-0}" = 1 ]; then
+    sed -n '/^GUEST-DMESG-BEGIN/,/^GUEST-DMESG-END/p' "$log.txt" | grep -vE '^GUEST-DMESG' | sed 's/^/  dmesg: /'
+  fi
+  [ "${GUEST_KEEP:-0}" = 1 ] && echo "  log: $log.txt"
+done
+
+# ---- loopbackd: still running, exits 0 within 1 s of SIGTERM, nothing logged at error/warning level
+why=""
+if ! kill -0 $lbpid 2>/dev/null; then
+  why="loopbackd was not running at the end"
+else
+  kill -TERM $lbpid
+  s0=$(date +%s.%N)
+  for _ in $(seq 100); do kill -0 $lbpid 2>/dev/null || break; sleep 0.01; done
+  if kill -0 $lbpid 2>/dev/null; then
+    why="loopbackd still running 1 s after SIGTERM"; kill -KILL $lbpid
+  fi
+  wait $lbpid; lbrc=$?
+  [ -z "$why" ] && [ $lbrc -ne 0 ] && why="loopbackd exit status $lbrc after SIGTERM"
+  stop_s=$(elapsed "$s0")
+fi
+lbpid=
+bad=$(grep -iE '(^|: )(error|warning|fatal)|Fatal error|panic|backtrace|crash' "$lblog" | head -5)
+[ -n "$bad" ] && why="${why:+$why; }loopbackd log: $(echo "$bad" | tr '\n' '|')"
+conns=$(grep -c 'front-end connected' "$lblog")
+if [ -z "$why" ]; then passed=$((passed+1)); echo "PASS vhost-loopbackd-shutdown (exit 0 ${stop_s}s after SIGTERM; $conns front-end connections served)"
+else failed=$((failed+1)); echo "FAIL vhost-loopbackd-shutdown: $why"; echo "----- loopbackd log tail -----"; tail -n 20 "$lblog"; echo "-----"
+fi
+[ "${GUEST_KEEP:-0}" = 1 ] && echo "  work dir: $work"
+echo "vhost-user suite time: $(elapsed "$t0")s"
+echo "$passed passed, $failed failed"
+[ $failed -eq 0 ]
