@@ -16,8 +16,14 @@ step() {   # step NAME COMMAND...: runs a step, keeps its output, adds its count
     local p f
     # XCTest: "Executed N tests, with M failures"; scripts: "N passed, M failed".
     if grep -q "Executed [0-9]* tests" "$log/$name.log"; then
-        p=$(grep -o "Executed [0-9]* tests, with [0-9]* failures" "$log/$name.log" | tail -1 | awk '{print $2 - $5}')
-        f=$(grep -o "Executed [0-9]* tests, with [0-9]* failures" "$log/$name.log" | tail -1 | awk '{print $5}')
+        # "Executed N tests, with [S tests skipped and] F failures": passed = N - S - F.
+        local line n s
+        line=$(grep -E "Executed [0-9]+ tests" "$log/$name.log" | tail -1)
+        n=$(echo "$line" | grep -oE "Executed [0-9]+" | grep -oE "[0-9]+")
+        s=$(echo "$line" | grep -oE "[0-9]+ tests? skipped" | grep -oE "^[0-9]+"); s=${s:-0}
+        f=$(echo "$line" | grep -oE "[0-9]+ failures?" | grep -oE "^[0-9]+"); f=${f:-0}
+        p=$((n - s - f))
+        [ "$s" -gt 0 ] && echo "=== $name: $s skipped"
     else
         p=$(grep -oE "^[0-9]+ passed, [0-9]+ failed" "$log/$name.log" | tail -1 | awk '{print $1}')
         f=$(grep -oE "^[0-9]+ passed, [0-9]+ failed" "$log/$name.log" | tail -1 | awk '{print $3}')
