@@ -95,8 +95,6 @@ public struct MemoryView: @unchecked Sendable {
     let table: UnsafePointer<RegionInfo>
     public let count: Int
     init(table: UnsafePointer<RegionInfo>, count: Int) { self.table = table; self.count = count }
-    public static var empty: MemoryView { MemoryView(table: emptyTable, count: 0) }
-    private nonisolated(unsafe) static let emptyTable = UnsafeMutablePointer<RegionInfo>.allocate(capacity: 1)
 
     @inline(__always)
     func regionIndex(_ addr: UInt64) -> Int? {
