@@ -55,6 +55,14 @@ int lb_signalfd_stop_signals(void) {
     signal(SIGPIPE, SIG_IGN);   // a peer closing a socket must give EPIPE, not kill the daemon
     return signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
 }
+int lb_unblock_stop_signals(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
 int lb_read_signalfd(int fd) {
     struct signalfd_siginfo si;
     ssize_t n = read(fd, &si, sizeof si);

@@ -63,7 +63,7 @@ enum AB {
             let a = LatencyStats(samples: &sa, elapsedNs: ta), b = LatencyStats(samples: &sb, elapsedNs: tb)
             let ratio = a.p50 > 0 ? Double(b.p50) / Double(a.p50) : 0
             let backend = (o.socket == nil ? "loopbackd ab-serve (child process, same device body)" : o.socket!)
-                + (o.relay ? "; kicks and interrupts relayed through loopbackd (original adapter path)" : "; eventfds passed straight to the backend")
+                + (o.relay ? "; kicks and interrupts relayed through loopbackd (original adapter path)" : "; kicks straight to the backend, interrupts through loopbackd (in-flight tracking for exact replay)")
             if !o.json {
                 print("loopbackd ab: device \(d.name) (\(d.type)), driver sim, \(o.rounds) rounds x \(perRound) requests per path, queue depth 1, \(o.poll ? "busy-poll \(pollUs) us" : "notifications")")
                 print("socket backend: \(backend)")

@@ -1,5 +1,6 @@
 import XCTest
 import Glibc
+import Synchronization
 import CLinux
 @testable import Transport
 
@@ -421,6 +422,133 @@ final class VhostUserTests: XCTestCase {
         drv.reset()
         let s = server
         XCTAssertFalse(backLoop.executeAndWait { backHost.isActive(s.index) })
+        loop.executeAndWait { fe.shutdown() }
+        server.stop()
+    }
+
+    /// The front-end's in-flight tracking on hand-made rings: out-of-order completion, a head completed, reaped and
+    /// made available again between two scans (the counter passes through 2), the replay rewrite, losing track
+    /// (a ring behind, a bogus used id) and resynchronising on an empty ring.
+    func testInflightTrackerOutOfOrderReuseReplayAndLoss() {
+        let size: UInt16 = 8
+        let avail = UnsafeMutableRawPointer.allocate(byteCount: QueueConfig.availBytes(Int(size)), alignment: 8)
+        let used = UnsafeMutableRawPointer.allocate(byteCount: QueueConfig.usedBytes(Int(size)), alignment: 8)
+        defer { avail.deallocate(); used.deallocate() }
+        memset(avail, 0, QueueConfig.availBytes(Int(size)))
+        memset(used, 0, QueueConfig.usedBytes(Int(size)))
+        var a: UInt16 = 0, u: UInt16 = 0
+        func idx(_ r: UnsafeMutableRawPointer, _ v: UInt16) {
+            (r + 2).assumingMemoryBound(to: Atomic<UInt16>.self).pointee.store(v, ordering: .releasing)
+        }
+        func offer(_ heads: UInt16...) {
+            for h in heads { (avail + 4 + 2 * Int(a & (size - 1))).storeBytes(of: h, as: UInt16.self); a &+= 1 }
+            idx(avail, a)
+        }
+        func complete(_ ids: UInt32...) {
+            for id in ids { (used + 4 + 8 * Int(u & (size - 1))).storeBytes(of: id, as: UInt32.self); u &+= 1 }
+            idx(used, u)
+        }
+        func slot(_ p: UInt16) -> UInt16 { (avail + 4 + 2 * Int(p & (size - 1))).load(as: UInt16.self) }
+
+        let t = InflightTracker(size: size, avail: avail, used: used, lastAvail: 0)
+        XCTAssertTrue(t.isTracking)
+        offer(0, 1, 2, 3)
+        t.scan()
+        complete(2, 0)              // out of order: positions 0 and 2 done, 1 and 3 still in flight
+        t.scan()
+        complete(3)                 // head 3 done, reaped and reused at position 4 before the next scan
+        offer(3)
+        t.scan()
+        XCTAssertTrue(t.isTracking)
+        let plan = t.planReplay()
+        XCTAssertEqual(plan?.k, 2)
+        XCTAssertEqual(plan?.availIdx, 5)
+        // In-order replay from used.idx (3) would hand over positions 3 and 4 (head 3's completed request, then
+        // head 3 again) and never head 1. Exact replay: heads 1 and 3, oldest first, below avail.idx.
+        let base = t.replay(k: plan!.k, availIdx: plan!.availIdx)
+        XCTAssertEqual(base, 3)
+        XCTAssertEqual([slot(3), slot(4)], [1, 3])
+        // The new back-end completes them; nothing is left in flight.
+        complete(3, 1)
+        t.scan()
+        XCTAssertEqual(t.planReplay()?.k, 0)
+
+        // A whole ring made available and completed with no scan in between: entries were overwritten, track lost.
+        for _ in 0..<4 { offer(4, 5); complete(4, 5) }
+        offer(6)
+        t.scan()
+        XCTAssertFalse(t.isTracking)
+        XCTAssertNil(t.planReplay())
+        t.scan()
+        XCTAssertFalse(t.isTracking, "not empty yet: stays lost")
+        complete(6)
+        t.scan()
+        XCTAssertTrue(t.isTracking, "empty ring: counters restart from zero")
+        offer(7)
+        t.scan()
+        XCTAssertEqual(t.planReplay()?.k, 1)
+
+        // A used id the ring cannot hold: the back-end is broken, no replay.
+        complete(42)
+        t.scan()
+        XCTAssertFalse(t.isTracking)
+        XCTAssertEqual(t.lost, .usedHeadInvalid)
+        XCTAssertEqual(t.losses, 2)
+    }
+
+    /// A restarted back-end while the front-end does not know the in-flight heads exactly: no replay, the rings are
+    /// not set up, every queue is latched (NEEDS_RESET + config interrupt); a driver reset recovers.
+    func testFrontendRefusesInexactReplayAndLatchesNeedsReset() throws {
+        let backLoop = try EventLoop()
+        let backHost = DeviceHost(loop: backLoop)
+        backLoop.startThread()
+        defer { backLoop.stopAndJoin() }
+        let path = testSocketPath()
+        var echo = VUEchoDevice()
+        var server = VhostUserBackendServer(socketPath: path, host: backHost, name: "echo0", device: echo)
+        try server.start()
+        let fe = try VhostUserFrontendDevice(socketPath: path, deviceID: 0x4c42, queueSizes: [64], configSize: 8, loop: loop)
+        let idx = loop.executeAndWait { self.host.add(name: "fe0", device: fe) }
+        let drv = try SimDriver(host: host, index: idx, ramSize: 1 << 20)
+        try drv.start(queueSizes: [16])
+        var q = drv.queues[0]
+        let src = drv.alloc(64), dst = drv.alloc(64)
+        func roundTrip() throws {
+            let head = try XCTUnwrap(q.addChain(readable: [(src, 64)], writable: [(dst, 64)]))
+            q.submit(head)
+            let u = try XCTUnwrap(q.waitUsed(timeoutMs: 5000), "no completion")
+            XCTAssertEqual(u.id, head)
+            q.recycle(head)
+        }
+        for _ in 0..<5 { try roundTrip() }
+        XCTAssertEqual(loop.executeAndWait { fe.tracking(0)?.exact }, true)
+
+        server.stop()
+        let head = try XCTUnwrap(q.addChain(readable: [(src, 64)], writable: [(dst, 64)]))
+        q.submit(head)               // in flight while the back-end is away
+        loop.executeAndWait { fe.loseTracking(0) }
+        _ = FD.drain(drv.configInterruptFD.raw)
+        echo = VUEchoDevice()
+        server = VhostUserBackendServer(socketPath: path, host: backHost, name: "echo1", device: echo)
+        try server.start()
+        XCTAssertNotEqual(FD.wait(drv.configInterruptFD.raw, timeoutMs: 5000), 0, "config interrupt (NEEDS_RESET)")
+        XCTAssertEqual(loop.executeAndWait { fe.replaysRefused }, 1)
+        XCTAssertEqual(loop.executeAndWait { fe.replayedRequests }, 0)
+        XCTAssertNotEqual(drv.status & DeviceStatus.needsReset, 0)
+        let s1 = server
+        XCTAssertFalse(backLoop.executeAndWait { backHost.isActive(s1.index) }, "rings must not be set up")
+        usleep(200_000)
+        XCTAssertNil(q.reap(), "nothing replayed")
+        XCTAssertEqual(backLoop.executeAndWait { echo.completed }, 0)
+
+        // The driver resets and starts again: a fresh set-up, requests flow.
+        drv.reset()
+        try drv.start(queueSizes: [16])
+        q = drv.queues[0]
+        XCTAssertEqual(drv.status & DeviceStatus.needsReset, 0)
+        for _ in 0..<3 { try roundTrip() }
+        XCTAssertEqual(backLoop.executeAndWait { echo.completed }, 3)
+        drv.reset()
         loop.executeAndWait { fe.shutdown() }
         server.stop()
     }

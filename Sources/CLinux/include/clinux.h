@@ -39,7 +39,9 @@ int lb_epoll_wait(int epfd, struct lb_epoll_event *out, int max, int timeout_ms)
 
 // SIGTERM/SIGINT/SIGHUP blocked in this thread (and threads it creates later) and returned as a signalfd.
 int lb_signalfd_stop_signals(void);
-int lb_read_signalfd(int fd);   // returns the signal number, or -1 with errno
+int lb_read_signalfd(int fd);
+// Unblocks what lb_signalfd_stop_signals blocked (in-process callers, e.g. tests, get their mask back).
+int lb_unblock_stop_signals(void);   // returns the signal number, or -1 with errno
 
 // Unix-socket messages with SCM_RIGHTS file descriptors.
 ssize_t lb_sendmsg_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);

@@ -6,18 +6,23 @@ import CLinux
 /// another loopbackd): loopbackd is the vhost-user front-end and forwards the driver's rings, memory, kicks and
 /// interrupts (cloud-hypervisor's generic vhost-user device, crosvm's vhost_user_frontend).
 ///
-/// Data path: the back-end maps the driver's memory and processes the rings itself; it reads the driver side's
-/// kick eventfds and writes its interrupt eventfds directly (`passthroughRings`: the host neither watches nor polls
-/// these rings), so no request passes through loopbackd. With the kernel module, the interrupt eventfd is the
-/// module's irqfd extension; only a driver side whose interrupt is not an eventfd needs the call relay below.
+/// Data path: the back-end maps the driver's memory and processes the rings itself. Kicks go straight to it: it
+/// reads the driver side's kick eventfds (`passthroughRings`: the host neither watches nor polls these rings), so
+/// no request passes through loopbackd. Interrupts take one hop through loopbackd's loop: the back-end signals an
+/// eventfd of ours per ring; on each, the front-end reads the new avail and used entries (`InflightTracker`: which
+/// heads the back-end holds, exactly, whatever order it completes them in) and then signals the driver side's
+/// interrupt (an eventfd, or the virtio-lo KICK ioctl). `relay: true` also routes kicks through the loop.
 /// A back-end server serving the same loop would deadlock the synchronous set-up exchange (bounded by the 1 s reply
 /// timeout); put back-end servers on another loop or process.
 ///
 /// Reconnect: when the back-end goes away the device keeps its queues; a loop timer retries with a restartable
-/// 100 ms → 1 s backoff (never latched off) and then redoes the whole set-up with every vring's base = the ring's
-/// `used.idx` and kicks every ring. This is in-order replay: requests the old back-end had taken but not completed
-/// are taken again by the new one, which is correct for back-ends that complete in order (or whose requests are
-/// idempotent, like rng and block reads/writes); out-of-order back-ends would need INFLIGHT_SHMFD (not implemented).
+/// 100 ms → 1 s backoff (never latched off) and then redoes the whole set-up. Exact replay: for every ring the
+/// heads the old back-end had taken and not completed (k of them; out-of-order completion leaves them anywhere in
+/// the ring) are rewritten into the avail slots just below avail.idx and the vring base is set to avail.idx - k, so
+/// the new back-end takes exactly those again, and nothing it already completed (qemu-storage-daemon 7.2 offers no
+/// INFLIGHT_SHMFD). When the front-end cannot know the in-flight heads exactly (it fell a ring behind because no
+/// interrupt came for that long, or the back-end returned heads that were not in flight), it never replays blindly:
+/// the rings stay stopped and every queue is latched broken, so the driver sees NEEDS_RESET.
 public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     public let socketPath: String
     public let deviceID: UInt32
@@ -52,32 +57,50 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     private var acked: VirtioFeatures = []
     private var context: DeviceContext?
     private var kickFDs: [Int32] = []
-    /// Per queue: where the back-end's call goes. `relayFD` >= 0 when the driver's interrupt is not an eventfd
-    /// (e.g. the virtio-lo KICK ioctl): we watch it and signal `notifier`.
+    /// Per queue: the eventfd the back-end signals (`relayFD`, watched by the loop) and the driver side's interrupt
+    /// it is forwarded to.
     private var calls: [(relayFD: Int32, registration: Int, notifier: Notifier)] = []
+    /// Per queue: the heads the back-end holds (see `InflightTracker`).
+    private var trackers: [InflightTracker] = []
     private var ringsSetUp = false
+    /// Set when a reconnect could not replay exactly and latched the queues: no ring set-up until the driver resets.
+    private var latched = false
 
     // Reconnect.
     private var timerFD: Int32 = -1
     private var timerRegistration = -1
+    /// Scan tick: reads the rings for drivers that suppress interrupts (EVENT_IDX used_event left behind,
+    /// NO_INTERRUPT) while they poll: without interrupts nothing else would read the rings, and a driver half a
+    /// ring ahead of the last read makes the in-flight set unknowable. 1 ms while the rings move, backing off to
+    /// 64 ms while they do not (buffers a driver leaves posted, e.g. receive queues); off once every ring is empty
+    /// and nothing moved for ~130 ms; back to 1 ms at the next interrupt.
+    private var scanFD: Int32 = -1
+    private var scanRegistration = -1
+    private var scanIntervalNs: UInt64 = 0   // 0: not armed
+    static let minScanNs: UInt64 = 1_000_000
+    static let maxScanNs: UInt64 = 64_000_000
     private var backoffMs = VhostUserFrontendDevice.minBackoffMs
     private var closed = false
 
     /// Successful reconnects, failed attempts since the last success, config-change messages received.
     public private(set) var reconnects = 0
+    /// Requests handed again to a restarted back-end (exact replay), and reconnects that refused to replay
+    /// (queues latched, NEEDS_RESET).
+    public private(set) var replayedRequests = 0
+    public private(set) var replaysRefused = 0
     public private(set) var failedAttempts = 0
     public private(set) var configChanges = 0
     public var isConnected: Bool { sock >= 0 }
 
-    private enum Token: UInt32 { case socket = 1, channel = 2, timer = 3 }
+    private enum Token: UInt32 { case socket = 1, channel = 2, timer = 3, scan = 4 }
     private static let relayTokenBase: UInt32 = 0x100
 
     /// Connects to `socketPath` (retrying for up to `connectTimeoutMs` while the back-end starts), negotiates
     /// features and protocol features, checks the back-end has `queueSizes.count` queues (MQ), takes ownership
     /// (SET_OWNER), opens the back-end request channel and caches the config space. vhost-user does not carry the
     /// device type, queue sizes or config size: the caller gives them. Blocks the calling thread (start-up only).
-    /// `relay`: route kicks and interrupts through loopbackd's loop instead of handing the driver side's eventfds
-    /// to the back-end: the original virtio-loopback adapter's data path, kept to measure what it costs (`ab --relay`).
+    /// `relay`: route kicks through loopbackd's loop too instead of handing the driver side's kick eventfds to the
+    /// back-end: the original virtio-loopback adapter's data path, kept to measure what it costs (`ab --relay`).
     public init(socketPath: String, deviceID: UInt32, queueSizes: [UInt16], configSize: Int = 0, loop: EventLoop,
                 connectTimeoutMs: Int = 5000, relay: Bool = false) throws(DeviceError) {
         self.relay = relay
@@ -91,7 +114,12 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             throw DeviceError("vhost-user \(socketPath): need at least one queue and a config size of at most 256")
         }
         timerFD = lb_timerfd()
-        guard timerFD >= 0 else { throw DeviceError("vhost-user: timerfd: \(Errno.current)") }
+        scanFD = lb_timerfd()
+        guard timerFD >= 0, scanFD >= 0 else {
+            let e = Errno.current
+            closeEverything()
+            throw DeviceError("vhost-user: timerfd: \(e)")
+        }
         let deadline = lb_now_ns() &+ UInt64(max(connectTimeoutMs, 0)) * 1_000_000
         while true {
             sock = socketPath.withCString { lb_unix_connect($0, 1) }
@@ -118,10 +146,12 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         if sock >= 0 { close(sock); sock = -1 }
         if channel >= 0 { close(channel); channel = -1 }
         if timerFD >= 0 { close(timerFD); timerFD = -1 }
+        if scanFD >= 0 { close(scanFD); scanFD = -1 }
         for f in kickFDs where f >= 0 { close(f) }
         kickFDs = []
         for c in calls where c.relayFD >= 0 { close(c.relayFD) }
         calls = []
+        trackers = []
     }
 
     /// Stops forwarding for good: unwatches and closes everything (loop thread; the host should have reset the
@@ -131,6 +161,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         if context != nil { reset() }
         closeConnection()
         if timerRegistration >= 0 { loop.unregister(fd: timerFD, registration: timerRegistration); timerRegistration = -1 }
+        if scanRegistration >= 0 { loop.unregister(fd: scanFD, registration: scanRegistration); scanRegistration = -1 }
         closeEverything()
     }
 
@@ -140,6 +171,9 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         do throws(Errno) {
             if timerFD >= 0 && timerRegistration < 0 {
                 timerRegistration = try loop.register(fd: timerFD, handler: self, token: Token.timer.rawValue)
+            }
+            if scanFD >= 0 && scanRegistration < 0 {
+                scanRegistration = try loop.register(fd: scanFD, handler: self, token: Token.scan.rawValue)
             }
             if sock >= 0 && sockRegistration < 0 {
                 sockRegistration = try loop.register(fd: sock, events: UInt32(LB_EPOLLIN | LB_EPOLLRDHUP), handler: self,
@@ -266,12 +300,10 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             guard k >= 0 else { throw DeviceError("vhost-user: eventfd: \(Errno.current)") }
             kickFDs.append(k)
         }
+        latched = false
         for q in 0..<n {
+            // The back-end's interrupt comes to us first, so the in-flight heads are known (see the type's comment).
             let irq = context.queues[q].interrupt
-            if !relay && (irq.kind == .eventfd || irq.kind == .none) {
-                calls.append((-1, -1, irq))   // the back-end signals the driver's eventfd itself
-                continue
-            }
             let r = lb_eventfd(0, 1)
             guard r >= 0 else { throw DeviceError("vhost-user: eventfd: \(Errno.current)") }
             var reg = -1
@@ -281,25 +313,30 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             }
             calls.append((r, reg, irq))
         }
+        trackers = (0..<n).map { q in
+            InflightTracker(size: context.queues[q].size, avail: context.queues[q].avail, used: context.queues[q].used,
+                            lastAvail: context.queues[q].lastAvail)
+        }
         watch()
         guard sock >= 0 else {
             // The back-end is away: the set-up happens when it is back; requests wait in the rings.
             reconnectNow()
             return
         }
-        do { try setupRings(reconnect: false) } catch {
+        do { try setupRings(bases: nil) } catch {
             if case .rejected = error { throw DeviceError("vhost-user \(socketPath): \(error)") }
             connectionLost(error)
         }
     }
 
-    /// The back-end reads the driver's kick eventfd and writes the driver's interrupt eventfd directly.
+    /// The back-end reads the driver's kick eventfd directly; the host neither watches nor polls the rings.
     public var passthroughRings: Bool { !relay }
     public let relay: Bool
 
-    /// Only reached for driver sides without kick fds; normally the back-end sees the driver's kicks itself.
+    /// Only reached with `relay` or for driver sides without kick fds; normally the back-end sees the kicks itself.
     @inline(__always)
     public func queueNotified(_ index: Int) {
+        if index < trackers.count { scanned(index) }
         if index < kickFDs.count { FD.signal(kickFDs[index]) }
     }
 
@@ -327,6 +364,9 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             close(c.relayFD)
         }
         calls = []
+        trackers = []
+        latched = false
+        if scanIntervalNs != 0 { _ = lb_timerfd_arm(scanFD, 0); scanIntervalNs = 0 }
         for f in kickFDs { close(f) }
         kickFDs = []
         context = nil
@@ -369,7 +409,8 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
 
     /// Features, memory table, then per vring NUM, BASE, ADDR, CALL, KICK (call before kick: the back-end may
     /// start at the kick), then ENABLE; then one kick per ring so nothing already available waits.
-    private func setupRings(reconnect: Bool) throws(VhostUserError) {
+    /// `bases`: per ring, where the back-end starts (reconnect: from `prepareReplay`); nil: the host's `lastAvail`.
+    private func setupRings(bases: [UInt16]?) throws(VhostUserError) {
         guard let ctx = context else { return }
         guard acked.rawValue & ~backendFeatures == 0 else {
             throw .badReply("back-end no longer offers features 0x\(String(acked.rawValue & ~backendFeatures, radix: 16))")
@@ -379,9 +420,8 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         try sendMemoryTable(ctx.memory)
         for q in 0..<ctx.queueCount {
             let size = ctx.queues[q].size
-            // First start: where the host says the ring is. Reconnect: in-order replay from used.idx.
-            let base = reconnect ? (ctx.queues[q].used + 2).assumingMemoryBound(to: Atomic<UInt16>.self).pointee.load(ordering: .acquiring)
-                                 : ctx.queues[q].lastAvail
+            // First start: where the host says the ring is. Reconnect: below the rewritten in-flight heads.
+            let base = bases?[q] ?? ctx.queues[q].lastAvail
             try request(.setVringNum) { $0.appendState(q, UInt32(size)) }
             try request(.setVringBase) { $0.appendState(q, UInt32(base)) }
             guard let d = userAddress(ctx.queues[q].desc, ctx.memory), let a = userAddress(ctx.queues[q].avail, ctx.memory),
@@ -391,13 +431,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             try request(.setVringAddr) { w in
                 w.append(UInt32(q)); w.append(UInt32(0)); w.append(d); w.append(u); w.append(a); w.append(UInt64(0))
             }
-            let call = calls[q]
-            let callFD = call.relayFD >= 0 ? call.relayFD : call.notifier.fd
-            if call.relayFD < 0 && call.notifier.kind == .none {
-                try request(.setVringCall) { $0.append(UInt64(q) | VhostUserMessage.noFDFlag) }
-            } else {
-                try request(.setVringCall, { $0.append(UInt64(q)) }, fds: [callFD])
-            }
+            try request(.setVringCall, { $0.append(UInt64(q)) }, fds: [calls[q].relayFD])
             try request(.setVringKick, { $0.append(UInt64(q)) }, fds: [kickFDs[q]])
         }
         if backendFeatures & Self.protocolFeaturesBit != 0 {
@@ -456,7 +490,11 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         do throws(VhostUserError) {
             try handshake()
             watch()
-            if context != nil { try setupRings(reconnect: true) }
+            // The new back-end answered: the old connection is gone on its side too (vhost-user back-ends serve one
+            // front-end at a time), so the used ring no longer moves and the final scan is exact.
+            if context != nil && !latched {
+                if let bases = prepareReplay() { try setupRings(bases: bases) }
+            }
         } catch {
             failedAttempts += 1
             Log.warning("vhost-user \(socketPath): reconnect failed: \(error)")
@@ -471,13 +509,103 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         if config != oldConfig { context?.configInterrupt.signal() }
     }
 
+    /// Exact replay, before a restarted back-end gets the rings: a final scan of every ring, then, if every ring's
+    /// in-flight heads are known exactly, they are rewritten below avail.idx (`InflightTracker.replay`) and the
+    /// per-ring bases returned. Otherwise nothing is rewritten, every queue is latched broken (the host raises
+    /// NEEDS_RESET and the config interrupt) and nil is returned: the rings stay stopped until the driver resets.
+    private func prepareReplay() -> [UInt16]? {
+        guard let ctx = context else { return nil }
+        var plans: [(k: Int, availIdx: UInt16)] = []
+        var failed: (queue: Int, fault: QueueFault)?
+        for q in 0..<min(ctx.queueCount, trackers.count) {
+            let t = trackers[q]
+            t.scan()
+            guard let plan = t.planReplay() else {
+                failed = (q, t.lost ?? .usedHeadInvalid)
+                break
+            }
+            plans.append(plan)
+        }
+        if plans.count != ctx.queueCount && failed == nil { failed = (plans.count, .usedHeadInvalid) }
+        if let failed {
+            refuseReplay(ctx, failed.queue, failed.fault)
+            return nil
+        }
+        var bases: [UInt16] = []
+        for (q, plan) in plans.enumerated() {
+            bases.append(trackers[q].replay(k: plan.k, availIdx: plan.availIdx))
+            replayedRequests += plan.k
+        }
+        let total = plans.reduce(0) { $0 + $1.k }
+        if total > 0 { Log.info("vhost-user \(socketPath): replaying \(total) request(s) the old back-end had in flight") }
+        return bases
+    }
+
+    /// Data safety over availability: without an exact in-flight set, replaying from used.idx would re-run requests
+    /// already completed (a stale write applied over a newer one) and skip ones still pending (a hung driver).
+    private func refuseReplay(_ ctx: DeviceContext, _ q: Int, _ why: QueueFault) {
+        replaysRefused += 1
+        latched = true
+        Log.error("vhost-user \(socketPath): back-end reconnected, but the requests it had in flight on queue \(q) are "
+                  + "not known exactly (\(why.rawValue)); not replaying: rings left stopped, device needs reset")
+        for n in 0..<ctx.queueCount {
+            ctx.queues[n].latch(why)
+            ctx.faults.report(queue: n)
+        }
+    }
+
+    /// Scans ring `q` (interrupt or kick) and makes sure the scan tick runs at its fastest: a syscall only when the
+    /// tick was off or had slowed down (while interrupts flow, every tick sees movement and stays at 1 ms).
+    @inline(__always)
+    private func scanned(_ q: Int) {
+        trackers[q].scan()
+        if scanIntervalNs != Self.minScanNs { armScan(Self.minScanNs) }
+    }
+
+    private func armScan(_ ns: UInt64) {
+        guard scanFD >= 0 else { return }
+        scanIntervalNs = ns
+        _ = lb_timerfd_arm(scanFD, ns)
+    }
+
+    private func scanTick() {
+        var busy = false, progressed = false
+        for t in trackers {
+            t.scan()
+            busy = busy || t.busy
+            progressed = progressed || t.progressed
+            t.progressed = false
+        }
+        if progressed { armScan(Self.minScanNs); return }
+        // Off only after ~130 ms without movement and with every ring empty. Not at the first empty look: a
+        // driver that polls with interrupts suppressed passes through empty rings all the time, and would then
+        // go on without an interrupt to restart the tick. A driver that really went idle re-enables interrupts
+        // before it waits, so its next completion interrupts us and restarts the tick.
+        if !busy && scanIntervalNs >= Self.maxScanNs { scanIntervalNs = 0; return }
+        armScan(min(scanIntervalNs * 2, Self.maxScanNs))
+    }
+
+    /// Tests: makes queue `q`'s in-flight set unknown, as if the front-end had fallen a ring behind.
+    func loseTracking(_ q: Int) {
+        if q < trackers.count { trackers[q].lose(.availIndexJump) }
+    }
+
+    /// Tests: whether queue `q`'s in-flight set is known exactly, and how often tracking was lost.
+    func tracking(_ q: Int) -> (exact: Bool, losses: Int)? {
+        q < trackers.count ? (trackers[q].isTracking, trackers[q].losses) : nil
+    }
+
     // MARK: events
 
     public func handleEvent(token: UInt32, events: UInt32) {
         if token >= Self.relayTokenBase {
             let q = Int(token - Self.relayTokenBase)
             guard q < calls.count, calls[q].relayFD >= 0 else { return }
-            if FD.drain(calls[q].relayFD) != 0 { calls[q].notifier.signal() }
+            if FD.drain(calls[q].relayFD) != 0 {
+                // Read what the driver added and the back-end completed, then forward the interrupt.
+                scanned(q)
+                calls[q].notifier.signal()
+            }
             return
         }
         switch Token(rawValue: token) {
@@ -494,6 +622,9 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             guard timerFD >= 0 else { return }
             _ = FD.drain(timerFD)
             reconnectNow()
+        case .scan:
+            guard scanFD >= 0, FD.drain(scanFD) != 0, scanIntervalNs != 0 else { return }
+            scanTick()
         case nil:
             return
         }
@@ -533,5 +664,187 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             do { config = try fetchConfig() } catch { connectionLost(error); return }
         }
         context?.configInterrupt.signal()
+    }
+}
+
+/// Which descriptor heads of one ring the back-end holds: made available by the driver and not yet in the used
+/// ring. Kept by reading the driver's avail ring and the back-end's used ring (never written, except by `replay`)
+/// whenever the back-end's interrupt passes through the front-end, and on the front-end's scan tick, so a restarted
+/// back-end can be given exactly the requests the old one had taken and not completed, whatever order it completed
+/// them in. Every read is checked for having been overtaken by the writer a ring ahead; then tracking is `lost`
+/// until the ring is seen empty, and a reconnect in that state refuses to replay.
+///
+/// Per head a wrapping counter: +1 for every avail entry naming it, -1 for every used entry. A correct driver never
+/// has a head in flight twice, so once both rings are read up to a consistent point the counter is 1 (in flight)
+/// or 0. Within one scan it may pass through 2 or -1 (a head completed, reaped and made available again since the
+/// last scan), which is why this is a counter and not a bit: the sums do not depend on the order the two rings
+/// are read in. All storage is allocated at activation; a scan allocates nothing.
+final class InflightTracker {
+    let size: UInt16
+    let mask: UInt16
+    private let avail: UnsafeMutableRawPointer
+    private let used: UnsafeMutableRawPointer
+    /// Per head: avail entries minus used entries seen (wrapping).
+    private let count: UnsafeMutablePointer<Int16>
+    /// Per head: the avail position (free-running) it was last made available at; orders the replay.
+    private let position: UnsafeMutablePointer<UInt16>
+    /// Replay scratch: the in-flight heads.
+    private let scratch: UnsafeMutablePointer<UInt16>
+    /// Avail and used positions read so far.
+    private(set) var availSeen: UInt16
+    private(set) var usedSeen: UInt16
+    /// Why the counters stopped being exact (nil while tracking). Cleared when the ring is seen empty.
+    private(set) var lost: QueueFault?
+    /// Times tracking was lost (diagnostics, tests).
+    private(set) var losses = 0
+    /// Set by a scan that read new entries; the front-end's scan tick clears it.
+    var progressed = false
+    /// Requests in flight as far as read (or unknown): the scan tick must keep running.
+    var busy: Bool { lost != nil || availSeen != usedSeen }
+
+    init(size: UInt16, avail: UnsafeMutableRawPointer, used: UnsafeMutableRawPointer, lastAvail: UInt16) {
+        self.size = size
+        mask = size &- 1
+        self.avail = avail
+        self.used = used
+        let n = Int(size)
+        count = .allocate(capacity: n)
+        count.initialize(repeating: 0, count: n)
+        position = .allocate(capacity: n)
+        position.initialize(repeating: 0, count: n)
+        scratch = .allocate(capacity: n)
+        scratch.initialize(repeating: 0, count: n)
+        let u = Self.index(used)
+        availSeen = u
+        usedSeen = u
+        // Chains between used.idx and where the back-end starts were taken by an earlier device instance and would
+        // never complete: nothing to track exactly until the ring is empty.
+        if lastAvail != u { lose(.availIndexJump) }
+    }
+
+    deinit {
+        count.deallocate()
+        position.deallocate()
+        scratch.deallocate()
+    }
+
+    @inline(__always) private static func index(_ ring: UnsafeMutableRawPointer) -> UInt16 {
+        (ring + 2).assumingMemoryBound(to: Atomic<UInt16>.self).pointee.load(ordering: .acquiring)
+    }
+
+    var isTracking: Bool { lost == nil }
+
+    func lose(_ why: QueueFault) {
+        if lost == nil { losses += 1 }
+        lost = why
+    }
+
+    /// Reads the avail entries the driver added and the used entries the back-end added since the last scan.
+    func scan() {
+        if lost != nil { resyncIfEmpty(); return }
+        // Avail. Acquire: the entries the driver wrote before publishing avail.idx are visible.
+        let a = Self.index(avail)
+        let aStart = availSeen
+        if a &- aStart >= size { lose(.availIndexJump); return }   // fell a ring behind: entries overwritten
+        var p = aStart
+        while p != a {
+            let head = (avail + 4 + 2 * Int(p & mask)).load(as: UInt16.self).littleEndian
+            guard head < size else { lose(.headOutOfRange); return }
+            count[Int(head)] &+= 1
+            position[Int(head)] = p
+            p &+= 1
+        }
+        // The driver overwrites the slot of position p when it writes position p + size, so every slot read above
+        // must still have held its entry: checked after the reads (seqlock style). Published positions: exact (the
+        // driver writes position avail.idx before publishing it, hence `>=`). Entries a driver writes ahead of
+        // avail.idx before publishing them (a batch) reach p + size only if the driver already reaped completions
+        // past p (it never has more than `size` chains outstanding), i.e. used.idx passed `aStart`, and more than
+        // half a ring was added since `aStart`; Linux publishes every entry, so half a ring of lag with completions
+        // past it is where we stop trusting the reads.
+        atomicMemoryFence(ordering: .acquiring)
+        let a2 = Self.index(avail)
+        let u2 = Self.index(used)
+        let lag = a2 &- aStart
+        let completedPast = u2 &- aStart
+        if lag >= size || (lag > size / 2 && completedPast != 0 && completedPast <= lag) {
+            lose(.availIndexJump); return
+        }
+        if a != aStart { progressed = true }
+        availSeen = a
+        // Used. Acquire: the entries the back-end wrote before publishing used.idx are visible.
+        let u = Self.index(used)
+        let uStart = usedSeen
+        p = uStart
+        while p != u {
+            let id = (used + 4 + 8 * Int(p & mask)).load(as: UInt32.self).littleEndian
+            guard id < UInt32(size) else { lose(.usedHeadInvalid); return }
+            count[Int(id)] &-= 1
+            p &+= 1
+        }
+        // The back-end only writes used entries for chains made available, i.e. at positions below avail.idx: the
+        // slot of position p can be overwritten only once avail.idx passed p + size.
+        atomicMemoryFence(ordering: .acquiring)
+        if Self.index(avail) &- uStart > size { lose(.usedHeadInvalid); return }
+        if u != uStart { progressed = true }
+        usedSeen = u
+    }
+
+    /// While untracked: if the ring is empty at one instant (used.idx read, then avail.idx equal to it: avail.idx
+    /// was already that when used.idx was read), nothing is in flight and the counters restart from zero.
+    private func resyncIfEmpty() {
+        let u = Self.index(used)
+        let a = Self.index(avail)
+        guard a == u else { return }
+        count.update(repeating: 0, count: Int(size))
+        availSeen = u
+        usedSeen = u
+        lost = nil
+    }
+
+    /// Checks that the counters describe exactly `avail.idx - used.idx` heads in flight (call after a final
+    /// `scan()`, with the back-end stopped so the used ring no longer moves). Returns the number `k` of heads to
+    /// replay and the avail index read, or nil (then `lost` says why).
+    func planReplay() -> (k: Int, availIdx: UInt16)? {
+        guard lost == nil else { return nil }
+        let a = availSeen, u = usedSeen
+        var k = 0
+        for h in 0..<Int(size) {
+            switch count[h] {
+            case 0: continue
+            case 1:
+                guard k < Int(size) else { lose(.usedHeadInvalid); return nil }
+                scratch[k] = UInt16(h)
+                k += 1
+            default:
+                // A head completed twice, or completed without being available: the back-end misbehaved.
+                lose(.usedHeadInvalid); return nil
+            }
+        }
+        guard k == Int(a &- u) else { lose(.usedHeadInvalid); return nil }
+        return (k, a)
+    }
+
+    /// Rewrites the avail slots of positions `[availIdx - k, availIdx)` with the in-flight heads of `planReplay`,
+    /// oldest first, and returns the base the new back-end starts from (`availIdx - k`, which equals used.idx).
+    ///
+    /// Why the driver's avail ring may be written: Linux's split virtqueue (and SimDriver) never read
+    /// `avail->ring[]` back; the slots rewritten belong to positions older than avail.idx, and the driver's next
+    /// entries go to positions `[avail.idx, avail.idx + size - k)`, which cannot reach them (mod size) because k
+    /// heads are still outstanding. Plain stores suffice: no back-end is running on this ring, and the
+    /// SET_VRING_* messages that start one are sent (sendmsg) after them.
+    func replay(k: Int, availIdx a: UInt16) -> UInt16 {
+        let base = a &- UInt16(k)
+        if k > 0 {
+            var heads = UnsafeMutableBufferPointer(start: scratch, count: k)
+            let pos = position
+            // Oldest first: distance back from avail.idx, largest first (reconnect only; may allocate).
+            heads.sort { a &- pos[Int($0)] > a &- pos[Int($1)] }
+            for i in 0..<k {
+                let p = base &+ UInt16(i)
+                (avail + 4 + 2 * Int(p & mask)).storeBytes(of: heads[i].littleEndian, as: UInt16.self)
+                position[Int(heads[i])] = p
+            }
+        }
+        return base
     }
 }
