@@ -34,7 +34,7 @@ enum AB {
             do { loopA = try EventLoop(pollMicroseconds: pollUs); loopB = try EventLoop() } catch { throw DeviceError("event loop: \(error)") }
             let hostA = DeviceHost(loop: loopA), hostB = DeviceHost(loop: loopB)
             let ia = hostA.add(name: d.name, device: try d.make())
-            let ib = hostB.add(name: d.name, device: try makeFrontend(d, socket: socket, loop: loopB, relay: o.relay))
+            let ib = hostB.add(name: d.name, device: try makeFrontend(d, socket: socket, loop: loopB, relay: o.relay, replay: !o.direct))
             loopA.startThread(); loopB.startThread()
             defer {
                 loopA.executeAndWait { hostA.shutdown() }; loopA.stopAndJoin()
@@ -63,7 +63,9 @@ enum AB {
             let a = LatencyStats(samples: &sa, elapsedNs: ta), b = LatencyStats(samples: &sb, elapsedNs: tb)
             let ratio = a.p50 > 0 ? Double(b.p50) / Double(a.p50) : 0
             let backend = (o.socket == nil ? "loopbackd ab-serve (child process, same device body)" : o.socket!)
-                + (o.relay ? "; kicks and interrupts relayed through loopbackd (original adapter path)" : "; kicks straight to the backend, interrupts through loopbackd (in-flight tracking for exact replay)")
+                + (o.relay ? "; kicks and interrupts relayed through loopbackd (original adapter path)"
+                   : o.direct ? "; kicks and interrupts straight between driver and backend (reconnect = reset)"
+                   : "; kicks straight to the backend, interrupts through loopbackd (reconnect = replay)")
             if !o.json {
                 print("loopbackd ab: device \(d.name) (\(d.type)), driver sim, \(o.rounds) rounds x \(perRound) requests per path, queue depth 1, \(o.poll ? "busy-poll \(pollUs) us" : "notifications")")
                 print("socket backend: \(backend)")
@@ -74,7 +76,7 @@ enum AB {
                 }
                 print("ratio socket/inproc p50: \(fmt2(ratio))   errors: \(errors)")
             }
-            print("{\"device\": \"\(d.name)\", \"driver\": \"sim\", \"poll\": \(o.poll), \"relay\": \(o.relay), \"paths\": {\"inproc\": \(a.json), \"socket\": \(b.json)}, \"ratio_p50\": \(fmt2(ratio)), \"errors\": \(errors)}")
+            print("{\"device\": \"\(d.name)\", \"driver\": \"sim\", \"poll\": \(o.poll), \"relay\": \(o.relay), \"direct\": \(o.direct), \"paths\": {\"inproc\": \(a.json), \"socket\": \(b.json)}, \"ratio_p50\": \(fmt2(ratio)), \"errors\": \(errors)}")
             return errors == 0 ? 0 : 1
         } catch {
             printErr("loopbackd: error: ab: \(error)")

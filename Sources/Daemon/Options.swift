@@ -16,6 +16,7 @@ public struct Options: Equatable {
     public var socket: String?
     public var poll = false
     public var relay = false
+    public var direct = false
     public var rounds = 5
 
     public struct UsageError: Error, CustomStringConvertible { public var description: String }
@@ -65,6 +66,7 @@ public struct Options: Equatable {
             case "--socket": o.socket = try value(a)
             case "--poll": o.poll = true
             case "--relay": o.relay = true
+            case "--direct": o.direct = true
             default: throw UsageError(description: "unknown option \"\(a)\" (see --help)")
             }
             i += 1
@@ -76,7 +78,7 @@ public struct Options: Equatable {
     usage: loopbackd [-c FILE] [--log-level LEVEL] [--duration SECONDS]
            loopbackd --check -c FILE
            loopbackd bench [-c FILE] [--device NAME] [--requests N] [--json]
-           loopbackd ab -c FILE --device NAME [--socket PATH] [--poll] [--relay] [--rounds N] [--requests N] [--json]
+           loopbackd ab -c FILE --device NAME [--socket PATH] [--poll] [--relay | --direct] [--rounds N] [--requests N] [--json]
            loopbackd --version | --help
 
     Serves the virtio devices of FILE (default /etc/loopbackd.conf, else the embedded default) to the
@@ -88,6 +90,8 @@ public struct Options: Equatable {
     bench: latency and throughput of the file's rng and blk devices through the simulated driver,
            with notifications and with busy-polling; a table, then one JSON line (--json: only JSON)
     ab:    the same device and workload in-process and through a vhost-user socket, interleaved in rounds;
-           --relay routes kicks and interrupts through loopbackd like the original adapter
+           default: kicks straight to the backend, interrupts through loopbackd (exact replay on reconnect);
+           --direct: interrupts straight too (reconnect = "reset"); --relay: both through loopbackd, like the
+           original adapter
     """
 }

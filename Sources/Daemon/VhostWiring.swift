@@ -11,7 +11,7 @@ func startServer(host: DeviceHost, name: String, device: VirtioDevice, path: Str
 }
 
 /// `backend = "vhost-user:PATH"`: the device is forwarded to an external backend.
-func makeFrontend(_ d: DeviceConfig, socket: String, loop: EventLoop, relay: Bool = false) throws(DeviceError) -> VirtioDevice {
+func makeFrontend(_ d: DeviceConfig, socket: String, loop: EventLoop, relay: Bool = false, replay: Bool? = nil) throws(DeviceError) -> VirtioDevice {
     try VhostUserFrontendDevice(socketPath: socket, deviceID: d.shape.deviceID, queueSizes: d.shape.queueSizes,
-                                configSize: d.shape.configSize, loop: loop, relay: relay)
+                                configSize: d.shape.configSize, loop: loop, relay: relay, replay: replay ?? d.reconnectReplay)
 }

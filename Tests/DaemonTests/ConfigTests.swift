@@ -68,7 +68,17 @@ final class ConfigTests: XCTestCase {
         expectError("[device.d]\ntype = \"blk\"\npath = \"/x\"\nreadonly = \"yes\"\n", line: 4, "expected a boolean")
         expectError("[device.a]\ntype = \"rng\"\nserve = \"/s\"\n[device.b]\ntype = \"rng\"\nserve = \"/s\"\n", line: 4, "already used")
         expectError("[daemon]\ntransport = \"none\"\n" + rng, line: 3, "serve")
+        expectError("[device.r]\ntype = \"rng\"\nreconnect = \"reset\"\n", line: 3, "only for backend")
+        expectError("[device.r]\ntype = \"rng\"\nbackend = \"vhost-user:/s\"\nreconnect = \"later\"\n", line: 4, "must be one of")
         expectError("[daemon]\n", line: 0, "no [device.NAME]")
+    }
+
+    func testReconnectOption() throws {
+        let c = try DaemonConfig.parse(TOML.parse("[device.r]\ntype = \"rng\"\nbackend = \"vhost-user:/s\"\nreconnect = \"reset\"\n", file: "t"))
+        XCTAssertEqual(c.devices[0].reconnectReplay, false)
+        let d = try DaemonConfig.parse(TOML.parse("[device.r]\ntype = \"rng\"\nbackend = \"vhost-user:/s\"\n", file: "t"))
+        XCTAssertEqual(d.devices[0].reconnectReplay, true)
+        XCTAssertEqual(d.devices[0].shape.deviceID, 4)
     }
 
     func testBrokenCopyExitsTwoWithFileAndLine() {

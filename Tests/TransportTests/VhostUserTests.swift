@@ -553,6 +553,59 @@ final class VhostUserTests: XCTestCase {
         server.stop()
     }
 
+    /// reconnect = "reset": interrupts go straight from the back-end to the driver's eventfd; a restart while idle
+    /// reconnects transparently, a restart with a request in flight latches NEEDS_RESET (nothing is guessed).
+    func testDirectInterruptsReconnectIdleAndLatchWhenBusy() throws {
+        let backLoop = try EventLoop()
+        let backHost = DeviceHost(loop: backLoop)
+        backLoop.startThread()
+        defer { backLoop.stopAndJoin() }
+        let path = testSocketPath()
+        var echo = VUEchoDevice()
+        var server = VhostUserBackendServer(socketPath: path, host: backHost, name: "echo0", device: echo)
+        try server.start()
+        let fe = try VhostUserFrontendDevice(socketPath: path, deviceID: 0x4c42, queueSizes: [64], configSize: 8, loop: loop,
+                                             replay: false)
+        let idx = loop.executeAndWait { self.host.add(name: "fe0", device: fe) }
+        let drv = try SimDriver(host: host, index: idx, ramSize: 1 << 20)
+        try drv.start(queueSizes: [16])
+        let q = drv.queues[0]
+        let src = drv.alloc(64), dst = drv.alloc(64)
+        func roundTrip() throws {
+            let head = try XCTUnwrap(q.addChain(readable: [(src, 64)], writable: [(dst, 64)]))
+            q.submit(head)
+            let u = try XCTUnwrap(q.waitUsed(timeoutMs: 5000), "no completion")
+            XCTAssertEqual(u.id, head)
+            q.recycle(head)
+        }
+        for _ in 0..<5 { try roundTrip() }
+        XCTAssertNil(loop.executeAndWait { fe.tracking(0) }, "no in-flight tracking in direct mode")
+
+        // Idle restart: reconnect, then requests flow again.
+        server.stop()
+        echo = VUEchoDevice()
+        server = VhostUserBackendServer(socketPath: path, host: backHost, name: "echo1", device: echo)
+        try server.start()
+        for _ in 0..<200 where loop.executeAndWait({ fe.reconnects }) == 0 { usleep(10_000) }
+        XCTAssertEqual(loop.executeAndWait { fe.reconnects }, 1)
+        for _ in 0..<3 { try roundTrip() }
+        XCTAssertEqual(loop.executeAndWait { fe.replaysRefused }, 0)
+
+        // Busy restart: a request is in flight while the back-end is away.
+        server.stop()
+        let head = try XCTUnwrap(q.addChain(readable: [(src, 64)], writable: [(dst, 64)]))
+        q.submit(head)
+        _ = FD.drain(drv.configInterruptFD.raw)
+        server = VhostUserBackendServer(socketPath: path, host: backHost, name: "echo2", device: VUEchoDevice())
+        try server.start()
+        XCTAssertNotEqual(FD.wait(drv.configInterruptFD.raw, timeoutMs: 5000), 0, "config interrupt (NEEDS_RESET)")
+        XCTAssertEqual(loop.executeAndWait { fe.replaysRefused }, 1)
+        XCTAssertNotEqual(drv.status & DeviceStatus.needsReset, 0)
+        drv.reset()
+        loop.executeAndWait { fe.shutdown() }
+        server.stop()
+    }
+
     func testFrontendGivesUpOnASilentBackendWithinTheTimeout() throws {
         // A listener that never accepts: connect succeeds (backlog), no reply ever comes.
         let path = testSocketPath()

@@ -16,6 +16,9 @@ public struct DeviceConfig {
     public var backend: DeviceBackend
     /// Serve this device as a vhost-user backend on this socket instead of attaching it to the transport.
     public var serve: String?
+    /// For a vhost-user backend: replay in-flight requests exactly after a backend restart (interrupts pass
+    /// through loopbackd), or pass interrupts straight to the driver and latch NEEDS_RESET instead.
+    public var reconnectReplay = true
     public var line: Int
     /// Device id, queue sizes and config size (what a vhost-user frontend cannot ask the backend).
     public var shape: DeviceShape
@@ -105,9 +108,16 @@ public struct DaemonConfig {
             guard backend == .inproc else { throw r.error("serve", "only an in-process device can be served") }
             serve = s
         }
+        var replay = true
+        if let v = try r.oneOf("reconnect", ["replay", "reset"]) {
+            guard backend != .inproc else { throw r.error("reconnect", "only for backend = \"vhost-user:...\"") }
+            replay = v == "replay"
+        }
         let (shape, make) = try factory(name, &r, backend)
         try r.finish()
-        return DeviceConfig(name: name, type: type, backend: backend, serve: serve, line: t.line, shape: shape, make: make)
+        var d = DeviceConfig(name: name, type: type, backend: backend, serve: serve, line: t.line, shape: shape, make: make)
+        d.reconnectReplay = replay
+        return d
     }
 
     /// Reads and validates a config file.

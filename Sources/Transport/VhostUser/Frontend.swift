@@ -102,8 +102,9 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     /// `relay`: route kicks through loopbackd's loop too instead of handing the driver side's kick eventfds to the
     /// back-end: the original virtio-loopback adapter's data path, kept to measure what it costs (`ab --relay`).
     public init(socketPath: String, deviceID: UInt32, queueSizes: [UInt16], configSize: Int = 0, loop: EventLoop,
-                connectTimeoutMs: Int = 5000, relay: Bool = false) throws(DeviceError) {
+                connectTimeoutMs: Int = 5000, relay: Bool = false, replay: Bool = true) throws(DeviceError) {
         self.relay = relay
+        self.replay = replay
         self.socketPath = socketPath
         self.deviceID = deviceID
         queueMaxSizes = queueSizes
@@ -302,8 +303,12 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         }
         latched = false
         for q in 0..<n {
-            // The back-end's interrupt comes to us first, so the in-flight heads are known (see the type's comment).
             let irq = context.queues[q].interrupt
+            if !replay && !relay && irq.kind == .eventfd {
+                calls.append((-1, -1, irq))   // the back-end signals the driver's eventfd itself
+                continue
+            }
+            // The back-end's interrupt comes to us first, so the in-flight heads are known (see the type's comment).
             let r = lb_eventfd(0, 1)
             guard r >= 0 else { throw DeviceError("vhost-user: eventfd: \(Errno.current)") }
             var reg = -1
@@ -313,7 +318,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             }
             calls.append((r, reg, irq))
         }
-        trackers = (0..<n).map { q in
+        trackers = !replay && !relay ? [] : (0..<n).map { q in
             InflightTracker(size: context.queues[q].size, avail: context.queues[q].avail, used: context.queues[q].used,
                             lastAvail: context.queues[q].lastAvail)
         }
@@ -332,6 +337,13 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     /// The back-end reads the driver's kick eventfd directly; the host neither watches nor polls the rings.
     public var passthroughRings: Bool { !relay }
     public let relay: Bool
+    /// true: interrupts pass through loopbackd so the in-flight requests are known and a restarted back-end gets
+    /// exactly those (`reconnect = "replay"`). false (`reconnect = "reset"`): the back-end signals the driver side's
+    /// interrupt eventfd itself (no hop at all); a back-end that restarts with requests in flight latches the device
+    /// NEEDS_RESET instead (nothing is guessed).
+    public let replay: Bool
+    /// Whether the interrupt of queue `q` goes straight from the back-end to the driver side.
+    private func directCall(_ q: Int) -> Bool { q < calls.count && calls[q].relayFD < 0 }
 
     /// Only reached with `relay` or for driver sides without kick fds; normally the back-end sees the kicks itself.
     @inline(__always)
@@ -431,7 +443,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             try request(.setVringAddr) { w in
                 w.append(UInt32(q)); w.append(UInt32(0)); w.append(d); w.append(u); w.append(a); w.append(UInt64(0))
             }
-            try request(.setVringCall, { $0.append(UInt64(q)) }, fds: [calls[q].relayFD])
+            try request(.setVringCall, { $0.append(UInt64(q)) }, fds: [directCall(q) ? calls[q].notifier.fd : calls[q].relayFD])
             try request(.setVringKick, { $0.append(UInt64(q)) }, fds: [kickFDs[q]])
         }
         if backendFeatures & Self.protocolFeaturesBit != 0 {
@@ -515,6 +527,19 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     /// NEEDS_RESET and the config interrupt) and nil is returned: the rings stay stopped until the driver resets.
     private func prepareReplay() -> [UInt16]? {
         guard let ctx = context else { return nil }
+        if !replay {
+            // reconnect = "reset": safe only when nothing was in flight (avail.idx == used.idx on every ring).
+            var bases: [UInt16] = []
+            for q in 0..<ctx.queueCount {
+                let used = (ctx.queues[q].used + 2).assumingMemoryBound(to: Atomic<UInt16>.self).pointee.load(ordering: .acquiring)
+                guard ctx.queues[q].availIdx == used else {
+                    refuseReplay(ctx, q, .backendRestarted, detail: "reconnect = \"reset\" and requests were in flight")
+                    return nil
+                }
+                bases.append(used)
+            }
+            return bases
+        }
         var plans: [(k: Int, availIdx: UInt16)] = []
         var failed: (queue: Int, fault: QueueFault)?
         for q in 0..<min(ctx.queueCount, trackers.count) {
@@ -543,13 +568,13 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
 
     /// Data safety over availability: without an exact in-flight set, replaying from used.idx would re-run requests
     /// already completed (a stale write applied over a newer one) and skip ones still pending (a hung driver).
-    private func refuseReplay(_ ctx: DeviceContext, _ q: Int, _ why: QueueFault) {
+    private func refuseReplay(_ ctx: DeviceContext, _ q: Int, _ why: QueueFault, detail: String? = nil) {
         replaysRefused += 1
         latched = true
         Log.error("vhost-user \(socketPath): back-end reconnected, but the requests it had in flight on queue \(q) are "
-                  + "not known exactly (\(why.rawValue)); not replaying: rings left stopped, device needs reset")
+                  + "not known exactly (\(detail ?? why.rawValue)); not replaying: rings left stopped, device needs reset")
         for n in 0..<ctx.queueCount {
-            ctx.queues[n].latch(why)
+            ctx.queues[n].latch(.backendRestarted)
             ctx.faults.report(queue: n)
         }
     }

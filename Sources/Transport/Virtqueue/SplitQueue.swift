@@ -34,6 +34,7 @@ public enum QueueFault: String, Error, Sendable {
     case chainTooLarge = "chain total length exceeds 2^32-1"
     case tooManySegments = "chain has too many buffer segments"
     case usedHeadInvalid = "device returned an invalid head (device bug)"
+    case backendRestarted = "vhost-user back-end restarted while requests were in flight that cannot be replayed exactly"
 }
 
 /// One host-mapped piece of a descriptor chain's buffers.
