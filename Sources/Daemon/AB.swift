@@ -4,10 +4,12 @@ import Transport
 import Registry
 
 /// `loopbackd ab`: the same device type and workload through two paths in one run, interleaved in rounds:
-/// (a) in-process: the device body runs on the loop that serves the simulated driver's rings;
-/// (b) socket: the simulated driver's rings go through loopbackd's vhost-user frontend to a backend (by default
-///     this binary's own backend server in a child process, running the same device body; or `--socket`).
-/// Both paths use queue depth 1, so each sample is one full round trip.
+/// (a) in-process: the device body runs on loopbackd's own event loop;
+/// (b) socket: the requests go through loopbackd's vhost-user frontend to a backend (by default this binary's own
+///     backend server in a child process, running the same device body; or `--socket`).
+/// The driver side (ABDriver.choose) is the Linux kernel's own driver through the virtio-loopback module
+/// (ABKernel.swift: two kernel devices, driven from user space through /dev/hwrng or /dev/vdX), or the simulated
+/// driver. Both paths use queue depth 1, so each sample is one full round trip.
 enum AB {
     static func run(_ config: DaemonConfig, _ o: Options) -> Int32 {
         guard let name = o.device, let d = config.devices.first(where: { $0.name == name }) else {
@@ -15,8 +17,8 @@ enum AB {
             return 2
         }
         guard d.type == "rng" || d.type == "blk" else { printErr("loopbackd: error: ab: no workload for type \(d.type)"); return 2 }
+        let driver = ABDriver.choose(config, requested: o.driver)
         let pollUs = o.poll ? Bench.pollWindowUs : 0
-        let spin = UInt64(pollUs) * 1000
         var child: pid_t = 0
         let socket = o.socket ?? "/tmp/loopbackd-ab-\(getpid()).sock"
         defer {
@@ -29,62 +31,86 @@ enum AB {
             }
         }
         do throws(DeviceError) {
-            // Path (a): in-process.
-            let loopA: EventLoop, loopB: EventLoop
-            do { loopA = try EventLoop(pollMicroseconds: pollUs); loopB = try EventLoop() } catch { throw DeviceError("event loop: \(error)") }
-            let hostA = DeviceHost(loop: loopA), hostB = DeviceHost(loop: loopB)
-            let ia = hostA.add(name: d.name, device: try d.make())
-            let ib = hostB.add(name: d.name, device: try makeFrontend(d, socket: socket, loop: loopB, relay: o.relay, replay: !o.direct))
-            loopA.startThread(); loopB.startThread()
-            defer {
-                loopA.executeAndWait { hostA.shutdown() }; loopA.stopAndJoin()
-                loopB.executeAndWait { hostB.shutdown() }; loopB.stopAndJoin()
+            switch driver {
+            case .sim: return try runSim(d, o, socket: socket, pollUs: pollUs)
+            case .virtioLo: return try runKernel(d, config, o, socket: socket, pollUs: pollUs)
             }
-            let da: SimDriver, db: SimDriver
-            do { da = try SimDriver(host: hostA, index: ia, ramSize: 16 << 20); db = try SimDriver(host: hostB, index: ib, ramSize: 16 << 20) }
-            catch { throw DeviceError("\(error)") }
-            try da.start(queueCount: 1)
-            try db.start(queueCount: 1)
-            guard let wa = makeWorkload(type: d.type, driver: da, verify: false),
-                  let wb = makeWorkload(type: d.type, driver: db, verify: false) else { throw DeviceError("no workload") }
-            let perRound = max(o.requests / o.rounds, 100)
-            var sa: [UInt64] = [], sb: [UInt64] = []
-            var ta: UInt64 = 0, tb: UInt64 = 0, errors = 0
-            for _ in 0..<perRound / 10 { _ = wa.runOne(spinNs: spin); _ = wb.runOne(spinNs: spin) }   // warm-up
-            for r in 0..<o.rounds {
-                // Alternate which path goes first, so drift in the machine's state hits both alike.
-                for path in (r % 2 == 0 ? [0, 1] : [1, 0]) {
-                    let (samples, elapsed, e) = collect(path == 0 ? wa : wb, count: perRound, spinNs: spin)
-                    errors += e
-                    if path == 0 { sa += samples; ta += elapsed } else { sb += samples; tb += elapsed }
-                }
-            }
-            da.reset(); db.reset()
-            let a = LatencyStats(samples: &sa, elapsedNs: ta), b = LatencyStats(samples: &sb, elapsedNs: tb)
-            let ratio = a.p50 > 0 ? Double(b.p50) / Double(a.p50) : 0
-            let backend = (o.socket == nil ? "loopbackd ab-serve (child process, same device body)" : o.socket!)
-                + (o.relay ? "; kicks and interrupts relayed through loopbackd (original adapter path)"
-                   : o.direct ? "; kicks and interrupts straight between driver and backend (reconnect = reset)"
-                   : "; kicks straight to the backend, interrupts through loopbackd (reconnect = replay)")
-            if !o.json {
-                print("loopbackd ab: device \(d.name) (\(d.type)), driver sim, \(o.rounds) rounds x \(perRound) requests per path, queue depth 1, \(o.poll ? "busy-poll \(pollUs) us" : "notifications")")
-                print("socket backend: \(backend)")
-                print("path        p50_us   p90_us   p99_us  p99.9_us   max_us    req/s")
-                for (n, s) in [("inproc", a), ("socket", b)] {
-                    print(pad(n, 10, left: true) + pad(micro(s.p50), 8) + " " + pad(micro(s.p90), 8) + " " + pad(micro(s.p99), 8)
-                          + " " + pad(micro(s.p999), 9) + " " + pad(micro(s.max), 8) + " " + pad(String(Int(s.rps)), 8))
-                }
-                print("ratio socket/inproc p50: \(fmt2(ratio))   errors: \(errors)")
-            }
-            print("{\"device\": \"\(d.name)\", \"driver\": \"sim\", \"poll\": \(o.poll), \"relay\": \(o.relay), \"direct\": \(o.direct), \"paths\": {\"inproc\": \(a.json), \"socket\": \(b.json)}, \"ratio_p50\": \(fmt2(ratio)), \"errors\": \(errors)}")
-            return errors == 0 ? 0 : 1
         } catch {
             printErr("loopbackd: error: ab: \(error)")
             return 1
         }
     }
 
-    static func collect(_ w: Workload, count: Int, spinNs: UInt64) -> ([UInt64], UInt64, Int) {
+    /// Driver side = the simulated driver: one loop per path, each with its own simulated driver.
+    static func runSim(_ d: DeviceConfig, _ o: Options, socket: String, pollUs: Int) throws(DeviceError) -> Int32 {
+        let loopA: EventLoop, loopB: EventLoop
+        do { loopA = try EventLoop(pollMicroseconds: pollUs); loopB = try EventLoop() } catch { throw DeviceError("event loop: \(error)") }
+        let hostA = DeviceHost(loop: loopA), hostB = DeviceHost(loop: loopB)
+        let ia = hostA.add(name: d.name, device: try d.make())
+        let ib = hostB.add(name: d.name, device: try makeFrontend(d, socket: socket, loop: loopB, relay: o.relay, replay: !o.direct))
+        loopA.startThread(); loopB.startThread()
+        defer {
+            loopA.executeAndWait { hostA.shutdown() }; loopA.stopAndJoin()
+            loopB.executeAndWait { hostB.shutdown() }; loopB.stopAndJoin()
+        }
+        let da: SimDriver, db: SimDriver
+        do { da = try SimDriver(host: hostA, index: ia, ramSize: 16 << 20); db = try SimDriver(host: hostB, index: ib, ramSize: 16 << 20) }
+        catch { throw DeviceError("\(error)") }
+        try da.start(queueCount: 1)
+        try db.start(queueCount: 1)
+        defer { da.reset(); db.reset() }
+        guard let wa = makeWorkload(type: d.type, driver: da, verify: false),
+              let wb = makeWorkload(type: d.type, driver: db, verify: false) else { throw DeviceError("no workload") }
+        return try compare(wa, wb, d, o, driver: .sim, pollUs: pollUs, socket: socket)
+    }
+
+    /// Warm-up, then `rounds` rounds of `requests / rounds` requests per path, alternating which path goes first;
+    /// prints the table (unless --json) and the JSON line. Returns the exit status.
+    static func compare(_ wa: RoundTrip, _ wb: RoundTrip, _ d: DeviceConfig, _ o: Options, driver: ABDriver, pollUs: Int,
+                        socket: String, targets: (String, String)? = nil) throws(DeviceError) -> Int32 {
+        let spin = UInt64(pollUs) * 1000
+        let perRound = max(o.requests / o.rounds, 100)
+        var sa: [UInt64] = [], sb: [UInt64] = []
+        sa.reserveCapacity(perRound * o.rounds); sb.reserveCapacity(perRound * o.rounds)
+        var ta: UInt64 = 0, tb: UInt64 = 0, errors = 0
+        // Warm-up.
+        try wa.beginPhase()
+        for _ in 0..<perRound / 10 { _ = wa.runOne(spinNs: spin) }
+        try wb.beginPhase()
+        for _ in 0..<perRound / 10 { _ = wb.runOne(spinNs: spin) }
+        for r in 0..<o.rounds {
+            // Alternate which path goes first, so drift in the machine's state hits both alike.
+            for path in (r % 2 == 0 ? [0, 1] : [1, 0]) {
+                let w = path == 0 ? wa : wb
+                try w.beginPhase()
+                let (samples, elapsed, e) = collect(w, count: perRound, spinNs: spin)
+                errors += e
+                if path == 0 { sa += samples; ta += elapsed } else { sb += samples; tb += elapsed }
+            }
+        }
+        let a = LatencyStats(samples: &sa, elapsedNs: ta), b = LatencyStats(samples: &sb, elapsedNs: tb)
+        let ratio = a.p50 > 0 ? Double(b.p50) / Double(a.p50) : 0
+        let backend = (o.socket == nil ? "loopbackd ab-serve (child process, same device body)" : o.socket!)
+            + (o.relay ? "; kicks and interrupts relayed through loopbackd (original adapter path)"
+               : o.direct ? "; kicks and interrupts straight between driver and backend (reconnect = reset)"
+               : "; kicks straight to the backend, interrupts through loopbackd (reconnect = replay)")
+        if !o.json {
+            print("loopbackd ab: device \(d.name) (\(d.type)), driver \(driver.rawValue), \(o.rounds) rounds x \(perRound) requests per path, queue depth 1, \(o.poll ? "busy-poll \(pollUs) us" : "notifications")")
+            print("socket backend: \(backend)")
+            if let (ka, kb) = targets { print("kernel devices: inproc \(ka), socket \(kb)") }
+            print("path        p50_us   p90_us   p99_us  p99.9_us   max_us    req/s")
+            for (n, s) in [("inproc", a), ("socket", b)] {
+                print(pad(n, 10, left: true) + pad(micro(s.p50), 8) + " " + pad(micro(s.p90), 8) + " " + pad(micro(s.p99), 8)
+                      + " " + pad(micro(s.p999), 9) + " " + pad(micro(s.max), 8) + " " + pad(String(Int(s.rps)), 8))
+            }
+            print("ratio socket/inproc p50: \(fmt2(ratio))   errors: \(errors)")
+        }
+        let kernel = targets.map { ", \"kernel\": {\"inproc\": \"\($0.0)\", \"socket\": \"\($0.1)\"}" } ?? ""
+        print("{\"device\": \"\(d.name)\", \"driver\": \"\(driver.rawValue)\", \"poll\": \(o.poll), \"relay\": \(o.relay), \"direct\": \(o.direct)\(kernel), \"paths\": {\"inproc\": \(a.json), \"socket\": \(b.json)}, \"ratio_p50\": \(fmt2(ratio)), \"errors\": \(errors)}")
+        return errors == 0 ? 0 : 1
+    }
+
+    static func collect(_ w: RoundTrip, count: Int, spinNs: UInt64) -> ([UInt64], UInt64, Int) {
         var s = [UInt64](repeating: 0, count: count)
         var errors = 0
         let t0 = lb_now_ns()

@@ -17,6 +17,8 @@ public struct Options: Equatable {
     public var poll = false
     public var relay = false
     public var direct = false
+    /// ab's driver side: "sim", "virtio-lo", or nil = auto.
+    public var driver: String?
     public var rounds = 5
 
     public struct UsageError: Error, CustomStringConvertible { public var description: String }
@@ -67,6 +69,10 @@ public struct Options: Equatable {
             case "--poll": o.poll = true
             case "--relay": o.relay = true
             case "--direct": o.direct = true
+            case "--driver":
+                let v = try value(a)
+                guard ["sim", "virtio-lo", "auto"].contains(v) else { throw UsageError(description: "--driver must be sim, virtio-lo or auto") }
+                o.driver = v == "auto" ? nil : v
             default: throw UsageError(description: "unknown option \"\(a)\" (see --help)")
             }
             i += 1
@@ -78,7 +84,7 @@ public struct Options: Equatable {
     usage: loopbackd [-c FILE] [--log-level LEVEL] [--duration SECONDS]
            loopbackd --check -c FILE
            loopbackd bench [-c FILE] [--device NAME] [--requests N] [--json]
-           loopbackd ab -c FILE --device NAME [--socket PATH] [--poll] [--relay | --direct] [--rounds N] [--requests N] [--json]
+           loopbackd ab -c FILE --device NAME [--socket PATH] [--driver sim|virtio-lo|auto] [--poll] [--relay | --direct] [--rounds N] [--requests N] [--json]
            loopbackd --version | --help
 
     Serves the virtio devices of FILE (default /etc/loopbackd.conf, else the embedded default) to the
@@ -89,7 +95,8 @@ public struct Options: Equatable {
       --duration SECONDS    stop by itself after SECONDS (as on SIGTERM)
     bench: latency and throughput of the file's rng and blk devices through the simulated driver,
            with notifications and with busy-polling; a table, then one JSON line (--json: only JSON)
-    ab:    the same device and workload in-process and through a vhost-user socket, interleaved in rounds;
+    ab:    the same device and workload in-process and through a vhost-user socket, interleaved in rounds; driver
+           side: the kernel module when its node opens (or the file says virtio-lo), else the simulated driver;
            default: kicks straight to the backend, interrupts through loopbackd (exact replay on reconnect);
            --direct: interrupts straight too (reconnect = "reset"); --relay: both through loopbackd, like the
            original adapter

@@ -4,12 +4,23 @@ import CLinux
 import Transport
 import Registry
 
+/// One request at a time through some driver (queue depth 1): what `ab` times. The simulated driver's workloads
+/// below, or user-space I/O through a kernel driver (ABKernel.swift).
+public protocol RoundTrip: AnyObject {
+    /// Issues one request and waits for it; false on a device error or a timeout.
+    func runOne(spinNs: UInt64) -> Bool
+    /// Called before each timed phase (and the warm-up): e.g. make this device the one a shared node reads.
+    func beginPhase() throws(DeviceError)
+}
+
+extension RoundTrip {
+    public func beginPhase() throws(DeviceError) {}
+}
+
 /// Driver-side request generators for the simulated driver: one request at a time (queue depth 1), so each call
 /// measures one full round trip (kick → device → used + interrupt). Chains are built once; a request only
 /// rewrites its header and resubmits the same head, so the driver side does not allocate either.
-public protocol Workload: AnyObject {
-    /// Issues one request and waits for it; false on a device error or a timeout.
-    func runOne(spinNs: UInt64) -> Bool
+public protocol Workload: RoundTrip {
     /// Bytes of payload one request moves.
     var bytesPerRequest: Int { get }
     /// The driver-side queue (for kick and interrupt counts).

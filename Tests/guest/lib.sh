@@ -82,3 +82,23 @@ marker_write() {
   { printf '%s' "$3"; head -c 512 /dev/zero; } | head -c 512 > /tmp/.marker
   dd if=/tmp/.marker of="$1" bs=512 seek="$2" count=1 conv=notrunc,fsync 2>/dev/null
 }
+
+# ---- loopbackd ab (driver side = the kernel module)
+# ab_run DEVICE ARGS...: runs `loopbackd ab --json`; sets AB_JSON (the JSON line) and AB_RC
+ab_run() {
+  d=$1; shift
+  loopbackd ab -c /etc/loopbackd.conf --device "$d" --json "$@" > /tmp/ab.out 2> /tmp/ab.err; AB_RC=$?
+  AB_JSON=$(grep '^{' /tmp/ab.out | tail -1)
+}
+# ab_check JSON: driver virtio-lo, both paths with rps > 0, errors 0 (and exit status 0); sets AB_WHY
+ab_check() {
+  AB_WHY=
+  case "$1" in *'"driver": "virtio-lo"'*) ;; *) AB_WHY="driver is not virtio-lo"; return 1;; esac
+  case "$1" in *'"errors": 0}'*) ;; *) AB_WHY="errors"; return 1;; esac
+  for p in inproc socket; do
+    r=$(echo "$1" | sed -n "s/.*\"$p\": {[^}]*\"rps\": \([0-9]*\)}.*/\1/p")
+    [ -n "$r" ] && [ "$r" -gt 0 ] || { AB_WHY="path $p rps '$r'"; return 1; }
+  done
+  [ "${AB_RC:-1}" = 0 ] || { AB_WHY="exit status $AB_RC"; return 1; }
+  return 0
+}
