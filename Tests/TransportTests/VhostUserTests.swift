@@ -112,6 +112,64 @@ private func testSocketPath() -> String {
     return "/tmp/lb-vhost-\(getpid())-\(socketCounter).sock"
 }
 
+/// A back-end that accepts every connection and keeps it, on its own thread: `answerHandshake` false never replies
+/// to anything; true answers GET_FEATURES (everything) and GET_PROTOCOL_FEATURES (REPLY_ACK only), then never
+/// replies again (it stalls the ring set-up). Counts connections accepted and connections the front-end closed.
+private final class VUStuckBackend: @unchecked Sendable {
+    let path: String
+    private let listenFD: Int32
+    private let answerHandshake: Bool
+    private let stopping = Atomic<Bool>(false)
+    let accepted = Atomic<Int>(0)
+    let closedByPeer = Atomic<Int>(0)
+    private var thread: Transport.Thread?
+
+    init(path: String, answerHandshake: Bool) {
+        self.path = path
+        self.answerHandshake = answerHandshake
+        listenFD = path.withCString { lb_unix_listen($0, 16, 0o600) }
+        precondition(listenFD >= 0, "listen \(path)")
+        thread = Transport.Thread.spawn { [self] in run() }
+    }
+
+    private func run() {
+        var conns: [Int32] = []
+        while !stopping.load(ordering: .acquiring) {
+            if lb_poll_one(listenFD, 1, 5) > 0 {
+                let c = lb_unix_accept(listenFD)
+                if c >= 0 { conns.append(c); accepted.add(1, ordering: .relaxed) }
+            }
+            var k = 0
+            while k < conns.count {
+                let c = conns[k]
+                var gone = false
+                while lb_poll_one(c, 1, 0) > 0 {
+                    if lb_peek_byte(c) <= 0 { gone = true; break }
+                    guard let (h, _) = try? VhostUserSocket.receive(c, timeoutMs: 100, request: nil) else { gone = true; break }
+                    guard answerHandshake else { continue }
+                    let value: UInt64? = h.request == VhostUserRequest.getFeatures.rawValue ? UInt64.max
+                        : h.request == VhostUserRequest.getProtocolFeatures.rawValue ? VhostUserProtocolFeatures.replyAck.rawValue : nil
+                    if let value {
+                        var w = VhostUserWriter.reply(h.request)
+                        w.append(value)
+                        _ = VhostUserSocket.sendNow(c, w.message)
+                    }
+                }
+                if gone { close(c); conns.remove(at: k); closedByPeer.add(1, ordering: .relaxed) } else { k += 1 }
+            }
+        }
+        for c in conns { close(c) }
+    }
+
+    func stop() {
+        stopping.store(true, ordering: .releasing)
+        thread?.join()
+        thread = nil
+        close(listenFD)
+        unlink(path)
+    }
+}
+
 final class VhostUserTests: XCTestCase {
     var loop: EventLoop!
     var host: DeviceHost!
@@ -375,7 +433,10 @@ final class VhostUserTests: XCTestCase {
         XCTAssertFalse(fe.offeredFeatures.contains(.vhostUserProtocolFeatures))
         let idx = loop.executeAndWait { self.host.add(name: "fe0", device: fe) }
         let drv = try SimDriver(host: host, index: idx, ramSize: 1 << 20)
-        try drv.start(queueSizes: [16])
+        // A 64-entry ring: 40 requests cannot lap it. (This driver reaps completions before it needs the relayed
+        // interrupt, so the front-end's scans can lag the driver; with a 16-entry ring they sometimes lagged a full
+        // ring and the restart was, correctly, refused instead of replayed.)
+        try drv.start(queueSizes: [64])
         XCTAssertEqual(drv.readConfig(offset: 0, count: 8), [1, 2, 3, 4, 5, 6, 7, 8])
         let q = drv.queues[0]
         let src = drv.alloc(64), dst = drv.alloc(64)
@@ -604,6 +665,121 @@ final class VhostUserTests: XCTestCase {
         drv.reset()
         loop.executeAndWait { fe.shutdown() }
         server.stop()
+    }
+
+    /// The issue: "a back-end that never answers does not block the other devices". One front-end retries against
+    /// a back-end that accepts and never replies, then against one that answers the hand-shake and stalls the ring
+    /// set-up; meanwhile another device on the same loop serves requests with bounded latency. Then a real back-end
+    /// appears on the path and the front-end carries on, including the request left in flight.
+    func testStuckBackendDoesNotStallTheOtherDevicesOnTheLoop() throws {
+        let backLoop = try EventLoop()
+        let backHost = DeviceHost(loop: backLoop)
+        backLoop.startThread()
+        defer { backLoop.stopAndJoin() }
+        let path = testSocketPath()
+        var server = VhostUserBackendServer(socketPath: path, host: backHost, name: "echo0", device: VUEchoDevice())
+        try server.start()
+        let fe = try VhostUserFrontendDevice(socketPath: path, deviceID: 0x4c42, queueSizes: [64], configSize: 8, loop: loop)
+        let idx = loop.executeAndWait { self.host.add(name: "fe0", device: fe) }
+        let drv = try SimDriver(host: host, index: idx, ramSize: 1 << 20)
+        try drv.start(queueSizes: [16])
+        let q = drv.queues[0]
+        let src = drv.alloc(64), dst = drv.alloc(64)
+        func roundTrip(_ queue: SimQueue, timeoutMs: Int32 = 5000) throws -> UInt64 {
+            let t0 = lb_now_ns()
+            let head = try XCTUnwrap(queue.addChain(readable: [(src, 64)], writable: [(dst, 64)]))
+            queue.submit(head)
+            let u = try XCTUnwrap(queue.waitUsed(timeoutMs: timeoutMs), "no completion")
+            XCTAssertEqual(u.id, head)
+            queue.recycle(head)
+            return lb_now_ns() - t0
+        }
+        _ = try roundTrip(q)
+
+        // The other device: in-process, same loop.
+        let other = VUEchoDevice()
+        let oidx = loop.executeAndWait { self.host.add(name: "echo", device: other) }
+        let odrv = try SimDriver(host: host, index: oidx, ramSize: 1 << 20)
+        try odrv.start(queueSizes: [16])
+        let oq = odrv.queues[0]
+        func otherLatency(seconds: Double) throws -> (maxMs: Double, requests: Int) {
+            let end = lb_now_ns() + UInt64(seconds * 1e9)
+            var worst: UInt64 = 0, n = 0
+            while lb_now_ns() < end {
+                worst = max(worst, try roundTrip(oq))
+                n += 1
+                usleep(2000)
+            }
+            return (Double(worst) / 1e6, n)
+        }
+        XCTAssertLessThan(try otherLatency(seconds: 0.2).maxMs, 100, "baseline")
+
+        // The back-end goes away, a request stays in flight, and a silent one takes the path.
+        server.stop()
+        let head = try XCTUnwrap(q.addChain(readable: [(src, 64)], writable: [(dst, 64)]))
+        q.submit(head)
+        let silent = VUStuckBackend(path: path, answerHandshake: false)
+        let s = try otherLatency(seconds: 3)
+        let silentAttempts = silent.accepted.load(ordering: .relaxed)
+        silent.stop()
+        print("silent back-end: \(silentAttempts) hand-shakes tried; other device: \(s.requests) requests, max latency \(s.maxMs) ms")
+        XCTAssertGreaterThanOrEqual(silentAttempts, 2, "the front-end kept retrying")
+        XCTAssertLessThan(s.maxMs, 300, "the other device stalled behind the silent back-end")
+        XCTAssertFalse(loop.executeAndWait { fe.isConnected })
+
+        // One that answers the hand-shake, then stalls the ring set-up (the loop's own, bounded exchange).
+        let stalled = VUStuckBackend(path: path, answerHandshake: true)
+        let st = try otherLatency(seconds: 3)
+        let stalledAttempts = stalled.accepted.load(ordering: .relaxed)
+        stalled.stop()
+        print("stalling back-end: \(stalledAttempts) hand-shakes tried; other device: \(st.requests) requests, max latency \(st.maxMs) ms")
+        XCTAssertGreaterThanOrEqual(stalledAttempts, 1, "the front-end tried it (backoff is at 1 s by now)")
+        XCTAssertLessThan(st.maxMs, 450, "the other device stalled behind the stalling back-end")
+        XCTAssertEqual(loop.executeAndWait { fe.reconnects }, 0)
+
+        // A real back-end appears: the front-end reconnects and the request left in flight completes (replay).
+        let echo = VUEchoDevice()
+        server = VhostUserBackendServer(socketPath: path, host: backHost, name: "echo1", device: echo)
+        try server.start()
+        let u = try XCTUnwrap(q.waitUsed(timeoutMs: 10_000), "the in-flight request never completed")
+        XCTAssertEqual(u.id, head)
+        q.recycle(head)
+        for _ in 0..<5 { _ = try roundTrip(q) }
+        XCTAssertEqual(loop.executeAndWait { fe.reconnects }, 1)
+        XCTAssertEqual(loop.executeAndWait { fe.replayedRequests }, 1)
+        XCTAssertEqual(backLoop.executeAndWait { echo.completed }, 6)
+        drv.reset()
+        odrv.reset()
+        loop.executeAndWait { fe.shutdown() }
+        server.stop()
+    }
+
+    /// Shutting the front-end down while its reconnect hand-shake waits on a silent back-end: the helper gives up at
+    /// once and closes its connection (nothing is handed over later, nothing leaks).
+    func testShutdownDuringAReconnectHandshakeClosesItsConnection() throws {
+        let backLoop = try EventLoop()
+        let backHost = DeviceHost(loop: backLoop)
+        backLoop.startThread()
+        defer { backLoop.stopAndJoin() }
+        let path = testSocketPath()
+        let server = VhostUserBackendServer(socketPath: path, host: backHost, name: "echo0", device: VUEchoDevice())
+        try server.start()
+        let fe = try VhostUserFrontendDevice(socketPath: path, deviceID: 0x4c42, queueSizes: [64], configSize: 8, loop: loop)
+        loop.executeAndWait { _ = self.host.add(name: "fe0", device: fe) }
+        server.stop()
+        let silent = VUStuckBackend(path: path, answerHandshake: false)
+        defer { silent.stop() }
+        let end = lb_now_ns() + 5_000_000_000
+        while silent.accepted.load(ordering: .relaxed) == 0 && lb_now_ns() < end { usleep(1000) }
+        XCTAssertEqual(silent.accepted.load(ordering: .relaxed), 1)
+        let t0 = lb_now_ns()
+        loop.executeAndWait { fe.shutdown() }
+        while silent.closedByPeer.load(ordering: .relaxed) == 0 && lb_now_ns() < end { usleep(1000) }
+        XCTAssertEqual(silent.closedByPeer.load(ordering: .relaxed), 1)
+        XCTAssertLessThan(lb_now_ns() - t0, 500_000_000, "the hand-shake was not cancelled")
+        usleep(300_000)
+        XCTAssertEqual(silent.accepted.load(ordering: .relaxed), 1, "no retry after shutdown")
+        XCTAssertFalse(loop.executeAndWait { fe.isConnected })
     }
 
     func testFrontendGivesUpOnASilentBackendWithinTheTimeout() throws {

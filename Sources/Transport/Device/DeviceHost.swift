@@ -37,13 +37,36 @@ public final class DeviceHost: EventHandler, Poller {
         init(name: String, device: VirtioDevice) { self.name = name; self.device = device }
     }
 
+    /// What a kick or a poll needs, in plain memory with an unowned(unsafe) device reference: the per-request path
+    /// does no retain/release (`slots` owns the devices). Written only on the loop thread at add/activate/reset.
+    struct HotSlot {
+        var device: Unmanaged<DeviceTrampoline>
+        var queues: UnsafeMutablePointer<SplitQueue>?
+        var queueCount: Int
+        var kickFDs: UnsafeMutablePointer<Int32>?
+        var passthrough: Bool
+    }
+    public static let maxDevices = 1024
+    private let hot = UnsafeMutablePointer<HotSlot>.allocate(capacity: DeviceHost.maxDevices)
+    private var trampolines: [DeviceTrampoline] = []
+
     public init(loop: EventLoop) {
         self.loop = loop
         loop.addPoller(self)
     }
 
+    deinit {
+        for i in slots.indices { hot[i].kickFDs?.deallocate() }
+        hot.deinitialize(count: slots.count)
+        hot.deallocate()
+    }
+
     /// Adds a device; returns its index (the token the driver side uses).
     public func add(name: String, device: VirtioDevice) -> Int {
+        precondition(slots.count < DeviceHost.maxDevices, "more than \(DeviceHost.maxDevices) devices on one host")
+        let t = DeviceTrampoline.make(device)
+        trampolines.append(t)
+        (hot + slots.count).initialize(to: HotSlot(device: .passUnretained(t), queues: nil, queueCount: 0, kickFDs: nil, passthrough: false))
         slots.append(Slot(name: name, device: device))
         return slots.count - 1
     }
@@ -124,6 +147,13 @@ public final class DeviceHost: EventHandler, Poller {
         }
         s.queues = q
         s.queueCount = configs.count
+        let kicks = UnsafeMutablePointer<Int32>.allocate(capacity: max(kickFDs.count, 1))
+        kicks.initialize(from: kickFDs, count: kickFDs.count)
+        hot[i].kickFDs?.deallocate()
+        hot[i].kickFDs = kicks
+        hot[i].queues = q
+        hot[i].queueCount = configs.count
+        hot[i].passthrough = passthrough
         for (n, fd) in kickFDs.enumerated() where fd >= 0 && !passthrough {
             do { s.registrations.append(try loop.register(fd: fd, handler: self, token: UInt32(i) << 16 | UInt32(n))) } catch {
                 reset(i)
@@ -147,9 +177,8 @@ public final class DeviceHost: EventHandler, Poller {
     /// A kick for queue `q` of device `i` (from a kick fd or a driver side without fds).
     @inline(__always)
     public func kick(_ i: Int, _ q: Int) {
-        let s = slots[i]
-        guard let queues = s.queues, q < s.queueCount else { return }
-        s.device.queueNotified(q)
+        guard i < slots.count, let queues = hot[i].queues, q < hot[i].queueCount else { return }
+        hot[i].device.queueNotified(q)
         if queues[q].faultPending { latched(i, q) }
     }
 
@@ -161,8 +190,8 @@ public final class DeviceHost: EventHandler, Poller {
 
     public func handleEvent(token: UInt32, events: UInt32) {
         let i = Int(token >> 16), q = Int(token & 0xffff)
-        guard i < slots.count, q < slots[i].kickFDs.count else { return }
-        _ = FD.drain(slots[i].kickFDs[q])
+        guard i < slots.count, q < hot[i].queueCount, let kicks = hot[i].kickFDs else { return }
+        _ = FD.drain(kicks[q])
         kick(i, q)
     }
 
@@ -184,6 +213,9 @@ public final class DeviceHost: EventHandler, Poller {
         for (n, r) in s.registrations.enumerated() where n < s.kickFDs.count { loop.unregister(fd: s.kickFDs[n], registration: r) }
         s.registrations = []
         closeKicks(s)
+        hot[i].queues = nil
+        hot[i].queueCount = 0
+        hot[i].passthrough = false
         if let q = s.queues { q.deinitialize(count: s.queueCount); q.deallocate() }
         s.queues = nil
         s.queueCount = 0
@@ -210,10 +242,9 @@ public final class DeviceHost: EventHandler, Poller {
 
     public func poll() -> Bool {
         var worked = false
-        for i in slots.indices {
-            let s = slots[i]
-            guard let q = s.queues, !s.device.passthroughRings else { continue }
-            for n in 0..<s.queueCount where q[n].hasAvailable {
+        for i in 0..<slots.count {
+            guard let q = hot[i].queues, !hot[i].passthrough else { continue }
+            for n in 0..<hot[i].queueCount where q[n].hasAvailable {
                 kick(i, n)
                 worked = true
             }
@@ -222,10 +253,9 @@ public final class DeviceHost: EventHandler, Poller {
     }
 
     public func setPolling(_ on: Bool) {
-        for i in slots.indices {
-            let s = slots[i]
-            guard let q = s.queues, !s.device.passthroughRings else { continue }
-            for n in 0..<s.queueCount {
+        for i in 0..<slots.count {
+            guard let q = hot[i].queues, !hot[i].passthrough else { continue }
+            for n in 0..<hot[i].queueCount {
                 q[n].polling = on
                 if on { q[n].disableNotifications() } else if q[n].enableNotifications() { kick(i, n) }
             }

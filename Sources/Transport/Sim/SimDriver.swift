@@ -226,6 +226,10 @@ public final class SimQueue {
 
     /// Waits until a used element is available: spins up to `spinNs` first, then sleeps on the interrupt eventfd.
     public func waitUsed(timeoutMs: Int32 = 5000, spinNs: UInt64 = 0) -> (id: UInt16, len: UInt32)? {
+        // Like Linux's virtio drivers, keep interrupts enabled (used_event current) unless busy-polling: a device
+        // (or a vhost-user backend whose interrupts loopbackd relays to track in-flight requests) then signals
+        // every completion, even when this driver happens to find it before sleeping.
+        if spinNs == 0 { enableInterrupts() }
         if spinNs > 0 {
             let end = lb_now_ns() &+ spinNs
             repeat {

@@ -12,15 +12,21 @@ import CLinux
 /// eventfd of ours per ring; on each, the front-end reads the new avail and used entries (`InflightTracker`: which
 /// heads the back-end holds, exactly, whatever order it completes them in) and then signals the driver side's
 /// interrupt (an eventfd, or the virtio-lo KICK ioctl). `relay: true` also routes kicks through the loop.
-/// A back-end server serving the same loop would deadlock the synchronous set-up exchange (bounded by the 1 s reply
-/// timeout); put back-end servers on another loop or process.
+/// Set-up and control messages wait for the back-end's replies; the loop serves every other device too, so it never
+/// waits long: `init` (start-up, caller's thread) allows `replyTimeoutMs` per reply, a reconnect's hand-shake runs
+/// on a short-lived thread of its own (`VhostUserConnectJob`), and every exchange that must run on the loop (ring
+/// set-up, SET_CONFIG, stopping the rings at reset, re-reading the config) has `loopBudgetMs` in all, after which the
+/// back-end counts as lost (closed, reconnect scheduled). A back-end server serving the same loop cannot answer the
+/// loop's exchanges at all; put back-end servers on another loop or process.
 ///
 /// Reconnect: when the back-end goes away the device keeps its queues; a loop timer retries with a restartable
-/// 100 ms → 1 s backoff (never latched off) and then redoes the whole set-up. Exact replay: for every ring the
-/// heads the old back-end had taken and not completed (k of them; out-of-order completion leaves them anywhere in
-/// the ring) are rewritten into the avail slots just below avail.idx and the vring base is set to avail.idx - k, so
-/// the new back-end takes exactly those again, and nothing it already completed (qemu-storage-daemon 7.2 offers no
-/// INFLIGHT_SHMFD). When the front-end cannot know the in-flight heads exactly (it fell a ring behind because no
+/// 100 ms → 1 s backoff (never latched off): a non-blocking connect on the loop, then the hand-shake (features,
+/// protocol features, SET_OWNER, queue count, request channel, config) on a helper thread, which hands the ready
+/// socket back to the loop; the ring set-up (which needs the loop's ring state) follows there. Exact replay: for
+/// every ring the heads the old back-end had taken and not completed (k of them; out-of-order completion leaves
+/// them anywhere in the ring) are rewritten into the avail slots just below avail.idx and the vring base is set to
+/// avail.idx - k, so the new back-end takes exactly those again, and nothing it already completed
+/// (qemu-storage-daemon 7.2 offers no INFLIGHT_SHMFD). When the front-end cannot know the in-flight heads exactly (it fell a ring behind because no
 /// interrupt came for that long, or the back-end returned heads that were not in flight), it never replays blindly:
 /// the rings stay stopped and every queue is latched broken, so the driver sees NEEDS_RESET.
 public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
@@ -34,8 +40,14 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
 
     /// Protocol features this front-end implements.
     public static let protocolFeatures: VhostUserProtocolFeatures = [.mq, .replyAck, .config, .configureMemSlots, .backendReq]
-    /// Longest wait for any single reply (set-up runs on the loop thread; a dead back-end must not stall it longer).
+    /// Longest wait for any single reply off the loop thread: the start-up hand-shake in `init` (caller's thread) and
+    /// a reconnect's hand-shake (its own thread, at most `connectJobMs` in all).
     public static let replyTimeoutMs: Int32 = 1000
+    static let connectJobMs: Int32 = 5000
+    /// Longest the loop thread waits for one whole exchange with the back-end (ring set-up, SET_CONFIG, stopping the
+    /// rings, GET_CONFIG): every other device on the loop waits as long. A back-end that cannot keep up with this
+    /// right after answering a hand-shake is treated as lost (closed, reconnect with backoff).
+    public static let loopBudgetMs: Int32 = 200
     static let protocolFeaturesBit: UInt64 = 1 << 30
     static let unforwardedFeatures: UInt64 = protocolFeaturesBit | VirtioFeatures.ringPacked.rawValue
         | VirtioFeatures.accessPlatform.rawValue | (1 << 26) /* VHOST_F_LOG_ALL */
@@ -81,6 +93,9 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     static let maxScanNs: UInt64 = 64_000_000
     private var backoffMs = VhostUserFrontendDevice.minBackoffMs
     private var closed = false
+    /// The reconnect hand-shake in progress on its helper thread, if any. Only the current job's result is adopted;
+    /// one handed over after `shutdown` (which cancels it) is closed.
+    private var connectJob: VhostUserConnectJob?
 
     /// Successful reconnects, failed attempts since the last success, config-change messages received.
     public private(set) var reconnects = 0
@@ -98,7 +113,9 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     /// Connects to `socketPath` (retrying for up to `connectTimeoutMs` while the back-end starts), negotiates
     /// features and protocol features, checks the back-end has `queueSizes.count` queues (MQ), takes ownership
     /// (SET_OWNER), opens the back-end request channel and caches the config space. vhost-user does not carry the
-    /// device type, queue sizes or config size: the caller gives them. Blocks the calling thread (start-up only).
+    /// device type, queue sizes or config size: the caller gives them. Blocks the calling thread (start-up only:
+    /// up to `connectTimeoutMs` plus `replyTimeoutMs` per reply; call it before the device's loop serves traffic, or
+    /// off that loop's thread: the daemon builds its devices before it starts the loops). Reconnects never block.
     /// `relay`: route kicks through loopbackd's loop too instead of handing the driver side's kick eventfds to the
     /// back-end: the original virtio-loopback adapter's data path, kept to measure what it costs (`ab --relay`).
     public init(socketPath: String, deviceID: UInt32, queueSizes: [UInt16], configSize: Int = 0, loop: EventLoop,
@@ -132,7 +149,11 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             }
             usleep(100_000)
         }
-        do { try handshake() } catch {
+        // Start-up: the caller's thread waits (each reply up to `replyTimeoutMs`); the loop is not involved yet.
+        do {
+            var c = VhostUserConversation(fd: sock, deadline: UInt64.max, perReplyMs: Self.replyTimeoutMs)
+            adopt(try Self.handshake(&c, queues: queueSizes.count, configSize: configSize))
+        } catch {
             closeEverything()
             throw DeviceError("vhost-user \(socketPath): \(error)")
         }
@@ -159,6 +180,8 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     /// device first). Needed only to release the object, since the loop keeps registered handlers alive.
     public func shutdown() {
         closed = true
+        connectJob?.cancel()
+        connectJob = nil
         if context != nil { reset() }
         closeConnection()
         if timerRegistration >= 0 { loop.unregister(fd: timerFD, registration: timerRegistration); timerRegistration = -1 }
@@ -190,85 +213,59 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
 
     // MARK: request/reply
 
-    private func send(_ w: VhostUserWriter, fds: [Int32] = []) throws(VhostUserError) {
+    /// An exchange on the loop thread: `loopBudgetMs` for all of it.
+    private func loopConversation() throws(VhostUserError) -> VhostUserConversation {
         guard sock >= 0 else { throw .notConnected }
-        try VhostUserSocket.send(sock, w.message, fds: fds, timeoutMs: Self.replyTimeoutMs)
-    }
-
-    private func receiveReply(_ r: VhostUserRequest) throws(VhostUserError) -> [UInt8] {
-        let (h, payload) = try VhostUserSocket.receive(sock, timeoutMs: Self.replyTimeoutMs, request: r)
-        guard h.request == r.rawValue, h.isReply else {
-            throw .badReply("expected a reply to \(r), got request \(h.request) flags 0x\(String(h.flags, radix: 16))")
-        }
-        return payload
-    }
-
-    /// A set-up message; with REPLY_ACK it carries NEED_REPLY and we wait for the back-end's status, so the next
-    /// step never races this one (vhost-device PR #153) and no sleeps are needed.
-    private func request(_ r: VhostUserRequest, _ build: (inout VhostUserWriter) -> Void = { _ in },
-                         fds: [Int32] = [], ack: Bool = true) throws(VhostUserError) {
-        let wantAck = ack && negotiated.contains(.replyAck)
-        var w = VhostUserWriter.request(r, needReply: wantAck)
-        build(&w)
-        try send(w, fds: fds)
-        guard wantAck else { return }
-        let p = try receiveReply(r)
-        guard p.count == 8 else { throw .badReply("\(r) ack of \(p.count) bytes") }
-        let status = p.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
-        guard status == 0 else { throw .rejected(r, status) }
-    }
-
-    private func getU64(_ r: VhostUserRequest) throws(VhostUserError) -> UInt64 {
-        try send(VhostUserWriter.request(r))
-        let p = try receiveReply(r)
-        guard p.count == 8 else { throw .badReply("\(r) reply of \(p.count) bytes") }
-        return p.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
-    }
-
-    private func fetchConfig() throws(VhostUserError) -> [UInt8] {
-        var w = VhostUserWriter.request(.getConfig)
-        w.append(UInt32(0)); w.append(UInt32(configSize)); w.append(UInt32(0))
-        w.append(bytes: [UInt8](repeating: 0, count: configSize))
-        try send(w)
-        let p = try receiveReply(.getConfig)
-        // A zero-length payload is the back-end's error reply (vhost-user.rst GET_CONFIG).
-        guard p.count == VhostUserMessage.configHeaderBytes + configSize else {
-            throw p.isEmpty ? .rejected(.getConfig, 1) : .badReply("GET_CONFIG reply of \(p.count) bytes")
-        }
-        return Array(p[VhostUserMessage.configHeaderBytes...])
+        return VhostUserConversation(fd: sock, negotiated: negotiated,
+                                     deadline: VhostUserSocket.deadline(afterMs: Self.loopBudgetMs), perReplyMs: Self.loopBudgetMs)
     }
 
     /// Everything that does not depend on the driver: features, protocol features, queue count, mem slots,
-    /// back-end request channel, ownership, config cache.
-    private func handshake() throws(VhostUserError) {
-        try request(.setOwner, ack: false)
-        backendFeatures = try getU64(.getFeatures)
-        negotiated = []
-        if backendFeatures & Self.protocolFeaturesBit != 0 {
-            let offered = VhostUserProtocolFeatures(rawValue: try getU64(.getProtocolFeatures))
-            let use = offered.intersection(Self.protocolFeatures)
-            try request(.setProtocolFeatures, { $0.append(use.rawValue) }, ack: false)
-            negotiated = use
-        }
-        if negotiated.contains(.mq) {
-            let n = try getU64(.getQueueNum)
-            guard n >= UInt64(queueMaxSizes.count) else {
-                throw .badReply("back-end has \(n) queue(s), \(queueMaxSizes.count) configured")
+    /// back-end request channel, ownership, config cache. Touches nothing but `c`'s socket and what it returns:
+    /// runs on the caller's thread in `init` and on a `VhostUserConnectJob`'s thread at reconnect. On failure the
+    /// channel it opened is closed again; the socket stays the caller's.
+    static func handshake(_ c: inout VhostUserConversation, queues: Int, configSize: Int) throws(VhostUserError)
+        -> VhostUserHandshake {
+        var h = VhostUserHandshake(sock: c.fd)
+        do throws(VhostUserError) {
+            try c.request(.setOwner, ack: false)
+            h.backendFeatures = try c.getU64(.getFeatures)
+            if h.backendFeatures & protocolFeaturesBit != 0 {
+                let offered = VhostUserProtocolFeatures(rawValue: try c.getU64(.getProtocolFeatures))
+                let use = offered.intersection(protocolFeatures)
+                try c.request(.setProtocolFeatures, { $0.append(use.rawValue) }, ack: false)
+                c.negotiated = use
+                h.negotiated = use
             }
+            if h.negotiated.contains(.mq) {
+                let n = try c.getU64(.getQueueNum)
+                guard n >= UInt64(queues) else { throw .badReply("back-end has \(n) queue(s), \(queues) configured") }
+            }
+            h.maxMemSlots = h.negotiated.contains(.configureMemSlots) ? Int(min(try c.getU64(.getMaxMemSlots), 512)) : 0
+            if h.negotiated.contains(.backendReq) {
+                var sv: [Int32] = [-1, -1]
+                guard lb_unix_socketpair(&sv, 1) == 0 else { throw .io(Errno.current) }
+                h.channel = sv[0]
+                defer { close(sv[1]) }
+                try c.request(.setBackendReqFD, fds: [sv[1]])
+            }
+            if h.negotiated.contains(.config) && configSize > 0 { h.config = try c.fetchConfig(size: configSize) }
+        } catch {
+            if h.channel >= 0 { close(h.channel) }
+            throw error
         }
-        maxMemSlots = negotiated.contains(.configureMemSlots) ? Int(min(try getU64(.getMaxMemSlots), 512)) : 0
+        return h
+    }
+
+    /// Takes over a hand-shake's connection and findings (loop thread, or `init`).
+    private func adopt(_ h: VhostUserHandshake) {
+        sock = h.sock
+        channel = h.channel
+        backendFeatures = h.backendFeatures
+        negotiated = h.negotiated
+        maxMemSlots = h.maxMemSlots
         sentRegions = []
-        if negotiated.contains(.backendReq) {
-            var sv: [Int32] = [-1, -1]
-            guard lb_unix_socketpair(&sv, 1) == 0 else { throw .io(Errno.current) }
-            do { try request(.setBackendReqFD, fds: [sv[1]]) } catch {
-                close(sv[0]); close(sv[1])
-                throw error
-            }
-            close(sv[1])
-            channel = sv[0]
-        }
-        if negotiated.contains(.config) && configSize > 0 { config = try fetchConfig() }
+        if let c = h.config { config = c }
     }
 
     // MARK: VirtioDevice
@@ -283,7 +280,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         for k in 0..<buffer.count { config[offset + k] = buffer[k] }
         guard sock >= 0, negotiated.contains(.config) else { return }
         do {
-            try request(.setConfig) { w in
+            try loopConversation().request(.setConfig) { w in
                 w.append(UInt32(offset)); w.append(UInt32(buffer.count)); w.append(UInt32(0))
                 w.append(bytes: Array(buffer))
             }
@@ -356,14 +353,17 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     public func reset() {
         if ringsSetUp && sock >= 0, let ctx = context {
             do throws(VhostUserError) {
+                // Bounded by `loopBudgetMs`: a back-end that does not confirm in time is dropped (closing the
+                // connection stops its rings too).
+                let c = try loopConversation()
                 if backendFeatures & Self.protocolFeaturesBit != 0 {
-                    for q in 0..<ctx.queueCount { try request(.setVringEnable, { $0.appendState(q, 0) }) }
+                    for q in 0..<ctx.queueCount { try c.request(.setVringEnable, { $0.appendState(q, 0) }) }
                 }
                 for q in 0..<ctx.queueCount {
                     var w = VhostUserWriter.request(.getVringBase)
                     w.appendState(q, 0)
-                    try send(w)
-                    let p = try receiveReply(.getVringBase)
+                    try c.send(w)
+                    let p = try c.receiveReply(.getVringBase)
                     guard p.count == 8 else { throw VhostUserError.badReply("GET_VRING_BASE reply of \(p.count) bytes") }
                 }
             } catch {
@@ -394,7 +394,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         return nil
     }
 
-    private func sendMemoryTable(_ view: MemoryView) throws(VhostUserError) {
+    private func sendMemoryTable(_ view: MemoryView, _ c: VhostUserConversation) throws(VhostUserError) {
         let regions = (0..<view.count).map { view.table[$0] }
         guard !regions.isEmpty, regions.allSatisfy({ $0.fd >= 0 }) else {
             throw .badRegion("the driver's memory has no fd to share with the back-end")
@@ -403,17 +403,17 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             VhostUserMemoryRegion(guestAddress: $0.guestBase, size: $0.size, userAddress: $0.userAddr, mmapOffset: $0.fdOffset)
         }
         if descs.count <= 8 {
-            try request(.setMemTable, { w in
+            try c.request(.setMemTable, { w in
                 w.append(UInt32(descs.count)); w.append(UInt32(0))
                 for d in descs { w.appendRegion(d) }
             }, fds: regions.map { $0.fd })
         } else {
             guard negotiated.contains(.configureMemSlots), descs.count <= maxMemSlots else { throw .tooManyRegions(descs.count) }
             for old in sentRegions where !descs.contains(old) {
-                try request(.remMemReg) { w in w.append(UInt64(0)); w.appendRegion(old) }
+                try c.request(.remMemReg) { w in w.append(UInt64(0)); w.appendRegion(old) }
             }
             for (k, d) in descs.enumerated() where !sentRegions.contains(d) {
-                try request(.addMemReg, { w in w.append(UInt64(0)); w.appendRegion(d) }, fds: [regions[k].fd])
+                try c.request(.addMemReg, { w in w.append(UInt64(0)); w.appendRegion(d) }, fds: [regions[k].fd])
             }
         }
         sentRegions = descs
@@ -427,27 +427,29 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         guard acked.rawValue & ~backendFeatures == 0 else {
             throw .badReply("back-end no longer offers features 0x\(String(acked.rawValue & ~backendFeatures, radix: 16))")
         }
+        // Loop thread: the whole exchange within `loopBudgetMs`.
+        let c = try loopConversation()
         let bits = acked.rawValue | (backendFeatures & Self.protocolFeaturesBit)
-        try request(.setFeatures) { $0.append(bits) }
-        try sendMemoryTable(ctx.memory)
+        try c.request(.setFeatures) { $0.append(bits) }
+        try sendMemoryTable(ctx.memory, c)
         for q in 0..<ctx.queueCount {
             let size = ctx.queues[q].size
             // First start: where the host says the ring is. Reconnect: below the rewritten in-flight heads.
             let base = bases?[q] ?? ctx.queues[q].lastAvail
-            try request(.setVringNum) { $0.appendState(q, UInt32(size)) }
-            try request(.setVringBase) { $0.appendState(q, UInt32(base)) }
+            try c.request(.setVringNum) { $0.appendState(q, UInt32(size)) }
+            try c.request(.setVringBase) { $0.appendState(q, UInt32(base)) }
             guard let d = userAddress(ctx.queues[q].desc, ctx.memory), let a = userAddress(ctx.queues[q].avail, ctx.memory),
                   let u = userAddress(ctx.queues[q].used, ctx.memory) else {
                 throw .ringAddress(index: q, "ring not inside the driver's memory")
             }
-            try request(.setVringAddr) { w in
+            try c.request(.setVringAddr) { w in
                 w.append(UInt32(q)); w.append(UInt32(0)); w.append(d); w.append(u); w.append(a); w.append(UInt64(0))
             }
-            try request(.setVringCall, { $0.append(UInt64(q)) }, fds: [directCall(q) ? calls[q].notifier.fd : calls[q].relayFD])
-            try request(.setVringKick, { $0.append(UInt64(q)) }, fds: [kickFDs[q]])
+            try c.request(.setVringCall, { $0.append(UInt64(q)) }, fds: [directCall(q) ? calls[q].notifier.fd : calls[q].relayFD])
+            try c.request(.setVringKick, { $0.append(UInt64(q)) }, fds: [kickFDs[q]])
         }
         if backendFeatures & Self.protocolFeaturesBit != 0 {
-            for q in 0..<ctx.queueCount { try request(.setVringEnable) { $0.appendState(q, 1) } }
+            for q in 0..<ctx.queueCount { try c.request(.setVringEnable) { $0.appendState(q, 1) } }
         }
         ringsSetUp = true
         for f in kickFDs { FD.signal(f) }
@@ -486,11 +488,14 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         backoffMs = min(backoffMs * 2, Self.maxBackoffMs)
     }
 
-    /// One attempt: non-blocking connect, then the set-up exchange (each reply bounded by `replyTimeoutMs`).
+    /// One attempt (loop thread, on the backoff timer): a non-blocking connect (a Unix socket connects or fails at
+    /// once), then the hand-shake on a helper thread (`VhostUserConnectJob`): the back-end may answer slowly or not
+    /// at all, and the loop must go on serving the other devices meanwhile. The helper hands the ready socket back
+    /// with `loop.execute` (`handshakeFinished`).
     private func reconnectNow() {
-        guard sock < 0, !closed else { return }
-        sock = socketPath.withCString { lb_unix_connect($0, 1) }
-        guard sock >= 0 else {
+        guard sock < 0, !closed, connectJob == nil else { return }
+        let s = socketPath.withCString { lb_unix_connect($0, 1) }
+        guard s >= 0 else {
             failedAttempts += 1
             if failedAttempts == 1 || failedAttempts % 30 == 0 {
                 Log.info("vhost-user \(socketPath): back-end not reachable (\(Errno.current)); retrying")
@@ -498,14 +503,53 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             scheduleReconnect()
             return
         }
+        guard let job = VhostUserConnectJob(sock: s, queues: queueMaxSizes.count, configSize: configSize) else {
+            close(s)
+            failedAttempts += 1
+            Log.warning("vhost-user \(socketPath): reconnect: eventfd: \(Errno.current)")
+            scheduleReconnect()
+            return
+        }
+        connectJob = job
+        let me = UncheckedBox(self), loop = self.loop
+        let t = Thread.spawn {
+            // Helper thread: touches only the job (its socket, its cancel fd), never the device.
+            guard job.run() else { return }
+            loop.execute { me.value.handshakeFinished(job) }
+        }
+        pthread_detach(t.handle)
+    }
+
+    /// A reconnect hand-shake ended (loop thread): adopt the connection and set up the rings, or back off.
+    private func handshakeFinished(_ job: VhostUserConnectJob) {
+        let current = job === connectJob
+        if current { connectJob = nil }
+        guard current, !closed, sock < 0, let result = job.take() else {
+            job.discard()   // stale: shut down meanwhile
+            if current { scheduleReconnect() }
+            return
+        }
+        let h: VhostUserHandshake
+        switch result {
+        case .failure(let error):
+            failedAttempts += 1
+            Log.warning("vhost-user \(socketPath): reconnect failed: \(error)")
+            scheduleReconnect()
+            return
+        case .success(let v):
+            h = v
+        }
         let oldConfig = config
+        adopt(h)
         do throws(VhostUserError) {
-            try handshake()
             watch()
             // The new back-end answered: the old connection is gone on its side too (vhost-user back-ends serve one
             // front-end at a time), so the used ring no longer moves and the final scan is exact.
             if context != nil && !latched {
-                if let bases = prepareReplay() { try setupRings(bases: bases) }
+                if let plan = prepareReplay() {
+                    try setupRings(bases: plan.bases)
+                    replayedRequests += plan.requests   // counted once the new back-end has them
+                }
             }
         } catch {
             failedAttempts += 1
@@ -523,9 +567,10 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
 
     /// Exact replay, before a restarted back-end gets the rings: a final scan of every ring, then, if every ring's
     /// in-flight heads are known exactly, they are rewritten below avail.idx (`InflightTracker.replay`) and the
-    /// per-ring bases returned. Otherwise nothing is rewritten, every queue is latched broken (the host raises
-    /// NEEDS_RESET and the config interrupt) and nil is returned: the rings stay stopped until the driver resets.
-    private func prepareReplay() -> [UInt16]? {
+    /// per-ring bases returned, with how many requests they hand over again. Otherwise nothing is rewritten, every
+    /// queue is latched broken (the host raises NEEDS_RESET and the config interrupt) and nil is returned: the rings
+    /// stay stopped until the driver resets.
+    private func prepareReplay() -> (bases: [UInt16], requests: Int)? {
         guard let ctx = context else { return nil }
         if !replay {
             // reconnect = "reset": safe only when nothing was in flight (avail.idx == used.idx on every ring).
@@ -538,7 +583,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
                 }
                 bases.append(used)
             }
-            return bases
+            return (bases, 0)
         }
         var plans: [(k: Int, availIdx: UInt16)] = []
         var failed: (queue: Int, fault: QueueFault)?
@@ -559,11 +604,10 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         var bases: [UInt16] = []
         for (q, plan) in plans.enumerated() {
             bases.append(trackers[q].replay(k: plan.k, availIdx: plan.availIdx))
-            replayedRequests += plan.k
         }
         let total = plans.reduce(0) { $0 + $1.k }
         if total > 0 { Log.info("vhost-user \(socketPath): replaying \(total) request(s) the old back-end had in flight") }
-        return bases
+        return (bases, total)
     }
 
     /// Data safety over availability: without an exact in-flight set, replaying from used.idx would re-run requests
@@ -669,7 +713,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         }
         guard r > 0 else { dropChannel(); return }
         let h: VhostUserHeader
-        do { (h, _) = try VhostUserSocket.receive(channel, timeoutMs: Self.replyTimeoutMs, request: nil) } catch {
+        do { (h, _) = try VhostUserSocket.receive(channel, timeoutMs: Self.loopBudgetMs, request: nil) } catch {
             Log.warning("vhost-user \(socketPath): back-end request channel: \(error)")
             dropChannel()
             return
@@ -686,9 +730,151 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         }
         configChanges += 1
         if sock >= 0 && negotiated.contains(.config) && configSize > 0 {
-            do { config = try fetchConfig() } catch { connectionLost(error); return }
+            do { config = try loopConversation().fetchConfig(size: configSize) } catch { connectionLost(error); return }
         }
         context?.configInterrupt.signal()
+    }
+}
+
+/// A request/reply conversation with a back-end over one socket. Every wait ends by `deadline` (the budget of the
+/// whole conversation) and at most `perReplyMs` after it starts; `cancelFD` readable ends it at once. Plain values:
+/// usable on any thread that owns the socket.
+struct VhostUserConversation {
+    let fd: Int32
+    var negotiated: VhostUserProtocolFeatures = []
+    let deadline: UInt64
+    let perReplyMs: Int32
+    var cancelFD: Int32 = -1
+
+    private func waitLimit() -> UInt64 { min(deadline, VhostUserSocket.deadline(afterMs: perReplyMs)) }
+
+    func send(_ w: VhostUserWriter, fds: [Int32] = []) throws(VhostUserError) {
+        try VhostUserSocket.send(fd, w.message, fds: fds, deadline: waitLimit(), cancelFD: cancelFD)
+    }
+
+    func receiveReply(_ r: VhostUserRequest) throws(VhostUserError) -> [UInt8] {
+        let (h, payload) = try VhostUserSocket.receive(fd, deadline: waitLimit(), request: r, cancelFD: cancelFD)
+        guard h.request == r.rawValue, h.isReply else {
+            throw .badReply("expected a reply to \(r), got request \(h.request) flags 0x\(String(h.flags, radix: 16))")
+        }
+        return payload
+    }
+
+    /// A set-up message; with REPLY_ACK it carries NEED_REPLY and we wait for the back-end's status, so the next
+    /// step never races this one (vhost-device PR #153) and no sleeps are needed.
+    func request(_ r: VhostUserRequest, _ build: (inout VhostUserWriter) -> Void = { _ in },
+                 fds: [Int32] = [], ack: Bool = true) throws(VhostUserError) {
+        let wantAck = ack && negotiated.contains(.replyAck)
+        var w = VhostUserWriter.request(r, needReply: wantAck)
+        build(&w)
+        try send(w, fds: fds)
+        guard wantAck else { return }
+        let p = try receiveReply(r)
+        guard p.count == 8 else { throw .badReply("\(r) ack of \(p.count) bytes") }
+        let status = p.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+        guard status == 0 else { throw .rejected(r, status) }
+    }
+
+    func getU64(_ r: VhostUserRequest) throws(VhostUserError) -> UInt64 {
+        try send(VhostUserWriter.request(r))
+        let p = try receiveReply(r)
+        guard p.count == 8 else { throw .badReply("\(r) reply of \(p.count) bytes") }
+        return p.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
+    }
+
+    func fetchConfig(size: Int) throws(VhostUserError) -> [UInt8] {
+        var w = VhostUserWriter.request(.getConfig)
+        w.append(UInt32(0)); w.append(UInt32(size)); w.append(UInt32(0))
+        w.append(bytes: [UInt8](repeating: 0, count: size))
+        try send(w)
+        let p = try receiveReply(.getConfig)
+        // A zero-length payload is the back-end's error reply (vhost-user.rst GET_CONFIG).
+        guard p.count == VhostUserMessage.configHeaderBytes + size else {
+            throw p.isEmpty ? .rejected(.getConfig, 1) : .badReply("GET_CONFIG reply of \(p.count) bytes")
+        }
+        return Array(p[VhostUserMessage.configHeaderBytes...])
+    }
+}
+
+/// What a hand-shake learnt, with the connection (`sock`) and the back-end request channel (`channel`, -1: none)
+/// it leaves open. `config`: nil when not fetched (the cached config stays).
+struct VhostUserHandshake {
+    let sock: Int32
+    var channel: Int32 = -1
+    var backendFeatures: UInt64 = 0
+    var negotiated: VhostUserProtocolFeatures = []
+    var maxMemSlots = 0
+    var config: [UInt8]?
+
+    func closeFDs() {
+        if sock >= 0 { close(sock) }
+        if channel >= 0 { close(channel) }
+    }
+}
+
+/// One reconnect hand-shake on its own short-lived thread. Ownership: the helper thread owns `sock` (and the
+/// channel it opens) until `run` publishes the result; the loop then takes it (`take`) or, if the job went stale
+/// meanwhile, closes it (`discard`). `cancel` (loop) makes the helper give up at once: it closes its fds itself and
+/// hands nothing over. `state` decides, exactly once, which of the two sides disposes of the fds.
+final class VhostUserConnectJob: @unchecked Sendable {
+    private let sock: Int32
+    private let queues: Int
+    private let configSize: Int
+    private let cancelFD: Int32
+    private static let running: UInt8 = 0, finished: UInt8 = 1, cancelled: UInt8 = 2
+    private let state = Atomic<UInt8>(0)
+    /// Written by the helper before `state` becomes `finished`; read by the loop only after the handover (which
+    /// passes through the loop's mutex-protected queue).
+    private var result: Result<VhostUserHandshake, VhostUserError>?
+
+    init?(sock: Int32, queues: Int, configSize: Int) {
+        cancelFD = lb_eventfd(0, 1)
+        guard cancelFD >= 0 else { return nil }
+        self.sock = sock
+        self.queues = queues
+        self.configSize = configSize
+    }
+
+    deinit { close(cancelFD) }
+
+    /// Helper thread: the hand-shake (each reply within `replyTimeoutMs`, all of it within `connectJobMs`).
+    /// Returns true if the result must be handed to the loop; false if cancelled (everything already closed).
+    func run() -> Bool {
+        var c = VhostUserConversation(fd: sock, deadline: VhostUserSocket.deadline(afterMs: VhostUserFrontendDevice.connectJobMs),
+                                      perReplyMs: VhostUserFrontendDevice.replyTimeoutMs, cancelFD: cancelFD)
+        let r: Result<VhostUserHandshake, VhostUserError>
+        do throws(VhostUserError) {
+            r = .success(try VhostUserFrontendDevice.handshake(&c, queues: queues, configSize: configSize))
+        } catch {
+            close(sock)
+            r = .failure(error)
+        }
+        result = r
+        if state.compareExchange(expected: Self.running, desired: Self.finished, ordering: .acquiringAndReleasing).exchanged {
+            return true
+        }
+        if case .success(let h) = r { h.closeFDs() }
+        result = nil
+        return false
+    }
+
+    /// Loop thread: stop the helper. If it already finished, its handover is queued on the loop and `discard`s.
+    func cancel() {
+        if state.compareExchange(expected: Self.running, desired: Self.cancelled, ordering: .acquiringAndReleasing).exchanged {
+            FD.signal(cancelFD)
+        }
+    }
+
+    /// Loop thread, after the handover: the result, once.
+    func take() -> Result<VhostUserHandshake, VhostUserError>? {
+        guard state.load(ordering: .acquiring) == Self.finished else { return nil }
+        defer { result = nil }
+        return result
+    }
+
+    /// Loop thread, after the handover of a stale job: closes what it opened.
+    func discard() {
+        if let r = take(), case .success(let h) = r { h.closeFDs() }
     }
 }
 
