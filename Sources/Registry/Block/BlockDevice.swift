@@ -276,6 +276,9 @@ public final class BlockDevice: VirtioDevice, EventHandler {
         for q in 0..<queueMaxSizes.count { touched[q] = false; blocked[q] = false }
     }
 
+    /// Completes every in-flight request into its used ring (status written, used entry published).
+    public func quiesce() { waitAll(deliver: queues != nil) }
+
     /// Completes everything in flight (so those writes are covered), then fdatasync.
     public func flush() {
         waitAll(deliver: queues != nil)

@@ -76,6 +76,11 @@ public final class DeviceHost: EventHandler, Poller {
     public func device(_ i: Int) -> VirtioDevice { slots[i].device }
     public func status(_ i: Int) -> UInt8 { slots[i].status }
     public func isActive(_ i: Int) -> Bool { slots[i].queues != nil }
+    /// The next avail position queue `q` of device `i` will consume (chains taken so far), if it runs.
+    public func lastAvail(_ i: Int, _ q: Int) -> UInt16? {
+        guard i < slots.count, let queues = slots[i].queues, q < slots[i].queueCount else { return nil }
+        return queues[q].lastAvail
+    }
 
     public func info(_ i: Int) -> DeviceInfo {
         let d = slots[i].device

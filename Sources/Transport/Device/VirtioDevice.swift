@@ -57,7 +57,12 @@ public protocol VirtioDevice: AnyObject {
     /// The driver kicked queue `index` (or the host polls it): process what is available.
     func queueNotified(_ index: Int)
     /// Stop all I/O: wait for or cancel in-flight requests and forget the queues (they are freed after this).
+    /// Completions of requests still in flight are not posted: the driver reset its rings.
     func reset()
+    /// Complete every in-flight request into the used rings now. A vhost-user backend stopping a ring
+    /// (GET_VRING_BASE on a VM pause, a new kick fd, a disconnect) must leave the used ring consistent with the base
+    /// it reports, or a request counted in that base never completes and the guest hangs (QEMU stop/cont test).
+    func quiesce()
     /// True for a device whose rings are served by another process (the vhost-user frontend): the host then
     /// neither watches the kick fds (they go to the device in `DeviceContext.kickFDs`, to hand to the backend),
     /// nor polls or writes the rings. The data path then bypasses loopbackd entirely.
@@ -69,5 +74,7 @@ public protocol VirtioDevice: AnyObject {
 
 extension VirtioDevice {
     public func flush() {}
+    /// Devices that complete every request inside `queueNotified` have nothing in flight.
+    public func quiesce() {}
     public var passthroughRings: Bool { false }
 }

@@ -24,11 +24,15 @@ final class ServedDevice: VirtioDevice {
     }
     func queueNotified(_ index: Int) { inner.queueNotified(index) }
     func reset() {
+        // The front-end reads the ring positions we report (GET_VRING_BASE) and may restart the rings from them:
+        // every request counted there must be completed in the used ring first.
+        inner.quiesce()
         inner.reset()
         if let c = context { savedLastAvail = (0..<c.queueCount).map { c.queues[$0].lastAvail } }
         context = nil
     }
     func flush() { inner.flush() }
+    func quiesce() { inner.quiesce() }
 }
 
 /// One region of the front-end's memory, mapped here. Owns the mapping and the fd.
