@@ -653,12 +653,12 @@ final class BlockTests: XCTestCase {
             drv.host(b.status).storeBytes(of: 0xff, as: UInt8.self)
             q.pushAvail(try XCTUnwrap(q.addChain(readable: [(b.header, 16)], writable: [(b.data, 32 << 10), (b.status, 1)])))
         }
+        _ = old
         q.publish()
-        q.kickIfNeeded(old: old)
-        var spins = 0
-        while loop.executeAndWait({ dev.inFlight }) == 0 && spins < 1000 { sched_yield(); spins += 1 }
-        // On the loop thread, in one step: quiesce, then compare chains taken with used entries published.
+        // On the loop thread, in one step: take the chains (io_uring submits them), quiesce, then compare chains
+        // taken with used entries published. No completion can be reaped in between.
         let (taken, used, inFlightBefore) = loop.executeAndWait { () -> (UInt16, UInt16, Int) in
+            self.host.kick(idx, 0)
             let before = dev.inFlight
             dev.quiesce()
             return (self.host.lastAvail(idx, 0) ?? 0, q.usedIdx, before)
@@ -666,9 +666,7 @@ final class BlockTests: XCTestCase {
         XCTAssertGreaterThan(inFlightBefore, 0, "no request was in flight when quiesce ran")
         XCTAssertEqual(used, taken, "a chain the device took has no used entry after quiesce")
         XCTAssertEqual(loop.executeAndWait { dev.inFlight }, 0)
-        var reaped = 0
-        while q.reap() != nil { reaped += 1 }
-        XCTAssertEqual(reaped, Int(used))
+        // (Afterwards the device resumes the chains it could not take for lack of slots; that is normal.)
         drv.reset()
     }
 
