@@ -15,9 +15,10 @@ private final class VUEchoDevice: VirtioDevice {
     private var context: DeviceContext?
     var activations = 0
     var completed = 0
+    var acked: VirtioFeatures = []
 
     init(queues: Int = 1, maxSize: UInt16 = 64) { queueMaxSizes = Array(repeating: maxSize, count: queues) }
-    func ackFeatures(_ features: VirtioFeatures) {}
+    func ackFeatures(_ features: VirtioFeatures) { acked = features }
     func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {
         for k in 0..<buffer.count { buffer[k] = config[offset + k] }
     }
@@ -458,6 +459,10 @@ final class VhostUserTests: XCTestCase {
         }
         for i in 0..<40 { try complete(try submit(UInt8(i)), UInt8(i)) }
         XCTAssertEqual(backLoop.executeAndWait { echo.completed }, 40)
+        // Replay mode: the driver has EVENT_IDX, the back-end (reading our shadow avail ring) does not.
+        XCTAssertTrue(drv.features.contains(.eventIdx))
+        XCTAssertFalse(backLoop.executeAndWait { echo.acked.contains(.eventIdx) })
+        XCTAssertTrue(backLoop.executeAndWait { echo.acked.contains(.version1) })
 
         // Config write goes to the back-end; a back-end config change comes back as a config interrupt.
         XCTAssertTrue(drv.writeConfig(offset: 2, bytes: [0xAA, 0xBB]))
@@ -487,14 +492,17 @@ final class VhostUserTests: XCTestCase {
         server.stop()
     }
 
-    /// The front-end's in-flight tracking on hand-made rings: out-of-order completion, a head completed, reaped and
-    /// made available again between two scans (the counter passes through 2), the replay rewrite, losing track
-    /// (a ring behind, a bogus used id) and resynchronising on an empty ring.
+    /// The front-end's shadow avail ring and in-flight tracking on hand-made rings: entries copied across and
+    /// published, out-of-order completion, a head completed, reaped and made available again between two pumps,
+    /// the replay rewrite into the shadow ring, a driver a whole ring ahead of the last pump (still exact: the
+    /// back-end cannot run ahead of the shadow), EVENT_IDX's avail_event, losing track on a bogus used id and
+    /// resynchronising once everything handed over completed.
     func testInflightTrackerOutOfOrderReuseReplayAndLoss() {
         let size: UInt16 = 8
         let avail = UnsafeMutableRawPointer.allocate(byteCount: QueueConfig.availBytes(Int(size)), alignment: 8)
+        let shadow = UnsafeMutableRawPointer.allocate(byteCount: QueueConfig.availBytes(Int(size)), alignment: 8)
         let used = UnsafeMutableRawPointer.allocate(byteCount: QueueConfig.usedBytes(Int(size)), alignment: 8)
-        defer { avail.deallocate(); used.deallocate() }
+        defer { avail.deallocate(); shadow.deallocate(); used.deallocate() }
         memset(avail, 0, QueueConfig.availBytes(Int(size)))
         memset(used, 0, QueueConfig.usedBytes(Int(size)))
         var a: UInt16 = 0, u: UInt16 = 0
@@ -509,52 +517,78 @@ final class VhostUserTests: XCTestCase {
             for id in ids { (used + 4 + 8 * Int(u & (size - 1))).storeBytes(of: id, as: UInt32.self); u &+= 1 }
             idx(used, u)
         }
-        func slot(_ p: UInt16) -> UInt16 { (avail + 4 + 2 * Int(p & (size - 1))).load(as: UInt16.self) }
+        func slot(_ p: UInt16) -> UInt16 { (shadow + 4 + 2 * Int(p & (size - 1))).load(as: UInt16.self) }
+        var shadowIdx: UInt16 { (shadow + 2).load(as: UInt16.self) }
+        var availEvent: UInt16 { (used + 4 + 8 * Int(size)).load(as: UInt16.self) }
 
-        let t = InflightTracker(size: size, avail: avail, used: used, lastAvail: 0)
+        let t = InflightTracker(size: size, avail: avail, shadow: shadow, used: used, lastAvail: 0, eventIdx: true)
         XCTAssertTrue(t.isTracking)
+        XCTAssertEqual(shadowIdx, 0)
         offer(0, 1, 2, 3)
-        t.scan()
+        XCTAssertTrue(t.pump(), "new entries published")
+        XCTAssertEqual(shadowIdx, 4)
+        XCTAssertEqual([slot(0), slot(1), slot(2), slot(3)], [0, 1, 2, 3])
+        XCTAssertEqual(availEvent, 4, "the driver kicks for its next entry")
+        XCTAssertFalse(t.pump(), "nothing new")
         complete(2, 0)              // out of order: positions 0 and 2 done, 1 and 3 still in flight
-        t.scan()
-        complete(3)                 // head 3 done, reaped and reused at position 4 before the next scan
+        t.pump()
+        complete(3)                 // head 3 done, reaped and reused before the next pump
         offer(3)
-        t.scan()
+        t.pump()
         XCTAssertTrue(t.isTracking)
-        let plan = t.planReplay()
-        XCTAssertEqual(plan?.k, 2)
-        XCTAssertEqual(plan?.availIdx, 5)
-        // In-order replay from used.idx (3) would hand over positions 3 and 4 (head 3's completed request, then
-        // head 3 again) and never head 1. Exact replay: heads 1 and 3, oldest first, below avail.idx.
-        let base = t.replay(k: plan!.k, availIdx: plan!.availIdx)
-        XCTAssertEqual(base, 3)
+        XCTAssertEqual(shadowIdx, 5)
+        XCTAssertEqual(t.planReplay(), 2)
+        // In-order replay from used.idx (3) would hand over shadow positions 3 and 4 (head 3's completed request,
+        // then head 3 again) and never head 1. Exact replay: heads 1 and 3, oldest first, from used.idx.
+        XCTAssertEqual(t.replay(k: 2), 3)
         XCTAssertEqual([slot(3), slot(4)], [1, 3])
+        XCTAssertEqual(shadowIdx, 5)
         // The new back-end completes them; nothing is left in flight.
         complete(3, 1)
-        t.scan()
-        XCTAssertEqual(t.planReplay()?.k, 0)
+        t.pump()
+        XCTAssertEqual(t.planReplay(), 0)
 
-        // A whole ring made available and completed with no scan in between: entries were overwritten, track lost.
-        for _ in 0..<4 { offer(4, 5); complete(4, 5) }
-        offer(6)
-        t.scan()
-        XCTAssertFalse(t.isTracking)
-        XCTAssertNil(t.planReplay())
-        t.scan()
-        XCTAssertFalse(t.isTracking, "not empty yet: stays lost")
-        complete(6)
-        t.scan()
-        XCTAssertTrue(t.isTracking, "empty ring: counters restart from zero")
+        // Shadow positions are ours: a driver whose avail.idx differs (lastAvail) is copied from there.
+        // A driver a whole ring ahead of the last pump: every entry is still there (the back-end cannot have
+        // completed entries it never saw), copied exactly.
+        offer(0, 1, 2, 3, 4, 5, 6, 7)
+        XCTAssertTrue(t.pump())
+        XCTAssertTrue(t.isTracking)
+        XCTAssertEqual(shadowIdx, 13)
+        XCTAssertEqual(t.planReplay(), 8)
+        // Completions let the driver reuse heads; the shadow never runs more than a ring past used entries read.
+        complete(0, 1, 2, 3, 4, 5, 6, 7)
         offer(7)
-        t.scan()
-        XCTAssertEqual(t.planReplay()?.k, 1)
+        t.pump()
+        XCTAssertEqual(shadowIdx, 14)
+        XCTAssertEqual(t.planReplay(), 1)
 
-        // A used id the ring cannot hold: the back-end is broken, no replay.
+        // A used id the ring cannot hold: the back-end is broken, no replay; copying goes on.
+        offer(5)
+        t.pump()                    // heads 7 and 5 in flight
         complete(42)
-        t.scan()
+        t.pump()
         XCTAssertFalse(t.isTracking)
         XCTAssertEqual(t.lost, .usedHeadInvalid)
-        XCTAssertEqual(t.losses, 2)
+        XCTAssertNil(t.planReplay())
+        offer(6)
+        XCTAssertTrue(t.pump())
+        XCTAssertEqual(shadowIdx, 16)
+        XCTAssertFalse(t.isTracking, "not everything handed over completed yet: stays lost")
+        complete(5, 6)
+        t.pump()
+        XCTAssertTrue(t.isTracking, "everything completed: counters restart from zero")
+        offer(1)
+        t.pump()
+        XCTAssertEqual(t.planReplay(), 1)
+        XCTAssertEqual(t.losses, 1)
+
+        // Without EVENT_IDX avail_event is left alone (the driver reads used.flags, the back-end's).
+        let before = availEvent
+        let t2 = InflightTracker(size: size, avail: avail, shadow: shadow, used: used, lastAvail: a, eventIdx: false)
+        offer(1)
+        XCTAssertTrue(t2.pump())
+        XCTAssertEqual(availEvent, before)
     }
 
     /// A restarted back-end while the front-end does not know the in-flight heads exactly: no replay, the rings are

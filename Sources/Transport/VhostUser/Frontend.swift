@@ -6,12 +6,20 @@ import CLinux
 /// another loopbackd): loopbackd is the vhost-user front-end and forwards the driver's rings, memory, kicks and
 /// interrupts (cloud-hypervisor's generic vhost-user device, crosvm's vhost_user_frontend).
 ///
-/// Data path: the back-end maps the driver's memory and processes the rings itself. Kicks go straight to it: it
-/// reads the driver side's kick eventfds (`passthroughRings`: the host neither watches nor polls these rings), so
-/// no request passes through loopbackd. Interrupts take one hop through loopbackd's loop: the back-end signals an
-/// eventfd of ours per ring; on each, the front-end reads the new avail and used entries (`InflightTracker`: which
-/// heads the back-end holds, exactly, whatever order it completes them in) and then signals the driver side's
-/// interrupt (an eventfd, or the virtio-lo KICK ioctl). `relay: true` also routes kicks through the loop.
+/// Data path, `replay` (default, `reconnect = "replay"`): the back-end maps the driver's memory and reads the
+/// driver's descriptor table and writes its used ring, but its avail ring is a shadow ring of ours (one memfd for
+/// all queues, sent as an extra memory region above the driver's; `InflightTracker`). The driver side's kick
+/// eventfds are watched on our loop (`passthroughRings`: the host itself neither watches nor writes the rings);
+/// on a kick the front-end reads the used ring, copies the driver's new avail entries into the shadow ring,
+/// publishes them and kicks the back-end through an eventfd of ours. EVENT_IDX is negotiated with the driver but
+/// not with the back-end: the driver's `avail_event` is ours (set to the position copied up to, so the driver
+/// kicks for its next entry), and the back-end interrupts on every completion, through an eventfd of ours: the
+/// loop pumps the ring again and signals the driver side's interrupt (an eventfd, or the virtio-lo KICK ioctl).
+/// So the front-end knows, exactly and by construction, which heads the back-end holds, whatever order it
+/// completes them in and however far the driver runs ahead. `replay: false` (`reconnect = "reset"`): the driver
+/// side's kick eventfds go to the back-end, which reads the driver's rings and signals the driver's interrupt
+/// eventfd itself: no request passes through loopbackd. `relay: true` routes the kicks through the host
+/// (`queueNotified`) instead.
 /// Set-up and control messages wait for the back-end's replies; the loop serves every other device too, so it never
 /// waits long: `init` (start-up, caller's thread) allows `replyTimeoutMs` per reply, a reconnect's hand-shake runs
 /// on a short-lived thread of its own (`VhostUserConnectJob`), and every exchange that must run on the loop (ring
@@ -24,11 +32,11 @@ import CLinux
 /// protocol features, SET_OWNER, queue count, request channel, config) on a helper thread, which hands the ready
 /// socket back to the loop; the ring set-up (which needs the loop's ring state) follows there. Exact replay: for
 /// every ring the heads the old back-end had taken and not completed (k of them; out-of-order completion leaves
-/// them anywhere in the ring) are rewritten into the avail slots just below avail.idx and the vring base is set to
-/// avail.idx - k, so the new back-end takes exactly those again, and nothing it already completed
-/// (qemu-storage-daemon 7.2 offers no INFLIGHT_SHMFD). When the front-end cannot know the in-flight heads exactly (it fell a ring behind because no
-/// interrupt came for that long, or the back-end returned heads that were not in flight), it never replays blindly:
-/// the rings stay stopped and every queue is latched broken, so the driver sees NEEDS_RESET.
+/// them anywhere in the shadow ring) are rewritten into the shadow slots from used.idx on and the vring base is set
+/// to used.idx, so the new back-end takes exactly those again, and nothing it already completed
+/// (qemu-storage-daemon 7.2 offers no INFLIGHT_SHMFD). When the front-end cannot know the in-flight heads exactly
+/// (a ring held garbage: a head or used id out of range), it never replays blindly: the rings stay stopped and
+/// every queue is latched broken, so the driver sees NEEDS_RESET.
 public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     public let socketPath: String
     public let deviceID: UInt32
@@ -72,8 +80,17 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     /// Per queue: the eventfd the back-end signals (`relayFD`, watched by the loop) and the driver side's interrupt
     /// it is forwarded to.
     private var calls: [(relayFD: Int32, registration: Int, notifier: Notifier)] = []
-    /// Per queue: the heads the back-end holds (see `InflightTracker`).
+    /// Per queue: the shadow avail ring and the heads the back-end holds (see `InflightTracker`; replay mode).
     private var trackers: [InflightTracker] = []
+    /// Replay mode: the driver side's kick eventfds (dups), watched by our loop; the back-end gets `kickFDs`
+    /// (eventfds of ours) instead, signalled once the new entries are in the shadow ring.
+    private var driverKicks: [(fd: Int32, registration: Int)] = []
+    /// Replay mode: the shadow avail rings, one page-aligned slot per queue in one memfd, mapped shared here and
+    /// sent to the back-end as an extra memory region above the driver's. Lives as long as the device.
+    private var shadowFD: Int32 = -1
+    private var shadowBase: UnsafeMutableRawPointer?
+    private var shadowLength = 0
+    private var shadowOffsets: [Int] = []
     private var ringsSetUp = false
     /// Set when a reconnect could not replay exactly and latched the queues: no ring set-up until the driver resets.
     private var latched = false
@@ -81,11 +98,10 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     // Reconnect.
     private var timerFD: Int32 = -1
     private var timerRegistration = -1
-    /// Scan tick: reads the rings for drivers that suppress interrupts (EVENT_IDX used_event left behind,
-    /// NO_INTERRUPT) while they poll: without interrupts nothing else would read the rings, and a driver half a
-    /// ring ahead of the last read makes the in-flight set unknowable. 1 ms while the rings move, backing off to
+    /// Scan tick: pumps the shadow rings in case a kick never came: a driver without EVENT_IDX reads used.flags,
+    /// where the back-end (without EVENT_IDX) may have set NO_NOTIFY while busy. 1 ms while the rings move, backing off to
     /// 64 ms while they do not (buffers a driver leaves posted, e.g. receive queues); off once every ring is empty
-    /// and nothing moved for ~130 ms; back to 1 ms at the next interrupt.
+    /// and nothing moved for ~130 ms; back to 1 ms at the next kick or interrupt.
     private var scanFD: Int32 = -1
     private var scanRegistration = -1
     private var scanIntervalNs: UInt64 = 0   // 0: not armed
@@ -109,6 +125,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
 
     private enum Token: UInt32 { case socket = 1, channel = 2, timer = 3, scan = 4 }
     private static let relayTokenBase: UInt32 = 0x100
+    private static let kickTokenBase: UInt32 = 0x10000
 
     /// Connects to `socketPath` (retrying for up to `connectTimeoutMs` while the back-end starts), negotiates
     /// features and protocol features, checks the back-end has `queueSizes.count` queues (MQ), takes ownership
@@ -173,7 +190,39 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         kickFDs = []
         for c in calls where c.relayFD >= 0 { close(c.relayFD) }
         calls = []
+        for k in driverKicks where k.fd >= 0 { close(k.fd) }
+        driverKicks = []
         trackers = []
+        if let b = shadowBase { munmap(b, shadowLength); shadowBase = nil }
+        if shadowFD >= 0 { close(shadowFD); shadowFD = -1 }
+    }
+
+    /// Creates the shadow avail rings' memfd and mapping (once; sized for every queue's largest ring).
+    private func makeShadow() throws(DeviceError) {
+        guard shadowBase == nil else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        var offsets: [Int] = [], total = 0
+        for m in queueMaxSizes {
+            offsets.append(total)
+            total += (6 + 2 * Int(m) + page - 1) / page * page
+        }
+        let fd = lb_memfd("loopbackd-shadow-avail", 0)
+        guard fd >= 0 else { throw DeviceError("vhost-user: memfd: \(Errno.current)") }
+        guard ftruncate(fd, off_t(total)) == 0 else {
+            let e = Errno.current
+            close(fd)
+            throw DeviceError("vhost-user: shadow rings: \(e)")
+        }
+        let p = mmap(nil, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        guard let p, p != MAP_FAILED else {
+            let e = Errno.current
+            close(fd)
+            throw DeviceError("vhost-user: shadow rings: mmap: \(e)")
+        }
+        shadowFD = fd
+        shadowBase = p
+        shadowLength = total
+        shadowOffsets = offsets
     }
 
     /// Stops forwarding for good: unwatches and closes everything (loop thread; the host should have reset the
@@ -292,9 +341,31 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     public func activate(_ context: DeviceContext) throws(DeviceError) {
         self.context = context
         let n = context.queueCount
+        if replay { try makeShadow() }
         for q in 0..<n {
+            let driverKick = q < context.kickFDs.count ? context.kickFDs[q] : -1
+            if replay {
+                // Replay: the back-end gets an eventfd of ours, signalled once the entries are in the shadow ring;
+                // the driver side's kick eventfd is watched by our loop.
+                if driverKick >= 0 {
+                    let d = fcntl(driverKick, F_DUPFD_CLOEXEC, 0)
+                    guard d >= 0 else { throw DeviceError("vhost-user: dup: \(Errno.current)") }
+                    do {
+                        driverKicks.append((d, try loop.register(fd: d, handler: self, token: Self.kickTokenBase + UInt32(q))))
+                    } catch {
+                        close(d)
+                        throw DeviceError("vhost-user: cannot watch kick fd: \(error)")
+                    }
+                } else {
+                    driverKicks.append((-1, -1))   // kicks come through `queueNotified`
+                }
+                let k = lb_eventfd(0, 1)
+                guard k >= 0 else { throw DeviceError("vhost-user: eventfd: \(Errno.current)") }
+                kickFDs.append(k)
+                continue
+            }
             // The driver side's own kick eventfd goes to the back-end (passthroughRings): no relay hop.
-            let k = q < context.kickFDs.count && context.kickFDs[q] >= 0 ? fcntl(context.kickFDs[q], F_DUPFD_CLOEXEC, 0) : lb_eventfd(0, 1)
+            let k = driverKick >= 0 ? fcntl(driverKick, F_DUPFD_CLOEXEC, 0) : lb_eventfd(0, 1)
             guard k >= 0 else { throw DeviceError("vhost-user: eventfd: \(Errno.current)") }
             kickFDs.append(k)
         }
@@ -315,9 +386,14 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             }
             calls.append((r, reg, irq))
         }
-        trackers = !replay && !relay ? [] : (0..<n).map { q in
-            InflightTracker(size: context.queues[q].size, avail: context.queues[q].avail, used: context.queues[q].used,
-                            lastAvail: context.queues[q].lastAvail)
+        if replay, let base = shadowBase {
+            let eventIdx = context.features.contains(.eventIdx)
+            trackers = (0..<n).map { q in
+                InflightTracker(size: context.queues[q].size, avail: context.queues[q].avail, shadow: base + shadowOffsets[q],
+                                used: context.queues[q].used, lastAvail: context.queues[q].lastAvail, eventIdx: eventIdx)
+            }
+            // Entries already available, and `avail_event` set before the driver's next kick decision.
+            for t in trackers { t.pump() }
         }
         watch()
         guard sock >= 0 else {
@@ -331,7 +407,8 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         }
     }
 
-    /// The back-end reads the driver's kick eventfd directly; the host neither watches nor polls the rings.
+    /// The host neither watches the kick eventfds nor polls or writes the rings: direct mode hands the driver
+    /// side's kick eventfds to the back-end; replay mode watches them on our loop (and pumps the shadow rings).
     public var passthroughRings: Bool { !relay }
     public let relay: Bool
     /// true: interrupts pass through loopbackd so the in-flight requests are known and a restarted back-end gets
@@ -342,10 +419,11 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     /// Whether the interrupt of queue `q` goes straight from the back-end to the driver side.
     private func directCall(_ q: Int) -> Bool { q < calls.count && calls[q].relayFD < 0 }
 
-    /// Only reached with `relay` or for driver sides without kick fds; normally the back-end sees the kicks itself.
+    /// Only reached with `relay` or for driver sides without kick fds; otherwise the back-end (direct) or our own
+    /// kick watch (replay) sees the kicks.
     @inline(__always)
     public func queueNotified(_ index: Int) {
-        if index < trackers.count { scanned(index) }
+        if index < trackers.count { pumped(index); return }
         if index < kickFDs.count { FD.signal(kickFDs[index]) }
     }
 
@@ -376,6 +454,11 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             close(c.relayFD)
         }
         calls = []
+        for k in driverKicks where k.fd >= 0 {
+            loop.unregister(fd: k.fd, registration: k.registration)
+            close(k.fd)
+        }
+        driverKicks = []
         trackers = []
         latched = false
         if scanIntervalNs != 0 { _ = lb_timerfd_arm(scanFD, 0); scanIntervalNs = 0 }
@@ -399,21 +482,31 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         guard !regions.isEmpty, regions.allSatisfy({ $0.fd >= 0 }) else {
             throw .badRegion("the driver's memory has no fd to share with the back-end")
         }
-        let descs = regions.map {
+        var descs = regions.map {
             VhostUserMemoryRegion(guestAddress: $0.guestBase, size: $0.size, userAddress: $0.userAddr, mmapOffset: $0.fdOffset)
+        }
+        var fds = regions.map { $0.fd }
+        if replay, let b = shadowBase {
+            // The shadow avail rings: one more region, at a guest address above all of the driver's (1 GiB
+            // aligned; descriptors never point there), at our mapping's address for SET_VRING_ADDR.
+            let gib: UInt64 = 1 << 30
+            let top = regions.reduce(UInt64(0)) { max($0, $1.guestBase &+ $1.size) }
+            descs.append(VhostUserMemoryRegion(guestAddress: (top + gib - 1) / gib * gib, size: UInt64(shadowLength),
+                                               userAddress: UInt64(UInt(bitPattern: b)), mmapOffset: 0))
+            fds.append(shadowFD)
         }
         if descs.count <= 8 {
             try c.request(.setMemTable, { w in
                 w.append(UInt32(descs.count)); w.append(UInt32(0))
                 for d in descs { w.appendRegion(d) }
-            }, fds: regions.map { $0.fd })
+            }, fds: fds)
         } else {
             guard negotiated.contains(.configureMemSlots), descs.count <= maxMemSlots else { throw .tooManyRegions(descs.count) }
             for old in sentRegions where !descs.contains(old) {
                 try c.request(.remMemReg) { w in w.append(UInt64(0)); w.appendRegion(old) }
             }
             for (k, d) in descs.enumerated() where !sentRegions.contains(d) {
-                try c.request(.addMemReg, { w in w.append(UInt64(0)); w.appendRegion(d) }, fds: [regions[k].fd])
+                try c.request(.addMemReg, { w in w.append(UInt64(0)); w.appendRegion(d) }, fds: [fds[k]])
             }
         }
         sentRegions = descs
@@ -429,16 +522,23 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         }
         // Loop thread: the whole exchange within `loopBudgetMs`.
         let c = try loopConversation()
-        let bits = acked.rawValue | (backendFeatures & Self.protocolFeaturesBit)
+        var bits = acked.rawValue | (backendFeatures & Self.protocolFeaturesBit)
+        // Replay: the back-end must not use EVENT_IDX: it would read used_event from the shadow ring (which the
+        // driver never writes) and write avail_event (which is ours: `InflightTracker.pump`). Without it, it
+        // interrupts on every completion (shadow avail.flags stays 0), and we relay each.
+        if replay { bits &= ~VirtioFeatures.eventIdx.rawValue }
         try c.request(.setFeatures) { $0.append(bits) }
         try sendMemoryTable(ctx.memory, c)
         for q in 0..<ctx.queueCount {
             let size = ctx.queues[q].size
-            // First start: where the host says the ring is. Reconnect: below the rewritten in-flight heads.
-            let base = bases?[q] ?? ctx.queues[q].lastAvail
+            // First start: where the host says the ring is (replay: the shadow ring's start, used.idx). Reconnect:
+            // the rewritten in-flight heads.
+            let base = bases?[q] ?? (q < trackers.count ? trackers[q].usedSeen : ctx.queues[q].lastAvail)
             try c.request(.setVringNum) { $0.appendState(q, UInt32(size)) }
             try c.request(.setVringBase) { $0.appendState(q, UInt32(base)) }
-            guard let d = userAddress(ctx.queues[q].desc, ctx.memory), let a = userAddress(ctx.queues[q].avail, ctx.memory),
+            let shadowAvail = q < trackers.count ? UInt64(UInt(bitPattern: trackers[q].shadow)) : nil
+            guard let d = userAddress(ctx.queues[q].desc, ctx.memory),
+                  let a = shadowAvail ?? userAddress(ctx.queues[q].avail, ctx.memory),
                   let u = userAddress(ctx.queues[q].used, ctx.memory) else {
                 throw .ringAddress(index: q, "ring not inside the driver's memory")
             }
@@ -452,6 +552,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             for q in 0..<ctx.queueCount { try c.request(.setVringEnable) { $0.appendState(q, 1) } }
         }
         ringsSetUp = true
+        for t in trackers { t.pump() }
         for f in kickFDs { FD.signal(f) }
     }
 
@@ -585,11 +686,11 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             }
             return (bases, 0)
         }
-        var plans: [(k: Int, availIdx: UInt16)] = []
+        var plans: [Int] = []
         var failed: (queue: Int, fault: QueueFault)?
         for q in 0..<min(ctx.queueCount, trackers.count) {
             let t = trackers[q]
-            t.scan()
+            t.pump()
             guard let plan = t.planReplay() else {
                 failed = (q, t.lost ?? .usedHeadInvalid)
                 break
@@ -602,10 +703,10 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             return nil
         }
         var bases: [UInt16] = []
-        for (q, plan) in plans.enumerated() {
-            bases.append(trackers[q].replay(k: plan.k, availIdx: plan.availIdx))
+        for (q, k) in plans.enumerated() {
+            bases.append(trackers[q].replay(k: k))
         }
-        let total = plans.reduce(0) { $0 + $1.k }
+        let total = plans.reduce(0, +)
         if total > 0 { Log.info("vhost-user \(socketPath): replaying \(total) request(s) the old back-end had in flight") }
         return (bases, total)
     }
@@ -623,11 +724,12 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         }
     }
 
-    /// Scans ring `q` (interrupt or kick) and makes sure the scan tick runs at its fastest: a syscall only when the
+    /// Pumps ring `q` (kick or interrupt: used entries read, new avail entries copied to the shadow ring, the
+    /// back-end kicked if there were any) and makes sure the scan tick runs at its fastest: a syscall only when the
     /// tick was off or had slowed down (while interrupts flow, every tick sees movement and stays at 1 ms).
     @inline(__always)
-    private func scanned(_ q: Int) {
-        trackers[q].scan()
+    private func pumped(_ q: Int) {
+        if trackers[q].pump() && q < kickFDs.count { FD.signal(kickFDs[q]) }
         if scanIntervalNs != Self.minScanNs { armScan(Self.minScanNs) }
     }
 
@@ -639,8 +741,9 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
 
     private func scanTick() {
         var busy = false, progressed = false
-        for t in trackers {
-            t.scan()
+        for (q, t) in trackers.enumerated() {
+            // A driver without EVENT_IDX may have seen the back-end's NO_NOTIFY in used.flags and not kicked.
+            if t.pump() && q < kickFDs.count { FD.signal(kickFDs[q]) }
             busy = busy || t.busy
             progressed = progressed || t.progressed
             t.progressed = false
@@ -654,7 +757,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         armScan(min(scanIntervalNs * 2, Self.maxScanNs))
     }
 
-    /// Tests: makes queue `q`'s in-flight set unknown, as if the front-end had fallen a ring behind.
+    /// Tests: makes queue `q`'s in-flight set unknown, as if a ring had held garbage.
     func loseTracking(_ q: Int) {
         if q < trackers.count { trackers[q].lose(.availIndexJump) }
     }
@@ -667,12 +770,20 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     // MARK: events
 
     public func handleEvent(token: UInt32, events: UInt32) {
+        if token >= Self.kickTokenBase {
+            // Replay: a driver kick. Copy its new entries into the shadow ring, then kick the back-end.
+            let q = Int(token - Self.kickTokenBase)
+            guard q < driverKicks.count, driverKicks[q].fd >= 0 else { return }
+            _ = FD.drain(driverKicks[q].fd)
+            if q < trackers.count { pumped(q) }
+            return
+        }
         if token >= Self.relayTokenBase {
             let q = Int(token - Self.relayTokenBase)
             guard q < calls.count, calls[q].relayFD >= 0 else { return }
             if FD.drain(calls[q].relayFD) != 0 {
-                // Read what the driver added and the back-end completed, then forward the interrupt.
-                scanned(q)
+                // Read what the back-end completed and copy what the driver added, then forward the interrupt.
+                if q < trackers.count { pumped(q) }
                 calls[q].notifier.signal()
             }
             return
@@ -878,46 +989,61 @@ final class VhostUserConnectJob: @unchecked Sendable {
     }
 }
 
-/// Which descriptor heads of one ring the back-end holds: made available by the driver and not yet in the used
-/// ring. Kept by reading the driver's avail ring and the back-end's used ring (never written, except by `replay`)
-/// whenever the back-end's interrupt passes through the front-end, and on the front-end's scan tick, so a restarted
-/// back-end can be given exactly the requests the old one had taken and not completed, whatever order it completed
-/// them in. Every read is checked for having been overtaken by the writer a ring ahead; then tracking is `lost`
-/// until the ring is seen empty, and a reconnect in that state refuses to replay.
+/// One ring's shadow avail ring and the heads the back-end holds. In replay mode the back-end never reads the
+/// driver's avail ring: it reads a ring loopbackd owns (`shadow`, in a memfd region of the memory table), and every
+/// entry gets there by `pump`, which copies the driver's new avail entries across. So the front-end knows exactly,
+/// by construction, which heads it handed over; the used ring (the driver's, written by the back-end) says which
+/// came back. No lag can lose track: the back-end cannot run ahead of what was copied, and `pump` never publishes
+/// more than `size` entries past the last used entry it read, so no used slot is overwritten unread.
 ///
-/// Per head a wrapping counter: +1 for every avail entry naming it, -1 for every used entry. A correct driver never
-/// has a head in flight twice, so once both rings are read up to a consistent point the counter is 1 (in flight)
-/// or 0. Within one scan it may pass through 2 or -1 (a head completed, reaped and made available again since the
-/// last scan), which is why this is a counter and not a bit: the sums do not depend on the order the two rings
-/// are read in. All storage is allocated at activation; a scan allocates nothing.
+/// Per head a wrapping counter: +1 for every shadow entry naming it, -1 for every used entry. Each pump reads the
+/// used ring first, then copies, so a head completed, reaped and made available again is counted 0 → 1 → 0 → 1.
+/// Shadow positions run in step with used positions (a back-end starts with its base at used.idx and reads used.idx
+/// from the ring): `shadowIdx - used.idx` is the number in flight. They are independent of the driver's avail
+/// positions (`driverSeen`). All storage is allocated at activation; a pump allocates nothing.
+///
+/// Tracking is `lost` only when a ring holds garbage (a head or used id out of range, a driver with more chains out
+/// than the ring holds); it resynchronises when everything handed over has completed (used.idx == shadowIdx).
+/// Copying goes on while lost: only a replay is refused.
 final class InflightTracker {
     let size: UInt16
     let mask: UInt16
+    /// The driver's avail ring (read only), our shadow avail ring (the back-end's), the driver's used ring (read,
+    /// and its `avail_event` word written when `eventIdx`).
     private let avail: UnsafeMutableRawPointer
+    let shadow: UnsafeMutableRawPointer
     private let used: UnsafeMutableRawPointer
-    /// Per head: avail entries minus used entries seen (wrapping).
+    /// The driver negotiated VIRTIO_F_EVENT_IDX: it kicks when its avail.idx passes `avail_event`, which we own.
+    private let eventIdx: Bool
+    /// Per head: shadow entries minus used entries seen (wrapping).
     private let count: UnsafeMutablePointer<Int16>
-    /// Per head: the avail position (free-running) it was last made available at; orders the replay.
+    /// Per head: the shadow position (free-running) it was last published at; orders the replay.
     private let position: UnsafeMutablePointer<UInt16>
     /// Replay scratch: the in-flight heads.
     private let scratch: UnsafeMutablePointer<UInt16>
-    /// Avail and used positions read so far.
-    private(set) var availSeen: UInt16
+    /// Driver avail position copied up to; next shadow position (published as shadow avail.idx); used position read.
+    private(set) var driverSeen: UInt16
+    private(set) var shadowIdx: UInt16
     private(set) var usedSeen: UInt16
-    /// Why the counters stopped being exact (nil while tracking). Cleared when the ring is seen empty.
+    /// Why the counters stopped being exact (nil while tracking).
     private(set) var lost: QueueFault?
     /// Times tracking was lost (diagnostics, tests).
     private(set) var losses = 0
-    /// Set by a scan that read new entries; the front-end's scan tick clears it.
+    /// Set by a pump that moved entries; the front-end's scan tick clears it.
     var progressed = false
-    /// Requests in flight as far as read (or unknown): the scan tick must keep running.
-    var busy: Bool { lost != nil || availSeen != usedSeen }
+    /// Requests handed over and not completed (or unknown), or driver entries not copied yet: keep the tick going.
+    var busy: Bool { lost != nil || shadowIdx != usedSeen || Self.index(avail) != driverSeen }
 
-    init(size: UInt16, avail: UnsafeMutableRawPointer, used: UnsafeMutableRawPointer, lastAvail: UInt16) {
+    /// `lastAvail`: where the driver side says the device starts in the driver's avail ring. The shadow starts at
+    /// the used ring's index; `shadow` (6 + 2 * size bytes) is initialised here.
+    init(size: UInt16, avail: UnsafeMutableRawPointer, shadow: UnsafeMutableRawPointer, used: UnsafeMutableRawPointer,
+         lastAvail: UInt16, eventIdx: Bool) {
         self.size = size
         mask = size &- 1
         self.avail = avail
+        self.shadow = shadow
         self.used = used
+        self.eventIdx = eventIdx
         let n = Int(size)
         count = .allocate(capacity: n)
         count.initialize(repeating: 0, count: n)
@@ -926,11 +1052,11 @@ final class InflightTracker {
         scratch = .allocate(capacity: n)
         scratch.initialize(repeating: 0, count: n)
         let u = Self.index(used)
-        availSeen = u
+        driverSeen = lastAvail
+        shadowIdx = u
         usedSeen = u
-        // Chains between used.idx and where the back-end starts were taken by an earlier device instance and would
-        // never complete: nothing to track exactly until the ring is empty.
-        if lastAvail != u { lose(.availIndexJump) }
+        memset(shadow, 0, 6 + 2 * n)
+        Self.publish(shadow, u)
     }
 
     deinit {
@@ -943,6 +1069,11 @@ final class InflightTracker {
         (ring + 2).assumingMemoryBound(to: Atomic<UInt16>.self).pointee.load(ordering: .acquiring)
     }
 
+    /// Release: the shadow entries written before are visible to the back-end once it reads the index.
+    @inline(__always) private static func publish(_ ring: UnsafeMutableRawPointer, _ v: UInt16) {
+        (ring + 2).assumingMemoryBound(to: Atomic<UInt16>.self).pointee.store(v.littleEndian, ordering: .releasing)
+    }
+
     var isTracking: Bool { lost == nil }
 
     func lose(_ why: QueueFault) {
@@ -950,74 +1081,93 @@ final class InflightTracker {
         lost = why
     }
 
-    /// Reads the avail entries the driver added and the used entries the back-end added since the last scan.
-    func scan() {
-        if lost != nil { resyncIfEmpty(); return }
-        // Avail. Acquire: the entries the driver wrote before publishing avail.idx are visible.
-        let a = Self.index(avail)
-        let aStart = availSeen
-        if a &- aStart >= size { lose(.availIndexJump); return }   // fell a ring behind: entries overwritten
-        var p = aStart
-        while p != a {
-            let head = (avail + 4 + 2 * Int(p & mask)).load(as: UInt16.self).littleEndian
-            guard head < size else { lose(.headOutOfRange); return }
-            count[Int(head)] &+= 1
-            position[Int(head)] = p
-            p &+= 1
-        }
-        // The driver overwrites the slot of position p when it writes position p + size, so every slot read above
-        // must still have held its entry: checked after the reads (seqlock style). Published positions: exact (the
-        // driver writes position avail.idx before publishing it, hence `>=`). Entries a driver writes ahead of
-        // avail.idx before publishing them (a batch) reach p + size only if the driver already reaped completions
-        // past p (it never has more than `size` chains outstanding), i.e. used.idx passed `aStart`, and more than
-        // half a ring was added since `aStart`; Linux publishes every entry, so half a ring of lag with completions
-        // past it is where we stop trusting the reads.
-        atomicMemoryFence(ordering: .acquiring)
-        let a2 = Self.index(avail)
-        let u2 = Self.index(used)
-        let lag = a2 &- aStart
-        let completedPast = u2 &- aStart
-        if lag >= size || (lag > size / 2 && completedPast != 0 && completedPast <= lag) {
-            lose(.availIndexJump); return
-        }
-        if a != aStart { progressed = true }
-        availSeen = a
-        // Used. Acquire: the entries the back-end wrote before publishing used.idx are visible.
+    /// Reads the used entries the back-end added since the last read. While lost, resynchronises once everything
+    /// handed over has completed.
+    private func scanUsed() {
+        // Acquire: the entries the back-end wrote before publishing used.idx are visible.
         let u = Self.index(used)
-        let uStart = usedSeen
-        p = uStart
-        while p != u {
-            let id = (used + 4 + 8 * Int(p & mask)).load(as: UInt32.self).littleEndian
-            guard id < UInt32(size) else { lose(.usedHeadInvalid); return }
-            count[Int(id)] &-= 1
-            p &+= 1
+        var p = usedSeen
+        // A back-end publishing more than we handed over is broken (or not reading our ring).
+        if u &- p > shadowIdx &- p { lose(.usedHeadInvalid) }
+        if lost == nil {
+            while p != u {
+                let id = (used + 4 + 8 * Int(p & mask)).load(as: UInt32.self).littleEndian
+                guard id < UInt32(size) else { lose(.usedHeadInvalid); break }
+                count[Int(id)] &-= 1
+                p &+= 1
+            }
         }
-        // The back-end only writes used entries for chains made available, i.e. at positions below avail.idx: the
-        // slot of position p can be overwritten only once avail.idx passed p + size.
-        atomicMemoryFence(ordering: .acquiring)
-        if Self.index(avail) &- uStart > size { lose(.usedHeadInvalid); return }
-        if u != uStart { progressed = true }
+        if u != usedSeen { progressed = true }
         usedSeen = u
+        if lost != nil && u == shadowIdx {
+            // Nothing handed over is outstanding at this instant: the counters restart from zero.
+            count.update(repeating: 0, count: Int(size))
+            lost = nil
+        }
     }
 
-    /// While untracked: if the ring is empty at one instant (used.idx read, then avail.idx equal to it: avail.idx
-    /// was already that when used.idx was read), nothing is in flight and the counters restart from zero.
-    private func resyncIfEmpty() {
-        let u = Self.index(used)
-        let a = Self.index(avail)
-        guard a == u else { return }
-        count.update(repeating: 0, count: Int(size))
-        availSeen = u
-        usedSeen = u
-        lost = nil
+    /// Driver kick, relayed interrupt or scan tick: reads the used ring, copies the driver's new avail entries into
+    /// the shadow ring and publishes them, then (EVENT_IDX) sets `avail_event` to the driver's position copied up to,
+    /// so the driver kicks for its next entry; a full fence and a re-read of the driver's avail.idx close the race
+    /// with a driver that read the old `avail_event` (no lost kick). Returns whether new entries were published
+    /// (the back-end needs a kick).
+    @discardableResult
+    func pump() -> Bool {
+        var published = false
+        var stalled = false
+        while true {
+            scanUsed()
+            // Acquire: the entries the driver wrote before publishing avail.idx are visible.
+            let a = Self.index(avail)
+            let n = a &- driverSeen
+            if n != 0 {
+                if n > size { lose(.availIndexJump) }   // a driver more than a ring ahead of itself: garbage
+                // Never more than `size` published past the used entries read: no used slot is overwritten unread.
+                let room = size &- (shadowIdx &- usedSeen)
+                let m = min(n, room)
+                if m == 0 {
+                    // The back-end must complete something first; the driver cannot have more chains out than the
+                    // ring holds, so a second look without room means it does.
+                    if stalled { lose(.availIndexJump); break }
+                    stalled = true
+                    continue
+                }
+                stalled = false
+                var i: UInt16 = 0
+                while i < m {
+                    let head = (avail + 4 + 2 * Int((driverSeen &+ i) & mask)).load(as: UInt16.self)
+                    let sp = shadowIdx &+ i
+                    (shadow + 4 + 2 * Int(sp & mask)).storeBytes(of: head, as: UInt16.self)
+                    let h = UInt16(littleEndian: head)
+                    if h < size {
+                        count[Int(h)] &+= 1
+                        position[Int(h)] = sp
+                    } else {
+                        lose(.headOutOfRange)   // passed on as is: the back-end rejects it as it would have
+                    }
+                    i &+= 1
+                }
+                driverSeen &+= m
+                shadowIdx &+= m
+                Self.publish(shadow, shadowIdx)
+                published = true
+                progressed = true
+                continue
+            }
+            guard eventIdx else { break }
+            (used + 4 + 8 * Int(size)).assumingMemoryBound(to: Atomic<UInt16>.self).pointee
+                .store(driverSeen.littleEndian, ordering: .relaxed)
+            atomicMemoryFence(ordering: .sequentiallyConsistent)
+            if Self.index(avail) == driverSeen { break }
+        }
+        return published
     }
 
-    /// Checks that the counters describe exactly `avail.idx - used.idx` heads in flight (call after a final
-    /// `scan()`, with the back-end stopped so the used ring no longer moves). Returns the number `k` of heads to
-    /// replay and the avail index read, or nil (then `lost` says why).
-    func planReplay() -> (k: Int, availIdx: UInt16)? {
+    /// Checks that the counters describe exactly `shadowIdx - used.idx` heads in flight (call after a final
+    /// `pump()`, with the back-end stopped so the used ring no longer moves). Returns the number `k` of heads to
+    /// replay, or nil (then `lost` says why).
+    func planReplay() -> Int? {
         guard lost == nil else { return nil }
-        let a = availSeen, u = usedSeen
         var k = 0
         for h in 0..<Int(size) {
             switch count[h] {
@@ -1027,35 +1177,32 @@ final class InflightTracker {
                 scratch[k] = UInt16(h)
                 k += 1
             default:
-                // A head completed twice, or completed without being available: the back-end misbehaved.
+                // A head completed twice, or completed without being handed over: the back-end misbehaved.
                 lose(.usedHeadInvalid); return nil
             }
         }
-        guard k == Int(a &- u) else { lose(.usedHeadInvalid); return nil }
-        return (k, a)
+        guard k == Int(shadowIdx &- usedSeen) else { lose(.usedHeadInvalid); return nil }
+        return k
     }
 
-    /// Rewrites the avail slots of positions `[availIdx - k, availIdx)` with the in-flight heads of `planReplay`,
-    /// oldest first, and returns the base the new back-end starts from (`availIdx - k`, which equals used.idx).
-    ///
-    /// Why the driver's avail ring may be written: Linux's split virtqueue (and SimDriver) never read
-    /// `avail->ring[]` back; the slots rewritten belong to positions older than avail.idx, and the driver's next
-    /// entries go to positions `[avail.idx, avail.idx + size - k)`, which cannot reach them (mod size) because k
-    /// heads are still outstanding. Plain stores suffice: no back-end is running on this ring, and the
-    /// SET_VRING_* messages that start one are sent (sendmsg) after them.
-    func replay(k: Int, availIdx a: UInt16) -> UInt16 {
-        let base = a &- UInt16(k)
+    /// Rewrites the shadow slots of positions `[used.idx, used.idx + k)` with the `k` in-flight heads of
+    /// `planReplay`, oldest first, and returns the base the new back-end starts from (used.idx). `shadowIdx` is
+    /// `used.idx + k` already (`planReplay` checked), so the published shadow avail.idx stays. The shadow is ours:
+    /// no driver reads it, and no back-end runs on it while this runs.
+    func replay(k: Int) -> UInt16 {
+        let base = usedSeen
         if k > 0 {
             var heads = UnsafeMutableBufferPointer(start: scratch, count: k)
-            let pos = position
-            // Oldest first: distance back from avail.idx, largest first (reconnect only; may allocate).
-            heads.sort { a &- pos[Int($0)] > a &- pos[Int($1)] }
+            let pos = position, top = shadowIdx
+            // Oldest first: distance back from shadowIdx, largest first (reconnect only; may allocate).
+            heads.sort { top &- pos[Int($0)] > top &- pos[Int($1)] }
             for i in 0..<k {
                 let p = base &+ UInt16(i)
-                (avail + 4 + 2 * Int(p & mask)).storeBytes(of: heads[i].littleEndian, as: UInt16.self)
+                (shadow + 4 + 2 * Int(p & mask)).storeBytes(of: heads[i].littleEndian, as: UInt16.self)
                 position[Int(heads[i])] = p
             }
         }
+        Self.publish(shadow, shadowIdx)
         return base
     }
 }
