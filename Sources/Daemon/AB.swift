@@ -44,7 +44,7 @@ enum AB {
     /// Driver side = the simulated driver: one loop per path, each with its own simulated driver.
     static func runSim(_ d: DeviceConfig, _ o: Options, socket: String, pollUs: Int) throws(DeviceError) -> Int32 {
         let loopA: EventLoop, loopB: EventLoop
-        do { loopA = try EventLoop(pollMicroseconds: pollUs); loopB = try EventLoop() } catch { throw DeviceError("event loop: \(error)") }
+        do { loopA = try EventLoop(pollMicroseconds: pollUs); loopB = try EventLoop(pollMicroseconds: pollUs) } catch { throw DeviceError("event loop: \(error)") }
         let hostA = DeviceHost(loop: loopA), hostB = DeviceHost(loop: loopB)
         let ia = hostA.add(name: d.name, device: try d.make())
         let ib = hostB.add(name: d.name, device: try makeFrontend(d, socket: socket, loop: loopB, relay: o.relay, replay: !o.direct))

@@ -394,6 +394,8 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             }
             // Entries already available, and `avail_event` set before the driver's next kick decision.
             for t in trackers { t.pump() }
+            // During the loop's busy-poll window the shadow rings are pumped without waiting for a kick.
+            if !polled { loop.addPoller(self); polled = true }
         }
         watch()
         guard sock >= 0 else {
@@ -460,6 +462,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         }
         driverKicks = []
         trackers = []
+        if polled { loop.removePoller(self); polled = false }
         latched = false
         if scanIntervalNs != 0 { _ = lb_timerfd_arm(scanFD, 0); scanIntervalNs = 0 }
         for f in kickFDs { close(f) }
@@ -732,6 +735,9 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         if trackers[q].pump() && q < kickFDs.count { FD.signal(kickFDs[q]) }
         if scanIntervalNs != Self.minScanNs { armScan(Self.minScanNs) }
     }
+
+    /// Registered as a poller while shadow rings exist (`EventLoop` busy-poll window).
+    private var polled = false
 
     private func armScan(_ ns: UInt64) {
         guard scanFD >= 0 else { return }
@@ -1205,4 +1211,18 @@ final class InflightTracker {
         Self.publish(shadow, shadowIdx)
         return base
     }
+}
+
+/// Busy-poll (`poll-us`): pump the shadow rings on every spin of the loop instead of waiting for the driver's kick.
+extension VhostUserFrontendDevice: Poller {
+    public func poll() -> Bool {
+        guard ringsSetUp else { return false }
+        var worked = false
+        for q in 0..<trackers.count where trackers[q].pump() {
+            if q < kickFDs.count { FD.signal(kickFDs[q]) }
+            worked = true
+        }
+        return worked
+    }
+    public func setPolling(_ on: Bool) {}
 }
