@@ -11,29 +11,6 @@ import CLinux
 //    flight, which out-of-order completion leaves anywhere in the ring).
 // Every block run is checked byte for byte against a shadow copy (reads at completion, the whole image at the end).
 
-/// SplitMix64: a reproducible generator for the random-I/O runs.
-private struct PeerSplitMix: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
-/// One block request's driver buffers: header, data, status byte at fixed guest addresses.
-private struct PeerBuffers {
-    let header: UInt64
-    let data: UInt64
-    let status: UInt64
-    init(_ drv: SimDriver, dataBytes: Int) {
-        header = drv.alloc(16)
-        data = drv.alloc(max(dataBytes, 16), align: 512)
-        status = drv.alloc(16)
-    }
-}
 
 /// What a random-I/O run did.
 private struct PeerIOStats {
@@ -232,7 +209,7 @@ final class VhostUserPeerTests: XCTestCase {
         }
     }
 
-    private func writeHeader(_ drv: SimDriver, _ b: PeerBuffers, type: UInt32, sector: UInt64) {
+    private func writeHeader(_ drv: SimDriver, _ b: Buffers, type: UInt32, sector: UInt64) {
         let h = drv.host(b.header)
         h.storeBytes(of: type.littleEndian, as: UInt32.self)
         h.storeBytes(of: UInt32(0), toByteOffset: 4, as: UInt32.self)
@@ -257,17 +234,17 @@ final class VhostUserPeerTests: XCTestCase {
         var nextPos = [Int](repeating: 0, count: nq)
         var completedOn = [Int](repeating: 0, count: nq)
         for q in drv.queues { precondition(4 * outstanding <= Int(q.size), "up to 4 descriptors per request must fit the ring") }
-        var bufs: [[PeerBuffers]] = []
+        var bufs: [[Buffers]] = []
         var reqs: [[Req]] = []
         var byHead: [[Int]] = []
         for qi in 0..<nq {
-            bufs.append((0..<outstanding).map { _ in PeerBuffers(drv, dataBytes: maxBytes) })
+            bufs.append((0..<outstanding).map { _ in Buffers(drv, dataBytes: maxBytes) })
             reqs.append([Req](repeating: Req(), count: outstanding))
             byHead.append([Int](repeating: -1, count: Int(drv.queues[qi].size)))
         }
         var readers = [UInt16](repeating: 0, count: sectors)
         var writers = [UInt8](repeating: 0, count: sectors)
-        var rng = PeerSplitMix(state: seed)
+        var rng = SplitMix(state: seed)
         var st = PeerIOStats()
         var pfds = drv.queues.map { pollfd(fd: $0.interruptFD.raw, events: Int16(POLLIN), revents: 0) }
         let t0 = lb_now_ns()
