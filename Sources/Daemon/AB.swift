@@ -83,7 +83,7 @@ enum AB {
             for path in (r % 2 == 0 ? [0, 1] : [1, 0]) {
                 let w = path == 0 ? wa : wb
                 try w.beginPhase()
-                let (samples, elapsed, e) = collect(w, count: perRound, spinNs: spin)
+                let (samples, elapsed, e) = timeRoundTrips(w, count: perRound, spinNs: spin)
                 errors += e
                 if path == 0 { sa += samples; ta += elapsed } else { sb += samples; tb += elapsed }
             }
@@ -108,20 +108,6 @@ enum AB {
         let kernel = targets.map { ", \"kernel\": {\"inproc\": \"\($0.0)\", \"socket\": \"\($0.1)\"}" } ?? ""
         print("{\"device\": \"\(d.name)\", \"driver\": \"\(driver.rawValue)\", \"poll\": \(o.poll), \"relay\": \(o.relay), \"direct\": \(o.direct)\(kernel), \"paths\": {\"inproc\": \(a.json), \"socket\": \(b.json)}, \"ratio_p50\": \(fmt2(ratio)), \"errors\": \(errors)}")
         return errors == 0 ? 0 : 1
-    }
-
-    static func collect(_ w: RoundTrip, count: Int, spinNs: UInt64) -> ([UInt64], UInt64, Int) {
-        var s = [UInt64](repeating: 0, count: count)
-        var errors = 0
-        let t0 = lb_now_ns()
-        s.withUnsafeMutableBufferPointer { b in
-            for i in 0..<count {
-                let t = lb_now_ns()
-                if !w.runOne(spinNs: spinNs) { errors += 1 }
-                b[i] = lb_now_ns() &- t
-            }
-        }
-        return (s, lb_now_ns() - t0, errors)
     }
 
     /// Starts `loopbackd ab-serve` (this same binary) and waits until its socket accepts connections.

@@ -193,13 +193,7 @@ final class KernelBlk: KernelTarget, RoundTrip {
 enum Sysfs {
     /// The file's text without the trailing newline; nil if it cannot be read.
     static func read(_ path: String) -> String? {
-        let f = open(path, O_RDONLY | O_CLOEXEC)
-        guard f >= 0 else { return nil }
-        defer { Glibc.close(f) }
-        var b = [UInt8](repeating: 0, count: 4096)
-        let n = b.withUnsafeMutableBytes { Glibc.read(f, $0.baseAddress, 4096) }
-        guard n >= 0 else { return nil }
-        var s = String(decoding: b[0..<n], as: UTF8.self)
+        guard var s = try? FD.readText(path, limit: 4096) else { return nil }
         while s.last == "\n" || s.last == " " { s.removeLast() }
         return s
     }

@@ -41,12 +41,10 @@ func pad(_ s: String, _ n: Int, left: Bool = false) -> String {
     s.count >= n ? s : (left ? s + String(repeating: " ", count: n - s.count) : String(repeating: " ", count: n - s.count) + s)
 }
 
-/// Runs `count` QD1 requests of `workload` and times each one (after `warmup` untimed ones).
-func measure(_ w: Workload, count: Int, warmup: Int, spinNs: UInt64) -> (LatencyStats, errors: Int, kicks: Double, sleeps: Double) {
-    var errors = 0
-    for _ in 0..<warmup { if !w.runOne(spinNs: spinNs) { errors += 1 } }
-    let k0 = w.q.kicks, s0 = w.q.sleeps
+/// Times `count` queue-depth-1 requests one by one (bench and ab share this loop).
+func timeRoundTrips(_ w: RoundTrip, count: Int, spinNs: UInt64) -> (samples: [UInt64], elapsedNs: UInt64, errors: Int) {
     var samples = [UInt64](repeating: 0, count: count)
+    var errors = 0
     let t0 = lb_now_ns()
     samples.withUnsafeMutableBufferPointer { s in
         for i in 0..<count {
@@ -55,8 +53,16 @@ func measure(_ w: Workload, count: Int, warmup: Int, spinNs: UInt64) -> (Latency
             s[i] = lb_now_ns() &- a
         }
     }
-    let elapsed = lb_now_ns() - t0
-    return (LatencyStats(samples: &samples, elapsedNs: elapsed), errors,
+    return (samples, lb_now_ns() - t0, errors)
+}
+
+/// Runs `count` QD1 requests of `workload` and times each one (after `warmup` untimed ones).
+func measure(_ w: Workload, count: Int, warmup: Int, spinNs: UInt64) -> (LatencyStats, errors: Int, kicks: Double, sleeps: Double) {
+    var errors = 0
+    for _ in 0..<warmup { if !w.runOne(spinNs: spinNs) { errors += 1 } }
+    let k0 = w.q.kicks, s0 = w.q.sleeps
+    var r = timeRoundTrips(w, count: count, spinNs: spinNs)
+    return (LatencyStats(samples: &r.samples, elapsedNs: r.elapsedNs), errors + r.errors,
             Double(w.q.kicks - k0) / Double(count), Double(w.q.sleeps - s0) / Double(count))
 }
 

@@ -1,3 +1,5 @@
+import Glibc
+import CLinux
 import Transport
 
 // Helpers shared by the block tests (BlockTests, VhostUserPeerTests).
@@ -23,5 +25,22 @@ struct Buffers {
         header = drv.alloc(16)
         data = drv.alloc(max(dataBytes, 16), align: 512)
         status = drv.alloc(16)
+    }
+}
+
+/// Creates (or truncates) `path` with `size` bytes, all `byte`, or random bytes when `byte` is nil.
+func writeTestFile(_ path: String, size: Int, byte: UInt8?) {
+    let fd = open(path, O_CREAT | O_TRUNC | O_RDWR | O_CLOEXEC, 0o600)
+    precondition(fd >= 0, "cannot create \(path)")
+    defer { close(fd) }
+    let chunk = 1 << 20
+    let buf = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
+    defer { buf.deallocate() }
+    var off = 0
+    while off < size {
+        let n = min(chunk, size - off)
+        if let b = byte { memset(buf, Int32(b), n) } else { _ = lb_getrandom(buf, n) }
+        precondition(pwrite(fd, buf, n, off_t(off)) == n)
+        off += n
     }
 }

@@ -27,19 +27,7 @@ final class BlockTests: XCTestCase {
     private func makeFile(size: Int, byte: UInt8? = 0, dir: String = "/tmp") -> String {
         let path = "\(dir)/loopbackd-blk-\(getpid())-\(files.count)"
         files.append(path)
-        let fd = open(path, O_CREAT | O_TRUNC | O_RDWR | O_CLOEXEC, 0o600)
-        precondition(fd >= 0)
-        defer { close(fd) }
-        let chunk = 1 << 20
-        let buf = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 16)
-        defer { buf.deallocate() }
-        var off = 0
-        while off < size {
-            let n = min(chunk, size - off)
-            if let b = byte { memset(buf, Int32(b), n) } else { _ = lb_getrandom(buf, n) }
-            precondition(pwrite(fd, buf, n, off_t(off)) == n)
-            off += n
-        }
+        writeTestFile(path, size: size, byte: byte)
         return path
     }
 

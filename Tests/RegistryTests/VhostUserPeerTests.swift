@@ -165,19 +165,7 @@ final class VhostUserPeerTests: XCTestCase {
     /// A file of `size` random bytes.
     private func makeImage(size: Int) -> String {
         let path = tempPath("disk.img")
-        let fd = open(path, O_CREAT | O_TRUNC | O_RDWR | O_CLOEXEC, 0o600)
-        precondition(fd >= 0)
-        defer { close(fd) }
-        let chunk = 1 << 20
-        let buf = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
-        defer { buf.deallocate() }
-        var off = 0
-        while off < size {
-            let n = min(chunk, size - off)
-            _ = lb_getrandom(buf, n)
-            precondition(pwrite(fd, buf, n, off_t(off)) == n)
-            off += n
-        }
+        writeTestFile(path, size: size, byte: nil)
         return path
     }
 

@@ -75,7 +75,9 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
             guard r == 0 else { throw DeviceError("GET_RAM: \(Errno.current)") }
             return ranges.prefix(Int(min(list.count, 64))).map { ($0.start, $0.size) }.filter { $0.1 > 0 }
         }
-        return try VirtioLoLink.parseIomem(readFile("/proc/iomem"))
+        let text: String
+        do { text = try FD.readText("/proc/iomem") } catch { throw DeviceError("cannot read /proc/iomem: \(error)") }
+        return try VirtioLoLink.parseIomem(text)
     }
 
     /// Top-level "System RAM" lines of /proc/iomem ("00100000-1ffdffff : System RAM"), rounded inwards to pages.
@@ -310,21 +312,4 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         if d.configKick >= 0 { close(d.configKick); d.configKick = -1 }
         if d.configChanged >= 0 { close(d.configChanged); d.configChanged = -1 }
     }
-}
-
-/// Reads a whole (small, /proc) file without Foundation.
-func readFile(_ path: String) throws(DeviceError) -> String {
-    let f = open(path, O_RDONLY | O_CLOEXEC)
-    guard f >= 0 else { throw DeviceError("cannot read \(path): \(Errno.current)") }
-    defer { close(f) }
-    var bytes: [UInt8] = []
-    var buf = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let n = buf.withUnsafeMutableBytes { read(f, $0.baseAddress, 4096) }
-        if n < 0 && errno == EINTR { continue }
-        if n <= 0 { break }
-        bytes += buf[0..<n]
-        if bytes.count > 1 << 20 { break }
-    }
-    return String(decoding: bytes, as: UTF8.self)
 }

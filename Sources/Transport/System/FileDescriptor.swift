@@ -59,6 +59,20 @@ public enum FD {
         }
         return true
     }
+    /// Reads a small text file (/proc, /sys) whole; at most `limit` bytes.
+    public static func readText(_ path: String, limit: Int = 1 << 20) throws(Errno) -> String {
+        let f = try open(path, flags: O_RDONLY)
+        var bytes: [UInt8] = []
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 8)
+        defer { buf.deallocate() }
+        while bytes.count < limit {
+            let n = try syscall { Glibc.read(f.raw, buf, 4096) }
+            if n == 0 { break }
+            bytes += UnsafeRawBufferPointer(start: buf, count: n)
+        }
+        return String(decoding: bytes.prefix(limit), as: UTF8.self)
+    }
+
     public static func pwrite(_ fd: Int32, _ buf: UnsafeRawPointer, _ count: Int, _ offset: Int64) throws(Errno) {
         var done = 0
         while done < count {
