@@ -6,7 +6,7 @@ import CLinux
 
 /// A small device body for these tests: every chain's readable bytes come back XOR 0x5A in its writable part.
 /// 8 bytes of writable config space; `changeConfig` raises the config interrupt.
-private final class VUEchoDevice: VirtioDevice {
+final class VUEchoDevice: VirtioDevice {
     let deviceID: UInt32 = 0x4c42
     let queueMaxSizes: [UInt16]
     let offeredFeatures: VirtioFeatures = [.version1, .eventIdx, .indirectDesc]
@@ -47,7 +47,7 @@ private final class VUEchoDevice: VirtioDevice {
 }
 
 /// A hand-driven front-end for protocol tests: raw bytes and fds in, replies and EOF out.
-private final class VURawClient {
+final class VURawClient {
     let fd: Int32
     init?(_ path: String) {
         fd = path.withCString { lb_unix_connect($0, 1) }
@@ -91,24 +91,24 @@ private final class VURawClient {
     }
 }
 
-private func u64(_ v: UInt64) -> [UInt8] { withUnsafeBytes(of: v) { Array($0) } }
-private func u32s(_ vs: [UInt32]) -> [UInt8] { vs.flatMap { v in withUnsafeBytes(of: v) { Array($0) } } }
-private func regionBytes(_ r: VhostUserMemoryRegion) -> [UInt8] { [r.guestAddress, r.size, r.userAddress, r.mmapOffset].flatMap(u64) }
-private func memTable(_ rs: [VhostUserMemoryRegion]) -> [UInt8] { u32s([UInt32(rs.count), 0]) + rs.flatMap(regionBytes) }
-private func memfd(_ size: Int) -> Int32 {
+func u64(_ v: UInt64) -> [UInt8] { withUnsafeBytes(of: v) { Array($0) } }
+func u32s(_ vs: [UInt32]) -> [UInt8] { vs.flatMap { v in withUnsafeBytes(of: v) { Array($0) } } }
+func regionBytes(_ r: VhostUserMemoryRegion) -> [UInt8] { [r.guestAddress, r.size, r.userAddress, r.mmapOffset].flatMap(u64) }
+func memTable(_ rs: [VhostUserMemoryRegion]) -> [UInt8] { u32s([UInt32(rs.count), 0]) + rs.flatMap(regionBytes) }
+func memfd(_ size: Int) -> Int32 {
     let fd = lb_memfd("vhost-user-test", 0)
     precondition(fd >= 0 && ftruncate(fd, off_t(size)) == 0)
     return fd
 }
-private func openFDCount() -> Int {
+func openFDCount() -> Int {
     guard let d = opendir("/proc/self/fd") else { return -1 }
     var n = 0
     while readdir(d) != nil { n += 1 }
     closedir(d)
     return n
 }
-nonisolated(unsafe) private var socketCounter = 0
-private func testSocketPath() -> String {
+nonisolated(unsafe) var socketCounter = 0
+func testSocketPath() -> String {
     socketCounter += 1
     return "/tmp/lb-vhost-\(getpid())-\(socketCounter).sock"
 }

@@ -102,4 +102,23 @@ int lb_timerfd(void);
 int lb_timerfd_arm(int fd, uint64_t ns);
 // Waits up to timeout_ms for POLLIN (events=1) or POLLOUT (events=4); returns poll(2)'s revents, 0 on timeout, -1.
 int lb_poll_one(int fd, int events, int timeout_ms);
+// ---- peer fds (peerguard.c) ----
+// SIGBUS guard for peer-supplied shared mappings: install the handler (idempotent), register each mapping with an
+// eventfd the handler signals when it caught a fault there (returns the slot, or -1), read the slot's broken flag,
+// remove the slot before munmap.
+int lb_guard_install(void);
+int lb_guard_add(void *start, size_t len, int notify_fd);
+void lb_guard_remove(int slot);
+int lb_guard_broken(int slot);
+unsigned long lb_guard_fault_count(void);
+enum { LB_FD_REGULAR = 1, LB_FD_BLOCK, LB_FD_CHAR, LB_FD_PIPE, LB_FD_SOCKET, LB_FD_DIRECTORY, LB_FD_EVENTFD,
+       LB_FD_ANON, LB_FD_OTHER };
+// What kind of file `fd` is (LB_FD_*; LB_FD_ANON: an anonymous inode /proc could not name), -1 on error.
+int lb_fd_kind(int fd);
+// Sets O_NONBLOCK on the file description; 0 on success.
+int lb_set_nonblocking(int fd);
+// 1 if the (non-blocking) eventfd is in EFD_SEMAPHORE mode, 0 if not, -1 on error. Consumes pending counts.
+int lb_eventfd_is_semaphore(int fd);
+// eventfd(2) with raw EFD_* flags (EFD_SEMAPHORE = 1, EFD_NONBLOCK = 04000, EFD_CLOEXEC = 02000000).
+int lb_eventfd2(unsigned int initval, int flags);
 #endif

@@ -14,6 +14,8 @@ public final class RngDevice: VirtioDevice {
     /// Chains that were read-only or empty (driver errors): completed with 0 bytes, counted, logged once.
     public private(set) var badChains = 0
     private var sourceFailed = false
+    /// Bytes one request gets at most (Linux asks for at most 64 bytes per read of /dev/hwrng anyway).
+    public static let maxBytesPerRequest: UInt32 = 64 << 10
 
     /// `sourceFD` is owned by the device (closed in deinit); -1 for getrandom.
     public init(sourceFD: Int32 = -1, queueSize: UInt16 = 256) {
@@ -36,11 +38,14 @@ public final class RngDevice: VirtioDevice {
                 if badChains == 1 { Log.warning("rng: driver sent a chain with no writable buffer; completed with 0 bytes") }
                 return 0
             }
+            // The device may fill less than the whole buffer (virtio 1.2 §5.4.6.1: "one or more bytes"): a
+            // 4 GiB chain (255 descriptors of 16 MiB) must not hold the loop for seconds.
             var written: UInt32 = 0
-            for i in chain.readableCount..<chain.count {
+            for i in chain.readableCount..<chain.count where written < RngDevice.maxBytesPerRequest {
                 let s = chain.segments[i]
-                guard fill(s.base, Int(s.length)) else { break }
-                written += s.length
+                let n = min(s.length, RngDevice.maxBytesPerRequest - written)
+                guard fill(s.base, Int(n)) else { break }
+                written += n
             }
             return written
         }

@@ -1,4 +1,5 @@
 import Glibc
+import CLinux
 
 /// What a driver side learns about a device before negotiating.
 public struct DeviceInfo: Sendable {
@@ -18,7 +19,7 @@ public protocol DeviceHostObserver: AnyObject {
 /// simulated driver, the kernel link, the vhost-user backend server) produces the same events: device added,
 /// features negotiated, queues ready (DRIVER_OK), kick, config access, reset.
 /// All methods except `init` run on the loop thread (driver sides on other threads use `loop.executeAndWait`).
-public final class DeviceHost: EventHandler, Poller {
+public final class DeviceHost: EventHandler, Poller, DeferredWork {
     public let loop: EventLoop
     private var slots: [Slot] = []
     public weak var observer: DeviceHostObserver?
@@ -50,9 +51,17 @@ public final class DeviceHost: EventHandler, Poller {
     private let hot = UnsafeMutablePointer<HotSlot>.allocate(capacity: DeviceHost.maxDevices)
     private var trampolines: [DeviceTrampoline] = []
 
+    /// Queues that stopped at their per-turn budget, as device << 16 | queue; run again next loop turn.
+    /// Two arrays swapped per turn, capacity kept: no allocation once warm.
+    private var deferred: [UInt32] = []
+    private var deferredRunning: [UInt32] = []
+
     public init(loop: EventLoop) {
         self.loop = loop
+        deferred.reserveCapacity(64)
+        deferredRunning.reserveCapacity(64)
         loop.addPoller(self)
+        loop.addDeferredWork(self)
     }
 
     deinit {
@@ -159,7 +168,9 @@ public final class DeviceHost: EventHandler, Poller {
         hot[i].queues = q
         hot[i].queueCount = configs.count
         hot[i].passthrough = passthrough
-        for (n, fd) in kickFDs.enumerated() where fd >= 0 && !passthrough {
+        // One registration per queue (-1: none), so `registrations[n]` is queue n's.
+        for (n, fd) in kickFDs.enumerated() {
+            guard fd >= 0 && !passthrough else { s.registrations.append(-1); continue }
             do { s.registrations.append(try loop.register(fd: fd, handler: self, token: UInt32(i) << 16 | UInt32(n))) } catch {
                 reset(i)
                 throw DeviceError("\(s.name): cannot watch kick fd: \(error)")
@@ -185,6 +196,30 @@ public final class DeviceHost: EventHandler, Poller {
         guard i < slots.count, let queues = hot[i].queues, q < hot[i].queueCount else { return }
         hot[i].device.queueNotified(q)
         if queues[q].faultPending { latched(i, q) }
+        if queues[q].yielded { deferQueue(i, q) }
+    }
+
+    /// The queue stopped at its budget with chains left: run it again after the loop served the other fds.
+    private func deferQueue(_ i: Int, _ q: Int) {
+        guard let queues = hot[i].queues else { return }
+        queues[q].yielded = false
+        if !queues[q].scheduled {
+            queues[q].scheduled = true
+            deferred.append(UInt32(i) << 16 | UInt32(q))
+        }
+        loop.requestDeferredTurn()
+    }
+
+    public func runDeferred() {
+        swap(&deferred, &deferredRunning)
+        for t in deferredRunning {
+            let i = Int(t >> 16), q = Int(t & 0xffff)
+            // The device may have been reset since (its queues are new or gone).
+            guard i < slots.count, let queues = hot[i].queues, q < hot[i].queueCount, queues[q].scheduled else { continue }
+            queues[q].scheduled = false
+            kick(i, q)
+        }
+        deferredRunning.removeAll(keepingCapacity: true)
     }
 
     /// A device reports a fault latched outside `kick` (see `FaultReporter`).
@@ -196,8 +231,26 @@ public final class DeviceHost: EventHandler, Poller {
     public func handleEvent(token: UInt32, events: UInt32) {
         let i = Int(token >> 16), q = Int(token & 0xffff)
         guard i < slots.count, q < hot[i].queueCount, let kicks = hot[i].kickFDs else { return }
+        if events & UInt32(LB_EPOLLERR | LB_EPOLLHUP) != 0 {
+            // Hang-up or error never goes away (level-triggered): stop watching the fd, or the loop would spin on
+            // it; the queue can no longer be kicked, so it is latched (NEEDS_RESET) until the driver resets.
+            kickFailed(i, q)
+            return
+        }
+        // One read per wake-up; the queue's own budget bounds the work.
         _ = FD.drain(kicks[q])
         kick(i, q)
+    }
+
+    private func kickFailed(_ i: Int, _ q: Int) {
+        let s = slots[i]
+        if q < s.registrations.count, q < s.kickFDs.count, s.registrations[q] >= 0 {
+            loop.unregister(fd: s.kickFDs[q], registration: s.registrations[q])
+            s.registrations[q] = -1
+        }
+        guard let queues = s.queues else { return }
+        queues[q].latch(.kickBroken)
+        if queues[q].faultPending { latched(i, q) }
     }
 
     /// A queue broke: NEEDS_RESET plus a config interrupt (virtio 1.2 §2.1.2), logged once.
@@ -215,7 +268,9 @@ public final class DeviceHost: EventHandler, Poller {
     public func reset(_ i: Int) {
         let s = slots[i]
         if s.queues != nil { s.device.reset() }
-        for (n, r) in s.registrations.enumerated() where n < s.kickFDs.count { loop.unregister(fd: s.kickFDs[n], registration: r) }
+        for (n, r) in s.registrations.enumerated() where n < s.kickFDs.count && r >= 0 {
+            loop.unregister(fd: s.kickFDs[n], registration: r)
+        }
         s.registrations = []
         closeKicks(s)
         hot[i].queues = nil

@@ -16,6 +16,13 @@ public protocol Poller: AnyObject {
     func setPolling(_ on: Bool)
 }
 
+/// Work that stopped at its per-turn budget (a queue the driver keeps topped up, vhost-net CVE-2019-3900's
+/// class): the loop calls `runDeferred` once per turn, after dispatching every fd that became ready meanwhile, so
+/// one busy device or peer cannot hold the thread that serves all the others.
+public protocol DeferredWork: AnyObject {
+    func runDeferred()
+}
+
 /// One epoll thread that owns all fds of the devices it serves (principle 8). Only `execute`, `executeAndWait`
 /// and `stop` may be called from other threads; everything else runs on the loop thread.
 public final class EventLoop: @unchecked Sendable {
@@ -36,6 +43,12 @@ public final class EventLoop: @unchecked Sendable {
     private let hotHandlers = UnsafeMutablePointer<Unmanaged<EventTrampoline>>.allocate(capacity: EventLoop.maxRegistrations)
     private let hotPollers = UnsafeMutablePointer<Unmanaged<PollTrampoline>>.allocate(capacity: 16)
     private var hotPollerCount = 0
+    private var deferredRunners: [DeferredWork] = []   // owns them (strong)
+    private var deferredTrampolines: [DeferredTrampoline] = []
+    private let hotDeferred = UnsafeMutablePointer<Unmanaged<DeferredTrampoline>>.allocate(capacity: 16)
+    private var hotDeferredCount = 0
+    /// Set (loop thread) by `requestDeferredTurn`: the next epoll_wait does not sleep.
+    private var deferredPending = false
     private let pending = Mutex<[@Sendable () -> Void]>([])
     private let running = Atomic<Bool>(false)
     private let stopRequested = Atomic<Bool>(false)
@@ -83,6 +96,18 @@ public final class EventLoop: @unchecked Sendable {
         }
     }
 
+    /// Registers a `DeferredWork` (once per owner; at most 16 per loop).
+    public func addDeferredWork(_ d: DeferredWork) {
+        precondition(deferredRunners.count < 16, "more than 16 deferred-work owners on one loop")
+        deferredRunners.append(d)
+        deferredTrampolines.append(DeferredTrampoline.make(d))
+        hotDeferred[deferredRunners.count - 1] = .passUnretained(deferredTrampolines[deferredRunners.count - 1])
+        hotDeferredCount = deferredRunners.count
+    }
+    /// Loop thread: some `DeferredWork` has work left; run it next turn, after the fds that are ready.
+    @inline(__always)
+    public func requestDeferredTurn() { deferredPending = true }
+
     public func addPoller(_ p: Poller) { pollers.append(p); rebuildPollers() }
     public func removePoller(_ p: Poller) { pollers.removeAll { $0 === p }; rebuildPollers() }
     private func rebuildPollers() {
@@ -95,6 +120,7 @@ public final class EventLoop: @unchecked Sendable {
     deinit {
         hotHandlers.deallocate()
         hotPollers.deallocate()
+        hotDeferred.deallocate()
     }
 
     // MARK: cross-thread
@@ -132,10 +158,15 @@ public final class EventLoop: @unchecked Sendable {
         var pollUntil: UInt64 = 0
         var polling = false
         while !stopRequested.load(ordering: .acquiring) {
-            let timeout: Int32 = polling ? 0 : -1
+            let timeout: Int32 = polling || deferredPending ? 0 : -1
             let n = events.withUnsafeMutableBufferPointer { lb_epoll_wait(epfd.raw, $0.baseAddress, 64, timeout) }
             var worked = n > 0
             if n > 0 { dispatch(events, n) } else if n < 0 && errno != EINTR { Log.error("epoll_wait: \(Errno.current)"); break }
+            if deferredPending {
+                deferredPending = false
+                for k in 0..<hotDeferredCount { hotDeferred[k].runDeferred() }
+                worked = true
+            }
             guard pollWindowNs > 0 else { continue }
             // Plain memory, not the array: no iterator allocation (AllocationTests) and no retain per poll.
             for k in 0..<hotPollerCount where hotPollers[k].poll() { worked = true }

@@ -30,6 +30,17 @@ final class PollTrampolineFor<P: Poller>: PollTrampoline {
     override func poll() -> Bool { target._withUnsafeGuaranteedRef { $0.poll() } }
 }
 
+/// Calls `DeferredWork.runDeferred`.
+class DeferredTrampoline {
+    func runDeferred() {}
+    static func make<D: DeferredWork>(_ d: D) -> DeferredTrampoline { DeferredTrampolineFor(d) }
+}
+final class DeferredTrampolineFor<D: DeferredWork>: DeferredTrampoline {
+    let target: Unmanaged<D>
+    init(_ d: D) { target = .passUnretained(d) }
+    override func runDeferred() { target._withUnsafeGuaranteedRef { $0.runDeferred() } }
+}
+
 /// Calls `VirtioDevice.queueNotified`.
 class DeviceTrampoline {
     func queueNotified(_ q: Int) {}
@@ -51,4 +62,7 @@ extension Unmanaged where Instance == PollTrampoline {
 }
 extension Unmanaged where Instance == DeviceTrampoline {
     @inline(__always) func queueNotified(_ q: Int) { _withUnsafeGuaranteedRef { $0.queueNotified(q) } }
+}
+extension Unmanaged where Instance == DeferredTrampoline {
+    @inline(__always) func runDeferred() { _withUnsafeGuaranteedRef { $0.runDeferred() } }
 }

@@ -42,43 +42,66 @@ final class MappedRegion {
     let mapLength: Int
     let host: UnsafeMutableRawPointer
     let fd: Int32
+    /// The SIGBUS guard slot covering the mapping (peerguard.c).
+    let guardSlot: Int32
 
-    /// Maps `desc` from `fd` (taking ownership of `fd` only on success). The mmap offset need not be page
-    /// aligned: the mapping starts at the page below it. For a regular file (memfd, tmpfs, hugetlbfs) the range
-    /// must lie inside the file, or touching it would SIGBUS the daemon (rust-vmm/vhost PR #63, vm-memory PR #320).
-    init(_ desc: VhostUserMemoryRegion, fd: Int32) throws(VhostUserError) {
+    /// Checks a region's numbers alone: non-empty, no wrapping of the guest range, the user range or the file
+    /// range. Runs before any arithmetic combines two regions (the overlap checks).
+    static func validate(_ desc: VhostUserMemoryRegion) throws(VhostUserError) {
         guard desc.size > 0 else { throw .badRegion("size 0") }
         guard !desc.guestAddress.addingReportingOverflow(desc.size).overflow,
               !desc.userAddress.addingReportingOverflow(desc.size).overflow else { throw .badRegion("address range wraps") }
         let (end, o) = desc.mmapOffset.addingReportingOverflow(desc.size)
         guard !o, end <= UInt64(Int64.max) else { throw .badRegion("mmap offset + size overflows") }
+    }
+
+    /// Maps `desc` from `fd` (taking ownership of `fd` only on success). The mmap offset need not be page
+    /// aligned: the mapping starts at the page below it. Only regular files (memfd, tmpfs, hugetlbfs) are mapped,
+    /// and the range must lie inside the file, or touching it would SIGBUS the daemon (rust-vmm/vhost PR #63,
+    /// vm-memory PR #320); a block or character device has no size fstat can check. The file may still shrink
+    /// later (the peer owns it): the mapping is registered with the SIGBUS guard, which then replaces it with zero
+    /// pages and signals `guardFD`, and the connection is closed.
+    init(_ desc: VhostUserMemoryRegion, fd: Int32, guardFD: Int32) throws(VhostUserError) {
+        try MappedRegion.validate(desc)
+        let end = desc.mmapOffset + desc.size   // checked by validate
         var fileSize: UInt64 = 0
         let kind = lb_fd_regular_size(fd, &fileSize)
         guard kind >= 0 else { throw .io(Errno.current) }
-        if kind == 1 && end > fileSize {
+        guard kind == 1 else { throw .badRegion("region fd is \(PeerFD.kindName(lb_fd_kind(fd))), not a regular file") }
+        guard end <= fileSize else {
             throw .badRegion("offset \(desc.mmapOffset) + size \(desc.size) beyond the file's \(fileSize) bytes")
         }
         let page = UInt64(lb_page_size())
         let aligned = desc.mmapOffset & ~(page - 1)
         let delta = desc.mmapOffset - aligned
-        let length = desc.size + delta
-        guard length <= UInt64(Int.max) else { throw .badRegion("too large") }
+        let (length, o) = desc.size.addingReportingOverflow(delta)
+        guard !o, length <= UInt64(Int.max) else { throw .badRegion("too large") }
         let p = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(aligned))
         guard let p, p != MAP_FAILED else { throw .badRegion("mmap: \(Errno.current)") }
+        let slot = lb_guard_add(p, Int(length), guardFD)
+        guard slot >= 0 else { munmap(p, Int(length)); throw .badRegion("no SIGBUS guard slot left: \(Errno.current)") }
         self.desc = desc
         mapBase = p
         mapLength = Int(length)
         host = p + Int(delta)
         self.fd = fd
+        guardSlot = slot
     }
     deinit {
+        lb_guard_remove(guardSlot)
         munmap(mapBase, mapLength)
         close(fd)
     }
 
+    /// True once the SIGBUS guard replaced this mapping (the peer truncated the file).
+    var faulted: Bool { lb_guard_broken(guardSlot) != 0 }
+
     func overlaps(_ r: VhostUserMemoryRegion) -> Bool { MappedRegion.overlap(desc, r) }
+    /// Half-open ranges overlap: x < yEnd && y < xEnd. Ends saturate instead of trapping (both regions are
+    /// validated first; saturation only ever errs towards "overlaps").
     static func overlap(_ a: VhostUserMemoryRegion, _ b: VhostUserMemoryRegion) -> Bool {
-        func cross(_ x: UInt64, _ y: UInt64) -> Bool { x < y + b.size && y < x + a.size }
+        func end(_ x: UInt64, _ n: UInt64) -> UInt64 { let (e, o) = x.addingReportingOverflow(n); return o ? .max : e }
+        func cross(_ x: UInt64, _ y: UInt64) -> Bool { x < end(y, b.size) && y < end(x, a.size) }
         return cross(a.guestAddress, b.guestAddress) || cross(a.userAddress, b.userAddress)
     }
 }
@@ -132,9 +155,13 @@ final class VhostUserConnection {
     var status: UInt8 = 0
     /// Queues the host currently runs (0 = device stopped).
     var activeCount = 0
+    /// Signalled by the SIGBUS guard when one of this connection's regions faulted.
+    let guardFD: Int32
+    var guardRegistration = -1
 
-    init(fd: Int32) {
+    init(fd: Int32, guardFD: Int32) {
         self.fd = fd
+        self.guardFD = guardFD
         buffer = .allocate(byteCount: VhostUserHeader.byteCount + Int(VhostUserHeader.maxPayload), alignment: 8)
     }
     func closeAll() {
@@ -147,6 +174,7 @@ final class VhostUserConnection {
         regions = []
         if backendReqFD >= 0 { close(backendReqFD) }
         backendReqFD = -1
+        close(guardFD)
         buffer.deallocate()
     }
 }
@@ -189,7 +217,7 @@ public final class VhostUserBackendServer: EventHandler {
     public private(set) var lastError: VhostUserError?
     public private(set) var configChangesSent = 0
 
-    private enum Token: UInt32 { case listener = 1, connection = 2, config = 3 }
+    private enum Token: UInt32 { case listener = 1, connection = 2, config = 3, memoryGuard = 4 }
 
     /// Adds `device` to `host` (as `name`) and prepares to serve it on `socketPath`; `start()` listens.
     public init(socketPath: String, host: DeviceHost, name: String, device: VirtioDevice) {
@@ -265,7 +293,13 @@ public final class VhostUserBackendServer: EventHandler {
     public func handleEvent(token: UInt32, events: UInt32) {
         switch Token(rawValue: token) {
         case .listener: accept()
-        case .connection: readable()
+        case .connection:
+            // Hang-up or error with nothing left to read ends in recvmsg's 0 or error; bounded by the budget.
+            readable()
+        case .memoryGuard:
+            guard let c = conn else { return }
+            _ = FD.drain(c.guardFD)
+            if c.regions.contains(where: { $0.faulted }) { fail(.memoryFault) }
         case .config:
             guard configFD >= 0 else { return }
             _ = FD.drain(configFD)
@@ -281,7 +315,14 @@ public final class VhostUserBackendServer: EventHandler {
             if errno != EAGAIN && errno != EWOULDBLOCK { Log.warning("vhost-user: accept: \(Errno.current)") }
             return
         }
-        let c = VhostUserConnection(fd: fd)
+        lb_guard_install()
+        let g = lb_eventfd(0, 1)
+        guard g >= 0 else {
+            Log.error("vhost-user: cannot allocate an eventfd: \(Errno.current)")
+            close(fd)
+            return
+        }
+        let c = VhostUserConnection(fd: fd, guardFD: g)
         for _ in served.queueMaxSizes {
             let slot = fcntl(sinkFD, F_DUPFD_CLOEXEC, 0)
             guard slot >= 0 else {
@@ -294,6 +335,12 @@ public final class VhostUserBackendServer: EventHandler {
         do { c.registration = try host.loop.register(fd: fd, events: UInt32(LB_EPOLLIN | LB_EPOLLRDHUP), handler: self,
                                                     token: Token.connection.rawValue) } catch {
             Log.error("vhost-user: cannot watch connection: \(error)")
+            c.closeAll()
+            return
+        }
+        do { c.guardRegistration = try host.loop.register(fd: g, handler: self, token: Token.memoryGuard.rawValue) } catch {
+            Log.error("vhost-user: cannot watch connection: \(error)")
+            host.loop.unregister(fd: fd, registration: c.registration)
             c.closeAll()
             return
         }
@@ -355,6 +402,7 @@ public final class VhostUserBackendServer: EventHandler {
         guard let c = conn else { return }
         stopDevice(c)
         host.loop.unregister(fd: c.fd, registration: c.registration)
+        host.loop.unregister(fd: c.guardFD, registration: c.guardRegistration)
         c.closeAll()
         conn = nil
         do { try watchListener() } catch { Log.error("vhost-user: cannot watch the listening socket again: \(error)") }
@@ -435,10 +483,12 @@ public final class VhostUserBackendServer: EventHandler {
             return .status(0)
 
         case .setMemTable(let descs):
+            // Every region's own numbers first: the overlap check combines two regions' numbers.
+            for d in descs { try MappedRegion.validate(d) }
             var mapped: [MappedRegion] = []
             for (k, d) in descs.enumerated() {
                 for e in descs[..<k] where MappedRegion.overlap(d, e) { throw .badRegion("regions overlap") }
-                mapped.append(try MappedRegion(d, fd: fds.peek(k)))
+                mapped.append(try MappedRegion(d, fd: fds.peek(k), guardFD: c.guardFD))
                 _ = fds.take(k)   // owned by the region from now on
             }
             stopDevice(c)
@@ -454,8 +504,9 @@ public final class VhostUserBackendServer: EventHandler {
         case .addMemReg(let d):
             try require(.configureMemSlots, c, .addMemReg)
             guard c.regions.count < Self.maxMemSlots else { throw .tooManyRegions(c.regions.count + 1) }
+            try MappedRegion.validate(d)
             for r in c.regions where r.overlaps(d) { throw .badRegion("region overlaps an existing one") }
-            let region = try MappedRegion(d, fd: fds.peek(0))
+            let region = try MappedRegion(d, fd: fds.peek(0), guardFD: c.guardFD)
             _ = fds.take(0)
             stopDevice(c)
             c.memory = nil
@@ -514,6 +565,7 @@ public final class VhostUserBackendServer: EventHandler {
 
         case .setVringKick(let i, let hasFD):
             if i < c.activeCount { stopDevice(c) }
+            if hasFD, let why = PeerFD.checkEventFD(fds.peek(0), for: .kick) { throw .badFD(.setVringKick, why) }
             let r = c.vrings[i]
             r.dropKick()
             r.kickFD = hasFD ? fds.take(0) : -1
@@ -523,6 +575,8 @@ public final class VhostUserBackendServer: EventHandler {
         case .setVringCall(let i, let hasFD):
             let r = c.vrings[i]
             if hasFD {
+                // The call fd is written on the loop thread: it must be an eventfd and non-blocking.
+                if let why = PeerFD.checkEventFD(fds.peek(0), for: .call) { throw .badFD(.setVringCall, why) }
                 let f = fds.take(0)
                 let ok = lb_dup3_cloexec(f, r.callSlot) >= 0
                 close(f)
@@ -557,6 +611,7 @@ public final class VhostUserBackendServer: EventHandler {
 
         case .setBackendReqFD:
             try require(.backendReq, c, .setBackendReqFD)
+            if let why = PeerFD.checkSocket(fds.peek(0)) { throw .badFD(.setBackendReqFD, why) }
             if c.backendReqFD >= 0 { close(c.backendReqFD) }
             c.backendReqFD = fds.take(0)
             return .status(0)

@@ -175,6 +175,12 @@ public enum VhostUserError: Error, Equatable, Sendable, CustomStringConvertible 
     case badReply(String)
     case rejected(VhostUserRequest, UInt64)
     case notConnected
+    /// A region's file shrank under its mapping (caught by the SIGBUS guard): the peer's memory is gone.
+    case memoryFault
+    /// A file descriptor of the wrong kind where the protocol says eventfd (or a semaphore eventfd as a kick).
+    case badFD(VhostUserRequest, String)
+    /// A kick fd reported hang-up or error (it can never be read again).
+    case kickFault(index: Int)
 
     public var description: String {
         switch self {
@@ -204,6 +210,9 @@ public enum VhostUserError: Error, Equatable, Sendable, CustomStringConvertible 
         case .badReply(let s): return "bad reply: \(s)"
         case .rejected(let r, let v): return "back-end rejected \(r) (status \(v))"
         case .notConnected: return "not connected"
+        case .memoryFault: return "front-end memory became inaccessible (a region's file was truncated under its mapping)"
+        case .badFD(let r, let s): return "\(r): \(s)"
+        case .kickFault(let i): return "vring \(i): kick fd reported hang-up or error"
         }
     }
 }

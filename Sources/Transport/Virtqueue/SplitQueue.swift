@@ -35,6 +35,8 @@ public enum QueueFault: String, Error, Sendable {
     case tooManySegments = "chain has too many buffer segments"
     case usedHeadInvalid = "device returned an invalid head (device bug)"
     case backendRestarted = "vhost-user back-end restarted while requests were in flight that cannot be replayed exactly"
+    case backendUsedHeadInvalid = "vhost-user back-end returned an invalid head or length (back-end bug)"
+    case kickBroken = "kick fd reported hang-up or error"
 }
 
 /// One host-mapped piece of a descriptor chain's buffers.
@@ -120,6 +122,16 @@ public struct SplitQueue: ~Copyable {
     public var polling = false
     /// Set when a fault was just latched; the host reads and clears it to raise NEEDS_RESET once.
     public var faultPending = false
+    /// Set by `drain` when it stopped at its budget with chains left (kicks still disabled): the host must run the
+    /// queue again on a later loop turn. `scheduled`: the host has it on its deferred list.
+    public var yielded = false
+    public var scheduled = false
+
+    /// Work one `drain` does before it yields the loop to every other fd and device: a driver or peer that keeps
+    /// its avail ring topped up must not hold the one thread that serves all devices (vhost-net CVE-2019-3900).
+    /// 256 chains or 1 MiB written, whichever comes first (a few hundred µs here).
+    public static let chainBudget = 256
+    public static let byteBudget: UInt64 = 1 << 20
 
     let segments: UnsafeMutablePointer<Segment>
     let segmentCapacity: Int
@@ -320,15 +332,29 @@ public struct SplitQueue: ~Copyable {
         return atomic16(avail + 2).pointee.load(ordering: .acquiring) != lastAvail
     }
 
-    /// Runs `handle` on every available chain with the no-lost-kick loop, then publishes once.
+    /// Runs `handle` on the available chains with the no-lost-kick loop, then publishes once.
     /// `handle` returns the number of bytes written into the chain, or nil if it took the chain asynchronously
-    /// (it will `addUsed` later).
+    /// (it will `addUsed` later). Stops at the per-turn budget with `yielded` set and kicks left disabled: the
+    /// host then runs the queue again after the loop has served everything else that is ready.
     @inline(__always)
     public mutating func drain(_ handle: (borrowing Chain) -> UInt32?) {
+        var chains = 0
+        var bytes: UInt64 = 0
         while true {
             disableNotifications()
             while let c = pop() {
-                if let w = handle(c) { addUsed(head: c.head, written: w) }
+                if let w = handle(c) {
+                    addUsed(head: c.head, written: w)
+                    bytes &+= UInt64(w)
+                }
+                chains &+= 1
+                if chains >= SplitQueue.chainBudget || bytes >= SplitQueue.byteBudget {
+                    if fault == nil && availIdx != lastAvail { yielded = true }
+                    publish()
+                    if yielded { return }
+                    chains = 0
+                    bytes = 0
+                }
             }
             if polling || !enableNotifications() { break }
         }

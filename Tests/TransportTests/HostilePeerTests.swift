@@ -1,0 +1,275 @@
+import XCTest
+import Glibc
+import CLinux
+@testable import Transport
+
+/// Regression tests for what a hostile vhost-user front-end did to the whole process (issue "Survive any peer"):
+/// each attack may cost the attacker its own connection, never the process, the loop or another device.
+final class HostilePeerTests: XCTestCase {
+    var loop: EventLoop!
+    var host: DeviceHost!
+
+    override func setUp() {
+        loop = try! EventLoop()
+        host = DeviceHost(loop: loop)
+        loop.startThread()
+    }
+    override func tearDown() { loop.stopAndJoin() }
+
+    private func startServer(_ device: VirtioDevice = VUEchoDevice()) throws -> VhostUserBackendServer {
+        let s = VhostUserBackendServer(socketPath: testSocketPath(), host: host, name: "echo", device: device)
+        try s.start()
+        return s
+    }
+
+    /// A fresh connection gets an answer within 2 s: the loop is alive and the server listens.
+    private func assertServes(_ s: VhostUserBackendServer, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+        guard let c = VURawClient(s.socketPath) else { return XCTFail("\(what): connect", file: file, line: line) }
+        c.send(VURawClient.message(.getFeatures))
+        XCTAssertEqual(c.reply()?.1.count, 8, "\(what): no answer", file: file, line: line)
+    }
+
+    private func expectClosed(_ c: VURawClient, _ s: VhostUserBackendServer, _ what: String,
+                              file: StaticString = #filePath, line: UInt = #line, _ expect: (VhostUserError) -> Bool) {
+        XCTAssertTrue(c.waitClosed(), "\(what): connection still open", file: file, line: line)
+        let err = loop.executeAndWait { s.lastError }
+        XCTAssertTrue(err.map(expect) ?? false, "\(what): got \(String(describing: err))", file: file, line: line)
+    }
+
+    private static let ack: UInt32 = 1 | 8
+    private static let allProtocol = VURawClient.message(.setProtocolFeatures, payload: u64(VhostUserBackendServer.protocolFeatures.rawValue))
+
+    /// Negotiates, maps `memfd` (size `size`) at user address `ua` / guest 0, sets vring 0 (8 entries) at offsets
+    /// 0 / 0x1000 / 0x2000 of it and its call fd; the kick fd and enabling are left to the caller.
+    private func prepareRing(_ c: VURawClient, memfd mfd: Int32, size: UInt64, ua: UInt64, call: Int32, ringOffset: UInt64 = 0) {
+        c.send(Self.allProtocol)
+        let region = VhostUserMemoryRegion(guestAddress: 0, size: size, userAddress: ua, mmapOffset: 0)
+        XCTAssertEqual(c.call(.setMemTable, flags: Self.ack, payload: memTable([region]), fds: [mfd]), u64(0))
+        XCTAssertEqual(c.call(.setFeatures, flags: Self.ack, payload: u64(VirtioFeatures.version1.rawValue | 1 << 30)), u64(0))
+        XCTAssertEqual(c.call(.setVringNum, flags: Self.ack, payload: u32s([0, 8])), u64(0))
+        let r = ua + ringOffset
+        let addr = u32s([0, 0]) + u64(r) + u64(r + 0x2000) + u64(r + 0x1000) + u64(0)
+        XCTAssertEqual(c.call(.setVringAddr, flags: Self.ack, payload: addr), u64(0))
+        XCTAssertEqual(c.call(.setVringCall, flags: Self.ack, payload: u64(0), fds: [call]), u64(0))
+    }
+
+    /// CPU time this process used while the test thread slept `ms`: a spinning loop thread shows up here.
+    private func cpuWhileIdle(ms: Int) -> Double {
+        var a = rusage(), b = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &a)
+        usleep(UInt32(ms * 1000))
+        getrusage(RUSAGE_SELF.rawValue, &b)
+        func sec(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1e6 }
+        return (sec(b.ru_utime) + sec(b.ru_stime)) - (sec(a.ru_utime) + sec(a.ru_stime))
+    }
+
+    // MARK: 1. arithmetic on region numbers
+
+    func testWrappingRegionsAreRefusedNotTrapped() throws {
+        let s = try startServer()
+        let valid = VhostUserMemoryRegion(guestAddress: 0, size: 0x10000, userAddress: 0x7000_0000, mmapOffset: 0)
+        let cases: [(String, [VhostUserMemoryRegion])] = [
+            ("guest range wraps after a valid region", [valid,
+                VhostUserMemoryRegion(guestAddress: 0x1000, size: 0xffff_ffff_ffff_f000, userAddress: 0x8000_0000, mmapOffset: 0)]),
+            ("user range wraps after a valid region", [valid,
+                VhostUserMemoryRegion(guestAddress: 0x10_0000, size: 0x1000, userAddress: 0xffff_ffff_ffff_f800, mmapOffset: 0)]),
+            ("both wrap", [valid,
+                VhostUserMemoryRegion(guestAddress: .max, size: .max, userAddress: .max, mmapOffset: .max)]),
+        ]
+        for (name, regions) in cases {
+            let c = try XCTUnwrap(VURawClient(s.socketPath))
+            let fds = regions.map { _ in memfd(0x10000) }
+            c.send(VURawClient.message(.setMemTable, payload: memTable(regions)), fds: fds)
+            for f in fds { close(f) }
+            expectClosed(c, s, name) { if case .badRegion = $0 { true } else { false } }
+        }
+        // ADD_MEM_REG: a valid region, then a wrapping one.
+        for evil in [VhostUserMemoryRegion(guestAddress: 0x1000, size: 0xffff_ffff_ffff_f000, userAddress: 0x9000_0000, mmapOffset: 0),
+                     VhostUserMemoryRegion(guestAddress: 0x10_0000, size: 0x1000, userAddress: 0xffff_ffff_ffff_f800, mmapOffset: 0)] {
+            let c = try XCTUnwrap(VURawClient(s.socketPath))
+            c.send(Self.allProtocol)
+            let m1 = memfd(0x10000), m2 = memfd(0x10000)
+            XCTAssertEqual(c.call(.addMemReg, flags: Self.ack, payload: u64(0) + regionBytes(valid), fds: [m1]), u64(0))
+            c.send(VURawClient.message(.addMemReg, payload: u64(0) + regionBytes(evil)), fds: [m2])
+            close(m1); close(m2)
+            expectClosed(c, s, "ADD_MEM_REG \(evil)") { if case .badRegion = $0 { true } else { false } }
+        }
+        assertServes(s, "after the wrapping regions")
+        s.stop()
+    }
+
+    // MARK: 2. memory that is not, or stops being, a file of the right size
+
+    func testRegionFileOfAnotherKindIsRefused() throws {
+        let s = try startServer()
+        for path in ["/dev/zero", "/dev/null"] {
+            let c = try XCTUnwrap(VURawClient(s.socketPath))
+            let f = open(path, O_RDWR | O_CLOEXEC)
+            XCTAssertGreaterThanOrEqual(f, 0)
+            let region = VhostUserMemoryRegion(guestAddress: 0, size: 1 << 20, userAddress: 0x7000_0000, mmapOffset: 0)
+            c.send(VURawClient.message(.setMemTable, payload: memTable([region])), fds: [f])
+            close(f)
+            expectClosed(c, s, path) { if case .badRegion(let why) = $0 { why.contains("not a regular file") } else { false } }
+        }
+        assertServes(s, "after the device files")
+        s.stop()
+    }
+
+    /// The front-end truncates its memfd under the mapping and puts the rings in the hole: the first touch of the
+    /// ring raises SIGBUS, which the guard turns into the end of that connection only.
+    func testMemoryTruncatedUnderTheMappingClosesOnlyThatConnection() throws {
+        let before = lb_guard_fault_count()
+        let s = try startServer()
+        let bystanderDevice = VUEchoDevice()
+        let bystander = VhostUserBackendServer(socketPath: testSocketPath(), host: host, name: "bystander", device: bystanderDevice)
+        try bystander.start()
+        // (a) truncated before SET_VRING_ENABLE: activation reads the used ring in the hole.
+        do {
+            let c = try XCTUnwrap(VURawClient(s.socketPath))
+            let m = memfd(64 << 20)
+            let call = lb_eventfd(0, 1), kick = lb_eventfd(0, 1)
+            prepareRing(c, memfd: m, size: 64 << 20, ua: 0x7000_0000, call: call, ringOffset: 1 << 20)
+            XCTAssertEqual(c.call(.setVringKick, flags: Self.ack, payload: u64(0), fds: [kick]), u64(0))
+            XCTAssertEqual(ftruncate(m, 4096), 0)
+            c.send(VURawClient.message(.setVringEnable, payload: u32s([0, 1])))
+            expectClosed(c, s, "truncated before enable") { $0 == .memoryFault }
+            close(m); close(call); close(kick)
+        }
+        // (b) truncated while the ring runs: the kick makes the device read a descriptor in the hole.
+        do {
+            let c = try XCTUnwrap(VURawClient(s.socketPath))
+            let m = memfd(64 << 20)
+            let ram = mmap(nil, 64 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, m, 0)!
+            let call = lb_eventfd(0, 1), kick = lb_eventfd(0, 1)
+            prepareRing(c, memfd: m, size: 64 << 20, ua: UInt64(UInt(bitPattern: ram)), call: call, ringOffset: 1 << 20)
+            XCTAssertEqual(c.call(.setVringKick, flags: Self.ack, payload: u64(0), fds: [kick]), u64(0))
+            XCTAssertEqual(c.call(.setVringEnable, flags: Self.ack, payload: u32s([0, 1])), u64(0))
+            XCTAssertTrue(loop.executeAndWait { self.host.isActive(s.index) })
+            // One chain whose descriptor is at the ring (offset 1 MiB), then the file shrinks to 4 KiB.
+            let desc = ram + (1 << 20), avail = desc + 0x1000
+            (desc).storeBytes(of: UInt64(32 << 20), as: UInt64.self)
+            (desc + 8).storeBytes(of: UInt32(64), as: UInt32.self)
+            (desc + 12).storeBytes(of: UInt16(2), as: UInt16.self)
+            (avail + 4).storeBytes(of: UInt16(0), as: UInt16.self)
+            (avail + 2).storeBytes(of: UInt16(1), as: UInt16.self)
+            munmap(ram, 64 << 20)
+            XCTAssertEqual(ftruncate(m, 4096), 0)
+            FD.signal(kick)
+            expectClosed(c, s, "truncated while running") { $0 == .memoryFault }
+            close(m); close(call); close(kick)
+        }
+        XCTAssertGreaterThanOrEqual(lb_guard_fault_count() - before, 2, "the guard caught both faults")
+        assertServes(s, "the attacked server after the faults")
+        assertServes(bystander, "another device on the same loop")
+        bystander.stop()
+        s.stop()
+    }
+
+    // MARK: 3. interrupts must never block the loop
+
+    func testCallFDsThatCouldBlockAreRefusedOrMadeNonBlocking() throws {
+        let s = try startServer()
+        let bystander = try startServer()
+        // A pipe nobody reads: refused where the protocol says eventfd.
+        do {
+            let c = try XCTUnwrap(VURawClient(s.socketPath))
+            var p: [Int32] = [-1, -1]
+            XCTAssertEqual(pipe(&p), 0)
+            c.send(VURawClient.message(.setVringCall, payload: u64(0)), fds: [p[1]])
+            expectClosed(c, s, "pipe as call fd") { if case .badFD(.setVringCall, _) = $0 { true } else { false } }
+            close(p[0]); close(p[1])
+        }
+        // A blocking eventfd preloaded to its maximum: accepted, made non-blocking; the interrupt is "pending".
+        let m = memfd(1 << 20)
+        let ram = mmap(nil, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, m, 0)!
+        defer { munmap(ram, 1 << 20) }
+        let call = lb_eventfd(0, 0)   // blocking
+        var full: UInt64 = 0xffff_ffff_ffff_fffe
+        XCTAssertEqual(write(call, &full, 8), 8)
+        let kick = lb_eventfd(0, 1)
+        let c = try XCTUnwrap(VURawClient(s.socketPath))
+        prepareRing(c, memfd: m, size: 1 << 20, ua: UInt64(UInt(bitPattern: ram)), call: call)
+        XCTAssertEqual(c.call(.setVringKick, flags: Self.ack, payload: u64(0), fds: [kick]), u64(0))
+        XCTAssertEqual(c.call(.setVringEnable, flags: Self.ack, payload: u32s([0, 1])), u64(0))
+        let desc = ram, avail = ram + 0x1000, used = ram + 0x2000
+        desc.storeBytes(of: UInt64(0x8000), as: UInt64.self)
+        (desc + 8).storeBytes(of: UInt32(16), as: UInt32.self)
+        (desc + 12).storeBytes(of: UInt16(2), as: UInt16.self)
+        (avail + 4).storeBytes(of: UInt16(0), as: UInt16.self)
+        (avail + 2).storeBytes(of: UInt16(1), as: UInt16.self)
+        FD.signal(kick)
+        let end = lb_now_ns() + 3_000_000_000
+        while (used + 2).load(as: UInt16.self) != 1 && lb_now_ns() < end { usleep(1000) }
+        XCTAssertEqual((used + 2).load(as: UInt16.self), 1, "chain completed")
+        assertServes(bystander, "another device while the call fd is full")
+        // Unblock a loop stuck in write(2) (only before the fix), so tearDown can join it.
+        var v: UInt64 = 0
+        _ = read(call, &v, 8)
+        close(call); close(kick); close(m)
+        bystander.stop()
+        s.stop()
+    }
+
+    // MARK: 4. kick fds that are readable (or hung up) forever
+
+    func testKickFDsThatWouldSpinAreRefused() throws {
+        let s = try startServer()
+        let m = memfd(1 << 20)
+        let ram = mmap(nil, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, m, 0)!
+        defer { munmap(ram, 1 << 20); close(m) }
+        func attempt(_ name: String, _ kick: Int32) throws {
+            let c = try XCTUnwrap(VURawClient(s.socketPath))
+            let call = lb_eventfd(0, 1)
+            prepareRing(c, memfd: m, size: 1 << 20, ua: UInt64(UInt(bitPattern: ram)), call: call)
+            c.send(VURawClient.message(.setVringKick, payload: u64(0)), fds: [kick])
+            c.send(VURawClient.message(.setVringEnable, payload: u32s([0, 1])))
+            expectClosed(c, s, name) { if case .badFD(.setVringKick, _) = $0 { true } else { false } }
+            close(call)
+        }
+        var p: [Int32] = [-1, -1]
+        XCTAssertEqual(pipe(&p), 0)
+        close(p[1])   // the read end now reports EPOLLHUP forever
+        try attempt("pipe whose writer closed", p[0])
+        close(p[0])
+        let sock = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        try attempt("unconnected socket", sock)
+        close(sock)
+        let sem = lb_eventfd2(0, 1 | 0o4000 | 0o2000000)   // EFD_SEMAPHORE | EFD_NONBLOCK | EFD_CLOEXEC
+        var big: UInt64 = 1 << 63
+        XCTAssertEqual(write(sem, &big, 8), 8)
+        try attempt("semaphore eventfd at 2^63", sem)
+        close(sem)
+        XCTAssertLessThan(cpuWhileIdle(ms: 300), 0.1, "something spins")
+        assertServes(s, "after the kick fds")
+        s.stop()
+    }
+
+    /// Defence in depth below the server: a kick fd that hangs up after activation (any driver side) stops being
+    /// watched and latches its queue, instead of waking the loop forever.
+    func testKickFDHangUpLatchesTheQueueInsteadOfSpinning() throws {
+        let dev = VUEchoDevice()
+        let idx = loop.executeAndWait { self.host.add(name: "echo", device: dev) }
+        let mem = try GuestMemory.memfdRAM(size: 1 << 20)
+        var p: [Int32] = [-1, -1]
+        XCTAssertEqual(pipe(&p), 0)
+        let irq = lb_eventfd(0, 1)
+        let cfg = QueueConfig(size: 8, desc: 0, avail: 0x1000, used: 0x2000)
+        let kickRead = p[0]
+        let err: DeviceError? = loop.executeAndWait {
+            do throws(DeviceError) {
+                _ = self.host.setFeatures(idx, [.version1])
+                try self.host.activate(idx, queues: [cfg], kickFDs: [kickRead], interrupts: [.eventfd(irq)],
+                                       configInterrupt: .none, memory: mem)
+                return nil
+            } catch { return error }
+        }
+        XCTAssertNil(err)
+        close(p[1])
+        let end = lb_now_ns() + 2_000_000_000
+        while loop.executeAndWait({ self.host.status(idx) & DeviceStatus.needsReset }) == 0 && lb_now_ns() < end { usleep(1000) }
+        XCTAssertNotEqual(loop.executeAndWait { self.host.status(idx) & DeviceStatus.needsReset }, 0, "queue latched")
+        XCTAssertLessThan(cpuWhileIdle(ms: 300), 0.1, "the loop spins on the hung-up kick fd")
+        loop.executeAndWait { self.host.reset(idx) }
+        close(irq)
+    }
+}
