@@ -61,6 +61,33 @@ static bool mmap_ram_only = true;
 module_param(mmap_ram_only, bool, 0644);
 MODULE_PARM_DESC(mmap_ram_only, "Only allow mmap() of System RAM");
 
+/*
+ * Test aid: behave like the upstream unified-hmi virtio-lo driver on its ABI
+ * surface, so user space can be tested against it without that driver.
+ * Upstream answers every 'P' ioctl other than its five with EINVAL (ENOTTY
+ * for other ioctl types) and rejects KICK with qidx -1 (signed/unsigned
+ * comparison).  Its DELDEV (up to 2025) tears the device down while holding
+ * a spinlock ("scheduling while atomic", then a hang); that is not emulated,
+ * DELDEV is only counted in deldev_calls and logged, so a test can check
+ * that user space which knows it is on upstream never calls it.
+ */
+static bool upstream_abi;
+module_param(upstream_abi, bool, 0444);
+MODULE_PARM_DESC(upstream_abi, "Emulate the upstream virtio-lo ABI surface: extension ioctls fail with EINVAL (test aid)");
+
+static atomic_t vlo_deldev_calls = ATOMIC_INIT(0);
+
+static int vlo_deldev_calls_get(char *buf, const struct kernel_param *kp)
+{
+	return sysfs_emit(buf, "%d\n", atomic_read(&vlo_deldev_calls));
+}
+
+static const struct kernel_param_ops vlo_deldev_calls_ops = {
+	.get = vlo_deldev_calls_get,
+};
+module_param_cb(deldev_calls, &vlo_deldev_calls_ops, NULL, 0444);
+MODULE_PARM_DESC(deldev_calls, "Number of DELDEV ioctls since the module was loaded (read-only)");
+
 /* Features this transport never offers. */
 #define VLO_MASKED_FEATURES (BIT_ULL(VIRTIO_F_RING_PACKED) | \
 			     BIT_ULL(VIRTIO_F_ACCESS_PLATFORM) | \
@@ -1029,6 +1056,10 @@ static long vlo_ioctl_deldev(struct vlo_owner *o, unsigned long idx)
 {
 	struct vlo_dev *dev;
 
+	atomic_inc(&vlo_deldev_calls);
+	if (upstream_abi)
+		pr_notice("virtio-lo: upstream_abi: DELDEV %lu (the upstream driver removes the device in atomic context here)\n",
+			  idx);
 	if (idx > INT_MAX)
 		return -EINVAL;
 	spin_lock(&o->idr_lock);
@@ -1098,7 +1129,8 @@ static long vlo_ioctl_kick(struct vlo_owner *o, void __user *uarg)
 	dev = vlo_get_dev(o, k.idx);
 	if (!dev)
 		return -ENODEV;
-	if (k.qidx < -1 || (k.qidx >= 0 && (u32)k.qidx >= dev->nqueues))
+	if (k.qidx < -1 || (k.qidx >= 0 && (u32)k.qidx >= dev->nqueues) ||
+	    (k.qidx == -1 && upstream_abi))
 		err = -EINVAL;
 	else
 		vlo_interrupt(dev, k.qidx);
@@ -1265,6 +1297,10 @@ static long vlo_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return vlo_ioctl_conf(o, uarg, true);
 	case VIRTIO_LO_KICK:
 		return vlo_ioctl_kick(o, uarg);
+	}
+	if (upstream_abi)
+		return _IOC_TYPE(cmd) == _IOC_TYPE(VIRTIO_LO_ADDDEV) ? -EINVAL : -ENOTTY;
+	switch (cmd) {
 	case VIRTIO_LO_GETEXT: {
 		struct virtio_lo_ext e = {
 			.version = VIRTIO_LO_ABI_VERSION,

@@ -9,12 +9,18 @@ import CLinux
 /// (mmap at offset = physical address), so the rings and every buffer the driver hands over are reachable without
 /// a per-request mmap. Kicks arrive on per-queue eventfds watched by the event loop; interrupts go out with the
 /// KICK ioctl (vring_interrupt runs synchronously in our context). With the module's extensions (probed with
-/// GETEXT; upstream answers ENOTTY) loopbackd also learns driver resets and can set NEEDS_RESET.
+/// GETEXT; the upstream unified-hmi driver answers EINVAL, ENOTTY is accepted too) loopbackd also learns driver
+/// resets and can set NEEDS_RESET. On upstream, shutdown never uses DELDEV (it removes the device under a
+/// spinlock there: kernel BUG, then a hang): loopbackd unmaps RAM and closes the fd, which removes every device.
+///
+/// Every value from the module, an ioctl or /proc/iomem is decoded by the pure functions in KernelLinkDecode.swift.
 public final class VirtioLoLink: EventHandler, DeviceHostObserver {
     public let host: DeviceHost
     public let path: String
-    let fd: Int32
-    public private(set) var extensions: UInt64 = 0
+    /// -1 once closed (upstream shutdown).
+    private(set) var fd: Int32
+    public let flavor: KernelFlavor
+    public var extensions: UInt64 { flavor.extensions }
     public private(set) var memory: GuestMemory?
     private var devices: [Linked] = []
 
@@ -30,6 +36,8 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         var registrations: [(fd: Int32, reg: Int)] = []
         var resetCount: UInt32 = 0
         var config: [UInt8] = []
+        /// The queue sizes offered at ADDDEV (the kernel must not report more).
+        var offered: [UInt16] = []
         var queueCount = 0
         /// Interrupt eventfds registered with the module (irqfd extension), for passthrough devices.
         var irqFDs: [Int32] = []
@@ -47,15 +55,19 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         }
         fd = f
         var ext = virtio_lo_ext()
-        if lb_ioctl_ptr(fd, lb_vlo_getext(), &ext) == 0 {
-            extensions = ext.extensions
-            Log.info("\(devicePath): virtio-loopback ABI \(ext.version), extensions 0x\(String(ext.extensions, radix: 16))")
-        } else {
-            Log.info("\(devicePath): no extensions (upstream virtio-lo): \(Errno.current)")
+        let probe = lb_ioctl_ptr(f, lb_vlo_getext(), &ext) == 0 ? 0 : Errno.current.rawValue
+        flavor = KernelFlavor.classify(probeErrno: probe, version: ext.version, extensions: ext.extensions)
+        switch flavor {
+        case .extended(let v, let e):
+            Log.info("\(devicePath): virtio-loopback ABI \(v), extensions 0x\(String(e, radix: 16))")
+        case .upstream:
+            Log.info("\(devicePath): no extensions (upstream virtio-lo: \(Errno(probe))); devices are removed by closing the node, not DELDEV")
+        case .unknown(let e):
+            Log.warning("\(devicePath): extension probe failed: \(Errno(e)); treating the module as upstream virtio-lo")
         }
     }
 
-    deinit { close(fd) }
+    deinit { if fd >= 0 { close(fd) } }
 
     public var hasDeviceStatus: Bool { extensions & UInt64(VIRTIO_LO_EXT_DEVSTATUS) != 0 }
     public var hasIRQFD: Bool { extensions & UInt64(VIRTIO_LO_EXT_IRQFD) != 0 }
@@ -63,36 +75,39 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
     // MARK: memory
 
     /// The System RAM ranges: from the module (GET_RAM) or, with upstream virtio-lo, from /proc/iomem.
+    /// Checked (see `checkRAMRanges`): a bad range is logged and left out.
     public func ramRanges() throws(DeviceError) -> [(start: UInt64, size: UInt64)] {
+        let page = UInt64(max(sysconf(Int32(_SC_PAGESIZE)), 4096))
+        var raw: [(start: UInt64, size: UInt64)]
         if extensions & UInt64(VIRTIO_LO_EXT_RAMLIST) != 0 {
-            var ranges = [virtio_lo_mem_range](repeating: virtio_lo_mem_range(), count: 64)
-            var list = virtio_lo_ramlist()
-            list.count = 64
-            let r = ranges.withUnsafeMutableBufferPointer { b -> Int32 in
-                list.ranges = UInt64(UInt(bitPattern: b.baseAddress))
-                return lb_ioctl_ptr(fd, lb_vlo_get_ram(), &list)
+            var capacity = 64
+            while true {
+                var ranges = [virtio_lo_mem_range](repeating: virtio_lo_mem_range(), count: capacity)
+                var list = virtio_lo_ramlist()
+                list.count = UInt32(capacity)
+                let r = ranges.withUnsafeMutableBufferPointer { b -> Int32 in
+                    list.ranges = UInt64(UInt(bitPattern: b.baseAddress))
+                    return lb_ioctl_ptr(fd, lb_vlo_get_ram(), &list)
+                }
+                guard r == 0 else { throw DeviceError("GET_RAM: \(Errno.current)") }
+                let (n, retry) = VirtioLoLink.ramListCount(returned: list.count, total: list.total, capacity: capacity)
+                if let retry { capacity = retry; continue }
+                if Int(list.total) > n { Log.warning("GET_RAM: \(list.total) RAM ranges, using the first \(n)") }
+                raw = ranges.prefix(n).map { ($0.start, $0.size) }
+                break
             }
-            guard r == 0 else { throw DeviceError("GET_RAM: \(Errno.current)") }
-            return ranges.prefix(Int(min(list.count, 64))).map { ($0.start, $0.size) }.filter { $0.1 > 0 }
+        } else {
+            let text: String
+            do { text = try FD.readText("/proc/iomem") } catch { throw DeviceError("cannot read /proc/iomem: \(error)") }
+            raw = try VirtioLoLink.parseIomem(text, pageSize: page)
         }
-        let text: String
-        do { text = try FD.readText("/proc/iomem") } catch { throw DeviceError("cannot read /proc/iomem: \(error)") }
-        return try VirtioLoLink.parseIomem(text)
-    }
-
-    /// Top-level "System RAM" lines of /proc/iomem ("00100000-1ffdffff : System RAM"), rounded inwards to pages.
-    public static func parseIomem(_ text: String) throws(DeviceError) -> [(start: UInt64, size: UInt64)] {
-        var out: [(UInt64, UInt64)] = []
-        for line in text.split(separator: "\n") where !line.hasPrefix(" ") && line.hasSuffix(": System RAM") {
-            let range = line.split(separator: " ")[0].split(separator: "-")
-            guard range.count == 2, let a = UInt64(range[0], radix: 16), let b = UInt64(range[1], radix: 16), b > a else { continue }
-            let start = (a + 4095) & ~4095, end = (b + 1) & ~4095
-            if end > start { out.append((start, end - start)) }
+        let (ok, rejected) = VirtioLoLink.checkRAMRanges(raw, pageSize: page)
+        for r in rejected { Log.warning("\(path): ignoring \(r)") }
+        guard !ok.isEmpty else { throw DeviceError("\(path): no usable System RAM range") }
+        guard ok.count <= GuestMemory.maxRegions else {
+            throw DeviceError("\(path): \(ok.count) RAM ranges, at most \(GuestMemory.maxRegions) supported")
         }
-        guard !out.isEmpty, out.contains(where: { $0.0 != 0 || $0.1 != 0 }) else {
-            throw DeviceError("no System RAM in /proc/iomem (not root, or /proc not mounted)")
-        }
-        return out
+        return ok
     }
 
     /// Maps every RAM range once, shared, at offset = physical address.
@@ -100,12 +115,17 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         var regions: [RegionInfo] = []
         var maps: [(UnsafeMutableRawPointer, Int)] = []
         for (start, size) in try ramRanges() {
-            let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(Int64(bitPattern: start)))
+            // checkRAMRanges guarantees both conversions; stay defensive anyway.
+            guard let len = Int(exactly: size), let off = Int64(exactly: start) else {
+                for (q, l) in maps { munmap(q, l) }
+                throw DeviceError("RAM range 0x\(String(start, radix: 16)) (+\(size)) cannot be mapped")
+            }
+            let p = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(off))
             guard let p, p != MAP_FAILED else {
                 for (q, l) in maps { munmap(q, l) }
                 throw DeviceError("mmap of RAM 0x\(String(start, radix: 16)) (+\(size)) on \(path): \(Errno.current)")
             }
-            maps.append((p, Int(size)))
+            maps.append((p, len))
             regions.append(RegionInfo(guestBase: start, size: size, host: p, fd: fd, fdOffset: start,
                                       userAddr: UInt64(UInt(bitPattern: p))))
         }
@@ -113,7 +133,8 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         do { memory = try GuestMemory(regions: regions, mappings: maps, fds: []) } catch {
             throw DeviceError("RAM ranges overlap: \(error)")
         }
-        Log.info("mapped \(regions.count) RAM range(s), \(regions.reduce(0) { $0 + $1.size } >> 20) MiB")
+        // Non-overlapping ranges below 2^63 (checked): the sum cannot overflow.
+        Log.info("mapped \(regions.count) RAM range(s), \(regions.reduce(0 as UInt64) { $0 &+ $1.size } >> 20) MiB")
     }
 
     // MARK: devices
@@ -121,6 +142,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
     /// ADDDEV for host device `index`; blocks until the kernel driver has probed (DRIVER_OK), then activates the
     /// device on the loop. Call from a thread other than the loop's.
     public func add(_ index: Int) throws(DeviceError) {
+        guard fd >= 0 else { throw DeviceError("\(path) is closed") }
         if memory == nil { try mapMemory() }
         let host = self.host
         let name = host.loop.executeAndWait { host.name(index) }
@@ -128,6 +150,9 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         let d = Linked(hostIndex: index, name: name)
         let n = info.queueMaxSizes.count
         guard n > 0, n <= Int(VIRTIO_LO_MAX_QUEUES) else { throw DeviceError("\(name): \(n) queues, the module allows 1...\(VIRTIO_LO_MAX_QUEUES)") }
+        guard info.configSize >= 0, let configSize = UInt32(exactly: info.configSize) else {
+            throw DeviceError("\(name): config size \(info.configSize)")
+        }
         do {
             for _ in 0..<n { d.kicks.append(try FD.eventfd().release()) }
             d.configKick = try FD.eventfd().release()
@@ -139,9 +164,9 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         var dev = virtio_lo_devinfo()
         dev.device_id = info.deviceID
         dev.vendor_id = 0x1AF4
-        dev.nqueues = UInt32(n)
+        dev.nqueues = UInt32(n)   // 1...64, checked above
         dev.features = info.features.rawValue
-        dev.config_size = UInt32(info.configSize)
+        dev.config_size = configSize
         dev.config_kick = d.configKick
         let r = config.withUnsafeMutableBufferPointer { cb in
             qinfo.withUnsafeMutableBufferPointer { qb -> Int32 in
@@ -158,10 +183,15 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         d.kernelIndex = dev.idx
         d.added = true
         d.config = config
+        d.offered = info.queueMaxSizes
         devices.append(d)
         Log.info("\(name): added as virtio-lo device \(dev.idx), driver features 0x\(String(dev.features, radix: 16))")
         let features = VirtioFeatures(rawValue: dev.features)
-        let queues = qinfo.map { QueueConfig(size: UInt16(truncatingIfNeeded: $0.size), desc: $0.desc, avail: $0.avail, used: $0.used) }
+        let queues: [QueueConfig]
+        do {
+            queues = try VirtioLoLink.decodeQueues(qinfo.map { KernelQueueInfo(size: $0.size, desc: $0.desc, avail: $0.avail, used: $0.used) },
+                                                   offered: d.offered)
+        } catch { throw DeviceError("\(name): ADDDEV: \(error)") }   // the device stays listed: removeAll removes it
         let err = host.loop.executeAndWait { () -> DeviceError? in
             do throws(DeviceError) { try self.activate(d, features: features, queues: queues); return nil } catch { return error }
         }
@@ -173,8 +203,8 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
     private func activate(_ d: Linked, features: VirtioFeatures, queues: [QueueConfig]) throws(DeviceError) {
         let i = d.hostIndex
         guard host.setFeatures(i, features) else { throw DeviceError("\(d.name): driver features 0x\(String(features.rawValue, radix: 16)) refused") }
-        // The driver may set up fewer queues than offered (virtio_blk: one per CPU); they are a prefix.
-        let active = Array(queues.prefix { $0.size != 0 })
+        // The driver may set up fewer queues than offered (virtio_blk: one per CPU); decodeQueues kept the prefix.
+        let active = queues
         var kicks: [Int32] = []
         for q in 0..<active.count {
             guard let k = try? FD.dup(d.kicks[q]).release() else { for k in kicks { close(k) }; throw DeviceError("\(d.name): dup failed") }
@@ -237,7 +267,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         var c = virtio_lo_config()
         c.idx = d.kernelIndex
         c.offset = 0
-        c.len = UInt32(now.count)
+        c.len = UInt32(truncatingIfNeeded: now.count)   // = the config size, checked at ADDDEV
         let r = now.withUnsafeMutableBufferPointer { b -> Int32 in c.config = b.baseAddress; return lb_ioctl_ptr(fd, lb_vlo_gconf(), &c) }
         guard r == 0, now != d.config else { return }
         let first = (0..<now.count).first { now[$0] != d.config[$0] } ?? 0
@@ -247,15 +277,18 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
     }
 
     private func reactivate(_ d: Linked, features: VirtioFeatures) {
-        var queues: [QueueConfig] = []
+        var table: [KernelQueueInfo] = []
         for q in 0..<d.kicks.count {
             var gq = virtio_lo_queue()
             gq.idx = d.kernelIndex
-            gq.qidx = UInt32(q)
+            gq.qidx = UInt32(q)   // < 64
             guard lb_ioctl_ptr(fd, lb_vlo_get_queue(), &gq) == 0 else { Log.error("\(d.name): GET_QUEUE: \(Errno.current)"); return }
-            queues.append(QueueConfig(size: gq.flags & UInt32(VIRTIO_LO_QUEUE_F_ACTIVE) != 0 ? UInt16(truncatingIfNeeded: gq.size) : 0,
-                                      desc: gq.desc, avail: gq.avail, used: gq.used))
+            let active = gq.flags & UInt32(VIRTIO_LO_QUEUE_F_ACTIVE) != 0
+            table.append(KernelQueueInfo(size: active ? gq.size : 0, desc: gq.desc, avail: gq.avail, used: gq.used))
         }
+        let queues: [QueueConfig]
+        do { queues = try VirtioLoLink.decodeQueues(table, offered: d.offered) }
+        catch { Log.error("\(d.name): GET_QUEUE after driver reset: \(error); device left stopped"); return }
         do { try activate(d, features: features, queues: queues); Log.info("\(d.name): re-activated after driver reset") }
         catch { Log.error("\(error)") }
     }
@@ -267,7 +300,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         _ = now.withUnsafeMutableBytes { host.readConfig(d.hostIndex, offset: 0, into: $0) }
         var c = virtio_lo_config()
         c.idx = d.kernelIndex
-        c.len = UInt32(now.count)
+        c.len = UInt32(truncatingIfNeeded: now.count)   // = the config size, checked at ADDDEV
         let r = now.withUnsafeMutableBufferPointer { b -> Int32 in c.config = b.baseAddress; return lb_ioctl_ptr(fd, lb_vlo_sconf(), &c) }
         if r != 0 { Log.warning("\(d.name): SCONF: \(Errno.current)") } else { d.config = now }
     }
@@ -282,7 +315,9 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
 
     // MARK: teardown
 
-    /// Stops every device (in-flight requests complete, files flush) and removes it from the kernel.
+    /// Stops every device (in-flight requests complete, files flush) and removes it from the kernel: with DELDEV
+    /// on this project's module; on upstream virtio-lo (whose DELDEV sleeps under a spinlock) by unmapping RAM
+    /// and closing the fd, exactly what the kernel does when loopbackd is killed.
     /// Call from a thread other than the loop's.
     public func removeAll() {
         let host = self.host
@@ -293,6 +328,19 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
                 host.device(d.hostIndex).flush()
                 host.reset(d.hostIndex)
             }
+        }
+        guard flavor.deleteWithDELDEV else {
+            // Upstream: unmap first (the kernel frees the rings when the devices go and holds no page
+            // references), then close: release() removes every device of this opener, outside any spinlock.
+            for d in devices { d.added = false; closeAll(d) }
+            devices = []
+            if memory != nil && !isKnownUniquelyReferenced(&memory!) {
+                Log.warning("\(path): RAM mapping still referenced at shutdown; the devices go when it is released")
+            }
+            memory = nil
+            if fd >= 0 { close(fd); fd = -1 }
+            Log.info("\(path): closed (upstream virtio-lo: devices removed by close, no DELDEV)")
+            return
         }
         for d in devices where d.added {
             if lb_ioctl_val(fd, lb_vlo_deldev(), UInt(d.kernelIndex)) != 0 { Log.warning("\(d.name): DELDEV: \(Errno.current)") }

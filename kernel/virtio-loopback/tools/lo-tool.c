@@ -12,6 +12,9 @@
  *   lo-tool bad          feed hostile arguments to every ioctl; exit 1 if the
  *                        module accepts one of them
  *   lo-tool adddel N     ADDDEV+DELDEV an unserved rng device N times
+ *   lo-tool upstream     check the upstream virtio-lo ABI surface (module
+ *                        loaded with upstream_abi=1): every extension ioctl
+ *                        fails with EINVAL, other ioctl types with ENOTTY
  *
  * Build: gcc -static -O2 -Wall -I.. -o lo-tool lo-tool.c
  */
@@ -479,6 +482,10 @@ static int cmd_bad(void)
 		expect_fail("KICK qidx 1 of 1", ioctl(lofd, VIRTIO_LO_KICK, &k), EINVAL);
 		k.qidx = -2;
 		expect_fail("KICK qidx -2", ioctl(lofd, VIRTIO_LO_KICK, &k), EINVAL);
+		k.qidx = INT32_MIN;
+		expect_fail("KICK qidx INT_MIN", ioctl(lofd, VIRTIO_LO_KICK, &k), EINVAL);
+		k.qidx = INT32_MAX;
+		expect_fail("KICK qidx INT_MAX", ioctl(lofd, VIRTIO_LO_KICK, &k), EINVAL);
 		k.qidx = -1;
 		if (ioctl(lofd, VIRTIO_LO_KICK, &k) < 0) {
 			printf("BAD KICK all: %s\n", strerror(errno));
@@ -491,6 +498,13 @@ static int cmd_bad(void)
 		c.offset = 0xfffffff0;
 		c.len = 0x20;
 		expect_fail("GCONF offset wrap", ioctl(lofd, VIRTIO_LO_GCONF, &c), EINVAL);
+		c.offset = 4;
+		c.len = 0xfffffffc;
+		expect_fail("GCONF len wrap", ioctl(lofd, VIRTIO_LO_GCONF, &c), EINVAL);
+		expect_fail("SCONF len wrap", ioctl(lofd, VIRTIO_LO_SCONF, &c), EINVAL);
+		c.offset = 17;
+		c.len = 0;
+		expect_fail("GCONF offset past end, len 0", ioctl(lofd, VIRTIO_LO_GCONF, &c), EINVAL);
 		c.offset = 0;
 		c.len = 4;
 		c.config = (void *)16;
@@ -504,6 +518,8 @@ static int cmd_bad(void)
 	{
 		struct virtio_lo_irqfd a = { idx, 5, efd, 0 };
 		expect_fail("SET_IRQFD qidx 5", ioctl(lofd, VIRTIO_LO_SET_IRQFD, &a), EINVAL);
+		a.qidx = 0xffffffff;
+		expect_fail("SET_IRQFD qidx 0xffffffff", ioctl(lofd, VIRTIO_LO_SET_IRQFD, &a), EINVAL);
 		a.qidx = 0;
 		a.fd = notefd;
 		expect_fail("SET_IRQFD not eventfd", ioctl(lofd, VIRTIO_LO_SET_IRQFD, &a), EINVAL);
@@ -544,7 +560,23 @@ static int cmd_bad(void)
 		}
 		q.qidx = 1;
 		expect_fail("GET_QUEUE qidx 1", ioctl(lofd, VIRTIO_LO_GET_QUEUE, &q), EINVAL);
+		q.qidx = 0xffffffff;
+		expect_fail("GET_QUEUE qidx 0xffffffff", ioctl(lofd, VIRTIO_LO_GET_QUEUE, &q), EINVAL);
 	}
+	{
+		static struct virtio_lo_mem_range r[1024];
+		struct virtio_lo_ramlist l = { .count = 4, .ranges = 16 };
+
+		expect_fail("GET_RAM bad ranges pointer", ioctl(lofd, VIRTIO_LO_GET_RAM, &l), EFAULT);
+		/* A huge count must not make the module write more than it has. */
+		l.count = 0xffffffff;
+		l.ranges = (uint64_t)(uintptr_t)r;
+		if (ioctl(lofd, VIRTIO_LO_GET_RAM, &l) < 0 || l.count > l.total || l.count > 1024) {
+			printf("BAD GET_RAM count 0xffffffff: %s count %u total %u\n", strerror(errno), l.count, l.total);
+			failures++;
+		}
+	}
+	expect_fail("mmap offset wrap", mmap(NULL, 8192, PROT_READ, MAP_SHARED, lofd, 0x7ffffffffffff000LL) == MAP_FAILED ? -1 : 0, 0);
 	/* mmap outside RAM, private, and of an address far beyond memory. */
 	expect_fail("mmap private", mmap(NULL, 4096, PROT_READ, MAP_PRIVATE, lofd, 0x100000) == MAP_FAILED ? -1 : 0, EINVAL);
 	expect_fail("mmap non-RAM (0xfee00000)", mmap(NULL, 4096, PROT_READ, MAP_SHARED, lofd, 0xfee00000UL) == MAP_FAILED ? -1 : 0, EPERM);
@@ -591,12 +623,33 @@ static int cmd_adddel(int n)
 	return 0;
 }
 
+/* The module loaded with upstream_abi=1 answers like upstream virtio-lo. */
+static int cmd_upstream(void)
+{
+	struct virtio_lo_ext e;
+	struct virtio_lo_irqfd a = { 0, 0, -1, 0 };
+	struct virtio_lo_mem_range r[4];
+	struct virtio_lo_ramlist l = { .count = 4, .ranges = (uint64_t)(uintptr_t)r };
+	struct virtio_lo_devstatus s = { 0 };
+	struct virtio_lo_queue q = { 0 };
+
+	expect_fail("GETEXT", ioctl(lofd, VIRTIO_LO_GETEXT, &e), EINVAL);
+	expect_fail("SET_IRQFD", ioctl(lofd, VIRTIO_LO_SET_IRQFD, &a), EINVAL);
+	expect_fail("GET_RAM", ioctl(lofd, VIRTIO_LO_GET_RAM, &l), EINVAL);
+	expect_fail("DEVSTATUS", ioctl(lofd, VIRTIO_LO_DEVSTATUS, &s), EINVAL);
+	expect_fail("GET_QUEUE", ioctl(lofd, VIRTIO_LO_GET_QUEUE, &q), EINVAL);
+	expect_fail("unknown 'P' ioctl", ioctl(lofd, _IO('P', 0x7f), 0), EINVAL);
+	expect_fail("other ioctl type", ioctl(lofd, _IO('Q', 1), 0), ENOTTY);
+	printf("upstream %s\n", failures ? "FAILED" : "ok");
+	return failures ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
 	const char *node = getenv("VIRTIO_LO_NODE") ? getenv("VIRTIO_LO_NODE") : VIRTIO_LO_DEVICE_NODE;
 
 	if (argc < 2) {
-		fprintf(stderr, "usage: lo-tool serve|ext|bad|adddel ...\n");
+		fprintf(stderr, "usage: lo-tool serve|ext|bad|adddel|upstream ...\n");
 		return 2;
 	}
 	lofd = open(node, O_RDWR | O_CLOEXEC);
@@ -611,6 +664,8 @@ int main(int argc, char **argv)
 		return cmd_bad();
 	if (!strcmp(argv[1], "adddel"))
 		return cmd_adddel(argc > 2 ? atoi(argv[2]) : 10);
+	if (!strcmp(argv[1], "upstream"))
+		return cmd_upstream();
 	fprintf(stderr, "unknown command %s\n", argv[1]);
 	return 2;
 }

@@ -14,7 +14,10 @@
  * The first five ioctls are binary compatible with the unified-hmi virtio-lo
  * driver (LP64 layout; 32-bit user space is not supported).  Everything
  * numbered 0x40 and up is an extension; the upstream driver answers those
- * with ENOTTY, so probe with VIRTIO_LO_GETEXT first.
+ * with EINVAL (it answers ENOTTY only for other ioctl types; accept both),
+ * so probe with VIRTIO_LO_GETEXT first.  On upstream, remove devices by
+ * closing the fd, not with DELDEV: upstream's DELDEV (up to 2025) tears the
+ * device down while holding a spinlock (kernel BUG, then a hang).
  *
  * Only <linux/types.h> and <linux/ioctl.h> are needed.
  */
