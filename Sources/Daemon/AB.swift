@@ -47,7 +47,7 @@ enum AB {
         do { loopA = try EventLoop(pollMicroseconds: pollUs); loopB = try EventLoop(pollMicroseconds: pollUs) } catch { throw DeviceError("event loop: \(error)") }
         let hostA = DeviceHost(loop: loopA), hostB = DeviceHost(loop: loopB)
         let ia = hostA.add(name: d.name, device: try d.make())
-        let ib = hostB.add(name: d.name, device: try makeFrontend(d, socket: socket, loop: loopB, relay: o.relay, replay: !o.direct))
+        let ib = hostB.add(name: d.name, device: try makeFrontend(d, socket: socket, loop: loopB, relay: o.relay, replay: !o.direct && !o.relay))
         loopA.startThread(); loopB.startThread()
         defer {
             loopA.executeAndWait { hostA.shutdown() }; loopA.stopAndJoin()
@@ -91,9 +91,9 @@ enum AB {
         let a = LatencyStats(samples: &sa, elapsedNs: ta), b = LatencyStats(samples: &sb, elapsedNs: tb)
         let ratio = a.p50 > 0 ? Double(b.p50) / Double(a.p50) : 0
         let backend = (o.socket == nil ? "loopbackd ab-serve (child process, same device body)" : o.socket!)
-            + (o.relay ? "; kicks and interrupts relayed through loopbackd (original adapter path)"
+            + (o.relay ? "; kicks and interrupts relayed through loopbackd, no shadow ring (original adapter path)"
                : o.direct ? "; kicks and interrupts straight between driver and backend (reconnect = reset)"
-               : "; kicks straight to the backend, interrupts through loopbackd (reconnect = replay)")
+               : "; kicks and interrupts pass loopbackd, backend reads its shadow avail ring (reconnect = replay)")
         if !o.json {
             print("loopbackd ab: device \(d.name) (\(d.type)), driver \(driver.rawValue), \(o.rounds) rounds x \(perRound) requests per path, queue depth 1, \(o.poll ? "busy-poll \(pollUs) us" : "notifications")")
             print("socket backend: \(backend)")

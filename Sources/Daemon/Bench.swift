@@ -68,33 +68,37 @@ func measure(_ w: Workload, count: Int, warmup: Int, spinNs: UInt64) -> (Latency
 
 /// `loopbackd bench`: rng 64-byte reads and blk 4 KiB random reads through the simulated driver, each with
 /// notifications only and with the busy-poll window (device loop polls 50 µs; the driver spins as long for its
-/// completion, like a polling kernel driver would).
+/// completion, like a polling kernel driver would). The device body runs in-process, or behind loopbackd's
+/// vhost-user front-end (`backend = "vhost-user:…"`: the simulated driver drives the front-end alike).
 enum Bench {
     static let pollWindowUs = 50
 
     static func run(_ config: DaemonConfig, _ o: Options) -> Int32 {
-        let chosen = config.devices.filter { ($0.type == "rng" || $0.type == "blk") && $0.backend == .inproc && (o.device == nil || $0.name == o.device) }
-        guard !chosen.isEmpty else { printErr("loopbackd: error: bench: no in-process rng or blk device\(o.device.map { " named \($0)" } ?? "") in \(config.file)"); return 2 }
+        let chosen = config.devices.filter { ($0.type == "rng" || $0.type == "blk") && (o.device == nil || $0.name == o.device) }
+        guard !chosen.isEmpty else { printErr("loopbackd: error: bench: no rng or blk device\(o.device.map { " named \($0)" } ?? "") in \(config.file)"); return 2 }
+        func body(_ name: String) -> String { chosen.first { $0.name == name }?.backend == .inproc ? "inproc" : "vu" }
         var rows: [(name: String, type: String, mode: String, stats: LatencyStats, errors: Int, kicks: Double, sleeps: Double)] = []
         for d in chosen {
             for pollUs in [0, pollWindowUs] {
                 switch runOne(d, pollUs: pollUs, requests: o.requests) {
-                case .success(let r): rows.append((d.name, d.type, pollUs == 0 ? "notify" : "poll-\(pollUs)us", r.0, r.1, r.2, r.3))
+                case .success(let r):
+                    rows.append((d.name, d.type, pollUs == 0 ? "notify" : "poll-\(pollUs)us", r.0, r.1, r.2, r.3))
                 case .failure(let e): printErr("loopbackd: error: bench \(d.name): \(e)"); return 1
                 }
             }
         }
         if !o.json {
-            print("loopbackd bench: simulated driver, queue depth 1, \(o.requests) requests per row (+10% warm-up)")
-            print("device   type  mode        p50_us   p99_us   max_us    req/s  kicks/req  irq-waits/req  errors")
+            print("loopbackd bench: simulated driver, queue depth 1, \(o.requests) requests per row (+10% warm-up)"
+                  + (chosen.contains { $0.backend != .inproc } ? "; body: inproc, or vu = forwarded to its vhost-user back-end" : ""))
+            print("device   type  body   mode        p50_us   p99_us   max_us    req/s  kicks/req  irq-waits/req  errors")
             for r in rows {
-                print(pad(r.name, 8, left: true) + " " + pad(r.type, 5, left: true) + " " + pad(r.mode, 10, left: true)
+                print(pad(r.name, 8, left: true) + " " + pad(r.type, 5, left: true) + " " + pad(body(r.name), 6, left: true) + " " + pad(r.mode, 10, left: true)
                       + pad(micro(r.stats.p50), 8) + " " + pad(micro(r.stats.p99), 8) + " " + pad(micro(r.stats.max), 8)
                       + " " + pad(String(Int(r.stats.rps)), 8) + " " + pad(fmt2(r.kicks), 10) + " " + pad(fmt2(r.sleeps), 14)
                       + " " + pad(String(r.errors), 7))
             }
         }
-        let items = rows.map { "{\"device\": \"\($0.name)\", \"type\": \"\($0.type)\", \"mode\": \"\($0.mode)\", \"requests\": \($0.stats.count), \"errors\": \($0.errors), \"kicks_per_req\": \(fmt2($0.kicks)), \"irq_waits_per_req\": \(fmt2($0.sleeps)), \"stats\": \($0.stats.json)}" }
+        let items = rows.map { "{\"device\": \"\($0.name)\", \"type\": \"\($0.type)\", \"body\": \"\(body($0.name) == "vu" ? "vhost-user" : "inproc")\", \"mode\": \"\($0.mode)\", \"requests\": \($0.stats.count), \"errors\": \($0.errors), \"kicks_per_req\": \(fmt2($0.kicks)), \"irq_waits_per_req\": \(fmt2($0.sleeps)), \"stats\": \($0.stats.json)}" }
         print("{\"bench\": [" + items.joined(separator: ", ") + "]}")
         return rows.contains { $0.errors > 0 } ? 1 : 0
     }
@@ -104,9 +108,19 @@ enum Bench {
             let loop: EventLoop
             do { loop = try EventLoop(pollMicroseconds: pollUs) } catch { throw DeviceError("event loop: \(error)") }
             let host = DeviceHost(loop: loop)
-            let i = host.add(name: d.name, device: try d.make())
+            let device: VirtioDevice
+            switch d.backend {
+            case .inproc: device = try d.make()
+            case .vhostUser(let path): device = try makeFrontend(d, socket: path, loop: loop)
+            }
+            let i = host.add(name: d.name, device: device)
             loop.startThread()
-            defer { loop.executeAndWait { host.shutdown() }; loop.stopAndJoin() }
+            // A front-end closes its connection only on `shutdown` (the loop keeps it alive otherwise): the next row's
+            // front-end would wait for a back-end still serving this one.
+            defer {
+                loop.executeAndWait { host.shutdown(); (device as? VhostUserFrontendDevice)?.shutdown() }
+                loop.stopAndJoin()
+            }
             let drv: SimDriver
             do { drv = try SimDriver(host: host, index: i, ramSize: 16 << 20) } catch { throw DeviceError("\(error)") }
             try drv.start(queueCount: 1)

@@ -93,12 +93,16 @@ public struct Options: Equatable {
       --check               validate the configuration and exit (status 2 on errors)
       --log-level LEVEL     error, warning, info or debug (overrides the file)
       --duration SECONDS    stop by itself after SECONDS (as on SIGTERM)
-    bench: latency and throughput of the file's rng and blk devices through the simulated driver,
-           with notifications and with busy-polling; a table, then one JSON line (--json: only JSON)
+    bench: latency and throughput of the file's rng and blk devices (in-process, or forwarded to their
+           vhost-user backend) through the simulated driver, with notifications and with busy-polling; a table,
+           then one JSON line (--json: only JSON)
     ab:    the same device and workload in-process and through a vhost-user socket, interleaved in rounds; driver
            side: the kernel module when its node opens (or the file says virtio-lo), else the simulated driver;
-           default: kicks straight to the backend, interrupts through loopbackd (exact replay on reconnect);
-           --direct: interrupts straight too (reconnect = "reset"); --relay: both through loopbackd, like the
-           original adapter
+           default: kicks and interrupts pass loopbackd, the backend reads a shadow avail ring (exact replay on
+           reconnect); --direct: both straight between driver and backend (reconnect = "reset"); --relay: both
+           through loopbackd without the shadow ring, like the original adapter
+    A vhost-user backend socket (backend = "vhost-user:PATH", ab --socket) must accept connections within
+    about 5 s of start-up, else loopbackd exits with status 1; once running, a lost backend is reconnected
+    without limit.
     """
 }

@@ -70,6 +70,9 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     private var backendFeatures: UInt64 = 0
     private var negotiated: VhostUserProtocolFeatures = []
     private var maxMemSlots = 0
+    /// GET_QUEUE_NUM's answer (MQ only), and the ring set-up message in progress: for a refused set-up's error.
+    private var backendQueueNum: UInt64?
+    private var setupStep = "the ring set-up"
     private var sentRegions: [VhostUserMemoryRegion] = []
     private var config: [UInt8]
 
@@ -288,6 +291,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             }
             if h.negotiated.contains(.mq) {
                 let n = try c.getU64(.getQueueNum)
+                h.queueNum = n
                 guard n >= UInt64(queues) else { throw .badReply("back-end has \(n) queue(s), \(queues) configured") }
             }
             h.maxMemSlots = h.negotiated.contains(.configureMemSlots) ? Int(min(try c.getU64(.getMaxMemSlots), 512)) : 0
@@ -313,6 +317,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         backendFeatures = h.backendFeatures
         negotiated = h.negotiated
         maxMemSlots = h.maxMemSlots
+        backendQueueNum = h.queueNum
         sentRegions = []
         if let c = h.config { config = c }
     }
@@ -404,8 +409,63 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             return
         }
         do { try setupRings(bases: nil) } catch {
-            if case .rejected = error { throw DeviceError("vhost-user \(socketPath): \(error)") }
-            connectionLost(error)
+            // The back-end refused the first set-up: with a status, or (loopbackd's own server, for a message it
+            // finds malformed, e.g. a vring larger than its queues) by closing the connection on it. Either is
+            // most likely a configuration mismatch, not a crash: fail the start with what each side reports.
+            switch error {
+            case .rejected:
+                throw DeviceError("vhost-user \(socketPath): \(error); \(diagnoseRejection())")
+            case .peerClosed:
+                let why = "back-end closed the connection at \(setupStep); \(diagnoseRejection())"
+                closeConnection()
+                throw DeviceError("vhost-user \(socketPath): \(why)")
+            default:
+                connectionLost(error)
+            }
+        }
+    }
+
+    /// After the back-end refused the ring set-up: what it says about itself next to what is configured, so the
+    /// error names the likely cause. vhost-user carries neither the device type nor the queue sizes, so a back-end
+    /// of another type (or with smaller queues) is only found out here: queue count (GET_QUEUE_NUM), config space
+    /// size (GET_CONFIG, largest size it answers), device feature bits. Loop thread; a few exchanges within
+    /// `loopBudgetMs`, on the error path only.
+    func diagnoseRejection() -> String {
+        let type = Self.typeName(deviceID)
+        let sizes = Set(queueMaxSizes).count == 1 ? "\(queueMaxSizes.count) queue(s) of \(queueMaxSizes[0])"
+            : "queue sizes \(queueMaxSizes.map(String.init).joined(separator: "/"))"
+        var out = "likely a device type, queue count or queue size mismatch (vhost-user does not carry the type): "
+            + "configured \(type), \(sizes), \(configSize)-byte config space; back-end: "
+        var facts: [String] = []
+        if let n = backendQueueNum { facts.append("\(n) queue(s)") }
+        if let c = try? loopConversation(), lb_peek_byte(sock) != 0 {
+            if negotiated.contains(.config) {
+                // Largest size the back-end answers (an out-of-range GET_CONFIG gets the empty error reply).
+                var lo = 0, hi = Int(VhostUserMessage.maxConfigBytes)
+                if (try? c.fetchConfig(size: hi)) != nil { lo = hi } else {
+                    while hi - lo > 1 {
+                        let mid = (lo + hi) / 2
+                        if (try? c.fetchConfig(size: mid)) != nil { lo = mid } else { hi = mid }
+                    }
+                }
+                facts.append(lo >= Int(VhostUserMessage.maxConfigBytes) ? "config space of any size asked"
+                             : lo == 0 ? "no config space" : "\(lo)-byte config space")
+            }
+        }
+        let deviceBits = backendFeatures & 0xFF_FFFF
+        facts.append("device feature bits 0x\(String(deviceBits, radix: 16))"
+                     + (deviceBits != 0 && deviceID == 4 ? " (an rng has none)" : ""))
+        out += facts.joined(separator: ", ")
+        out += "; check type and queue-size against the back-end"
+        return out
+    }
+
+    static func typeName(_ id: UInt32) -> String {
+        switch id {
+        case 1: return "net (virtio id 1)"
+        case 2: return "blk (virtio id 2)"
+        case 4: return "rng (virtio id 4)"
+        default: return "virtio id \(id)"
         }
     }
 
@@ -524,20 +584,25 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             throw .badReply("back-end no longer offers features 0x\(String(acked.rawValue & ~backendFeatures, radix: 16))")
         }
         // Loop thread: the whole exchange within `loopBudgetMs`.
+        setupStep = "the ring set-up"
         let c = try loopConversation()
         var bits = acked.rawValue | (backendFeatures & Self.protocolFeaturesBit)
         // Replay: the back-end must not use EVENT_IDX: it would read used_event from the shadow ring (which the
         // driver never writes) and write avail_event (which is ours: `InflightTracker.pump`). Without it, it
         // interrupts on every completion (shadow avail.flags stays 0), and we relay each.
         if replay { bits &= ~VirtioFeatures.eventIdx.rawValue }
+        setupStep = "SET_FEATURES 0x\(String(bits, radix: 16))"
         try c.request(.setFeatures) { $0.append(bits) }
+        setupStep = "SET_MEM_TABLE"
         try sendMemoryTable(ctx.memory, c)
         for q in 0..<ctx.queueCount {
             let size = ctx.queues[q].size
             // First start: where the host says the ring is (replay: the shadow ring's start, used.idx). Reconnect:
             // the rewritten in-flight heads.
             let base = bases?[q] ?? (q < trackers.count ? trackers[q].usedSeen : ctx.queues[q].lastAvail)
+            setupStep = "SET_VRING_NUM \(size) for queue \(q)"
             try c.request(.setVringNum) { $0.appendState(q, UInt32(size)) }
+            setupStep = "SET_VRING_BASE/ADDR/CALL/KICK for queue \(q)"
             try c.request(.setVringBase) { $0.appendState(q, UInt32(base)) }
             let shadowAvail = q < trackers.count ? UInt64(UInt(bitPattern: trackers[q].shadow)) : nil
             guard let d = userAddress(ctx.queues[q].desc, ctx.memory),
@@ -552,6 +617,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             try c.request(.setVringKick, { $0.append(UInt64(q)) }, fds: [kickFDs[q]])
         }
         if backendFeatures & Self.protocolFeaturesBit != 0 {
+            setupStep = "SET_VRING_ENABLE"
             for q in 0..<ctx.queueCount { try c.request(.setVringEnable) { $0.appendState(q, 1) } }
         }
         ringsSetUp = true
@@ -657,7 +723,12 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             }
         } catch {
             failedAttempts += 1
-            Log.warning("vhost-user \(socketPath): reconnect failed: \(error)")
+            let why = switch error {
+            case .rejected: "\(error); \(diagnoseRejection())"
+            case .peerClosed: "\(error) at \(setupStep); \(diagnoseRejection())"
+            default: "\(error)"
+            }
+            Log.warning("vhost-user \(socketPath): reconnect failed: \(why)")
             closeConnection()
             scheduleReconnect()
             return
@@ -928,6 +999,7 @@ struct VhostUserHandshake {
     var backendFeatures: UInt64 = 0
     var negotiated: VhostUserProtocolFeatures = []
     var maxMemSlots = 0
+    var queueNum: UInt64?
     var config: [UInt8]?
 
     func closeFDs() {
