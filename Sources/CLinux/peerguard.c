@@ -149,3 +149,5 @@ int lb_eventfd_is_semaphore(int fd) {
 }
 
 int lb_eventfd2(unsigned int initval, int flags) { return eventfd(initval, flags); }
+
+int lb_seal_size(int fd) { return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL); }

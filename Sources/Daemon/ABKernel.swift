@@ -35,7 +35,7 @@ extension AB {
         let host = DeviceHost(loop: loop)
         let ia = host.add(name: d.name, device: try d.make())
         let ib = host.add(name: d.name + "-socket",
-                          device: try makeFrontend(d, socket: socket, loop: loop, relay: o.relay, replay: !o.direct))
+                          device: try makeFrontend(d, socket: socket, loop: loop, relay: o.relay, replay: !o.direct && !o.relay))
         loop.startThread()
         var link: VirtioLoLink?
         var targets: [KernelTarget & RoundTrip] = []

@@ -66,7 +66,7 @@ final class FrontendInflightTests: XCTestCase {
         t.pump()
         complete(42)                // and head 3 still in flight (else tracking resynchronises at once)
         t.pump()
-        XCTAssertEqual(t.lost, .usedHeadInvalid)
+        XCTAssertEqual(t.lost, .backendUsedHeadInvalid)
         XCTAssertEqual(t.lossReason, .usedIDOutOfRange(id: 42, size: size))
         XCTAssertTrue(t.lossReason!.description.hasPrefix("back-end returned an invalid head"), t.lossReason!.description)
         XCTAssertTrue(t.lossReason!.description.contains("back-end bug"))

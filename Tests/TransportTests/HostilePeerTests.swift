@@ -273,3 +273,113 @@ final class HostilePeerTests: XCTestCase {
         close(irq)
     }
 }
+
+/// The fault paths of the server, made to happen with the syscall seam (`FaultInjection`, debug builds).
+final class FaultPathTests: XCTestCase {
+    var loop: EventLoop!
+    var host: DeviceHost!
+
+    override func setUp() {
+        loop = try! EventLoop()
+        host = DeviceHost(loop: loop)
+        loop.startThread()
+    }
+    override func tearDown() {
+        FaultInjection.clear()
+        loop.stopAndJoin()
+    }
+
+    private func startServer(_ device: VirtioDevice = VUEchoDevice()) throws -> VhostUserBackendServer {
+        let s = VhostUserBackendServer(socketPath: testSocketPath(), host: host, name: "echo", device: device)
+        try s.start()
+        return s
+    }
+
+    func testInjectedEINTRIsRetried() throws {
+        FaultInjection.fail(.open, with: EINTR, times: 3)
+        let f = try FD.open("/dev/null", flags: O_RDONLY)
+        XCTAssertGreaterThanOrEqual(f.raw, 0)
+        XCTAssertEqual(FaultInjection.remaining(.open), 0)
+    }
+
+    /// accept(2) failing with EMFILE leaves the peer in the backlog and the listener readable: the server must
+    /// not spin on it, and must take the connection once descriptors are available again.
+    func testAcceptOutOfDescriptorsPausesInsteadOfSpinning() throws {
+        let s = try startServer()
+        FaultInjection.fail(.accept, with: EMFILE, times: 3)
+        let c = try XCTUnwrap(VURawClient(s.socketPath))
+        c.send(VURawClient.message(.getFeatures))
+        // Three failed accepts, 100 ms apart, then the connection is served.
+        XCTAssertEqual(c.reply(timeoutMs: 3000)?.1.count, 8)
+        XCTAssertEqual(loop.executeAndWait { s.acceptPauses }, 3)
+        s.stop()
+    }
+
+    func testReceiveErrorClosesThatConnectionOnly() throws {
+        let s = try startServer()
+        let c = try XCTUnwrap(VURawClient(s.socketPath))
+        XCTAssertEqual(c.call(.getFeatures)?.count, 8)
+        FaultInjection.fail(.recvmsg, with: EIO)
+        c.send(VURawClient.message(.getFeatures))
+        XCTAssertTrue(c.waitClosed())
+        XCTAssertEqual(loop.executeAndWait { s.lastError }, .io(Errno(EIO)))
+        let c2 = try XCTUnwrap(VURawClient(s.socketPath))
+        XCTAssertEqual(c2.call(.getFeatures)?.count, 8)
+        s.stop()
+    }
+
+    func testMapFailureRefusesTheTable() throws {
+        let s = try startServer()
+        let c = try XCTUnwrap(VURawClient(s.socketPath))
+        FaultInjection.fail(.mmap, with: ENOMEM)
+        let m = memfd(0x10000)
+        let region = VhostUserMemoryRegion(guestAddress: 0, size: 0x10000, userAddress: 0x7000_0000, mmapOffset: 0)
+        c.send(VURawClient.message(.setMemTable, payload: memTable([region])), fds: [m])
+        close(m)
+        XCTAssertTrue(c.waitClosed())
+        let err = loop.executeAndWait { s.lastError }
+        XCTAssertTrue({ if case .badRegion(let w) = err { w.contains("mmap") } else { false } }(), "\(String(describing: err))")
+        s.stop()
+    }
+
+    /// The loop cannot watch a kick fd (epoll_ctl ENOMEM): the ring does not start, the front-end hears a failure
+    /// (REPLY_ACK 1), and the connection and the loop stay usable.
+    func testKickWatchFailureFailsTheStartCleanly() throws {
+        let s = try startServer()
+        let c = try XCTUnwrap(VURawClient(s.socketPath))
+        let m = memfd(1 << 20)
+        let ram = mmap(nil, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, m, 0)!
+        defer { munmap(ram, 1 << 20); close(m) }
+        let ack: UInt32 = 1 | 8
+        c.send(VURawClient.message(.setProtocolFeatures, payload: u64(VhostUserBackendServer.protocolFeatures.rawValue)))
+        let ua = UInt64(UInt(bitPattern: ram))
+        XCTAssertEqual(c.call(.setMemTable, flags: ack, payload: memTable([
+            VhostUserMemoryRegion(guestAddress: 0, size: 1 << 20, userAddress: ua, mmapOffset: 0)]), fds: [m]), u64(0))
+        XCTAssertEqual(c.call(.setFeatures, flags: ack, payload: u64(VirtioFeatures.version1.rawValue | 1 << 30)), u64(0))
+        XCTAssertEqual(c.call(.setVringNum, flags: ack, payload: u32s([0, 8])), u64(0))
+        XCTAssertEqual(c.call(.setVringAddr, flags: ack, payload: u32s([0, 0]) + u64(ua) + u64(ua + 0x2000) + u64(ua + 0x1000) + u64(0)), u64(0))
+        let kick = lb_eventfd(0, 1), call = lb_eventfd(0, 1)
+        defer { close(kick); close(call) }
+        XCTAssertEqual(c.call(.setVringCall, flags: ack, payload: u64(0), fds: [call]), u64(0))
+        XCTAssertEqual(c.call(.setVringKick, flags: ack, payload: u64(0), fds: [kick]), u64(0))
+        FaultInjection.fail(.epollCtl, with: ENOMEM)
+        XCTAssertEqual(c.call(.setVringEnable, flags: ack, payload: u32s([0, 1])), u64(1), "start failed, reported")
+        XCTAssertFalse(loop.executeAndWait { self.host.isActive(s.index) })
+        // Resources back: the next ring change starts it.
+        XCTAssertEqual(c.call(.setVringEnable, flags: ack, payload: u32s([0, 1])), u64(0))
+        XCTAssertTrue(loop.executeAndWait { self.host.isActive(s.index) })
+        s.stop()
+    }
+}
+
+final class SealTests: XCTestCase {
+    /// Memory loopbackd shares with a back-end (the simulated driver's RAM, the shadow avail rings) is sealed:
+    /// the back-end cannot shrink it under loopbackd's own mapping.
+    func testSharedRAMCannotBeTruncatedByThePeer() throws {
+        let mem = try GuestMemory.memfdRAM(size: 1 << 20)
+        let fd = mem.regions[0].fd
+        XCTAssertEqual(ftruncate(fd, 4096), -1)
+        XCTAssertEqual(errno, EPERM)
+        XCTAssertEqual(ftruncate(fd, 2 << 20), -1, "nor grow it")
+    }
+}

@@ -569,7 +569,7 @@ final class VhostUserTests: XCTestCase {
         complete(42)
         t.pump()
         XCTAssertFalse(t.isTracking)
-        XCTAssertEqual(t.lost, .usedHeadInvalid)
+        XCTAssertEqual(t.lost, .backendUsedHeadInvalid)
         XCTAssertNil(t.planReplay())
         offer(6)
         XCTAssertTrue(t.pump())

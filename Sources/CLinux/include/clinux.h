@@ -121,4 +121,6 @@ int lb_set_nonblocking(int fd);
 int lb_eventfd_is_semaphore(int fd);
 // eventfd(2) with raw EFD_* flags (EFD_SEMAPHORE = 1, EFD_NONBLOCK = 04000, EFD_CLOEXEC = 02000000).
 int lb_eventfd2(unsigned int initval, int flags);
+// Seals a memfd's size (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL): a peer it is shared with cannot truncate it.
+int lb_seal_size(int fd);
 #endif

@@ -80,7 +80,7 @@ public final class EventLoop: @unchecked Sendable {
         else { slot = handlers.count; handlers.append(handler); trampolines.append(t); generations.append(0); alive.append(true) }
         hotHandlers[slot] = .passUnretained(t)
         let data = UInt64(slot) << 40 | UInt64(generations[slot]) << 32 | UInt64(token)
-        do throws(Errno) { _ = try syscall { lb_epoll_ctl(epfd.raw, Int32(LB_EPOLL_CTL_ADD), fd, events, data) } } catch {
+        do throws(Errno) { _ = try syscall(.epollCtl) { lb_epoll_ctl(epfd.raw, Int32(LB_EPOLL_CTL_ADD), fd, events, data) } } catch {
             handlers[slot] = nil; trampolines[slot] = nil; alive[slot] = false; freeSlots.append(slot); throw error
         }
         return slot

@@ -81,6 +81,8 @@ public final class GuestMemory {
     public static func memfdRAM(size: Int, guestBase: UInt64 = 0, name: String = "loopbackd-ram") throws(Errno) -> GuestMemory {
         let fd = OwnedFD(adopting: try syscall { lb_memfd(name, 1) })
         _ = try syscall { ftruncate(fd.raw, off_t(size)) }
+        // The fd may be handed to a vhost-user back-end: sealed, it cannot shrink the file under our mapping.
+        _ = try syscall { lb_seal_size(fd.raw) }
         let m = try Mapping(fd: fd.raw, offset: 0, length: size)
         let info = RegionInfo(guestBase: guestBase, size: UInt64(size), host: m.base, fd: fd.raw, fdOffset: 0,
                               userAddr: UInt64(UInt(bitPattern: m.base)))
@@ -127,7 +129,8 @@ public struct MemoryView: @unchecked Sendable {
             guard let i = regionIndex(a) else { return false }
             let r = table[i]
             let off = a - r.guestBase
-            let n = min(left, r.size - off)
+            // A piece is at most 4 GiB - 1 (segment lengths are 32-bit), whatever the caller asked for.
+            let n = min(left, r.size - off, UInt64(UInt32.max))
             if !body(r.host + Int(off), UInt32(n)) { return false }
             left -= n
             let (next, o) = a.addingReportingOverflow(n)

@@ -41,7 +41,8 @@ final class MappedRegion {
     let mapBase: UnsafeMutableRawPointer
     let mapLength: Int
     let host: UnsafeMutableRawPointer
-    let fd: Int32
+    let file: FileRef
+    var fd: Int32 { file.raw }
     /// The SIGBUS guard slot covering the mapping (peerguard.c).
     let guardSlot: Int32
 
@@ -76,6 +77,7 @@ final class MappedRegion {
         let delta = desc.mmapOffset - aligned
         let (length, o) = desc.size.addingReportingOverflow(delta)
         guard !o, length <= UInt64(Int.max) else { throw .badRegion("too large") }
+        if let e = FaultInjection.take(.mmap) { throw .badRegion("mmap: \(Errno(e))") }
         let p = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(aligned))
         guard let p, p != MAP_FAILED else { throw .badRegion("mmap: \(Errno.current)") }
         let slot = lb_guard_add(p, Int(length), guardFD)
@@ -84,13 +86,12 @@ final class MappedRegion {
         mapBase = p
         mapLength = Int(length)
         host = p + Int(delta)
-        self.fd = fd
+        file = FileRef(adopting: fd)
         guardSlot = slot
     }
     deinit {
         lb_guard_remove(guardSlot)
         munmap(mapBase, mapLength)
-        close(fd)
     }
 
     /// True once the SIGBUS guard replaced this mapping (the peer truncated the file).
@@ -112,35 +113,30 @@ final class VringState {
     var addr: VhostUserVringAddress?
     /// Next avail index to process when the ring (re)starts: SET_VRING_BASE, or where the device stopped.
     var base: UInt16 = 0
-    /// The kick eventfd (owned; the host gets dups), -1 for none. `kickSet` is also true for a NOFD kick (polling).
-    var kickFD: Int32 = -1
+    /// The kick eventfd (the host gets dups), nil for none. `kickSet` is also true for a NOFD kick (polling).
+    var kick: FileRef?
+    var kickFD: Int32 { kick?.raw ?? -1 }
     var kickSet = false
     /// A stable fd number the queue's interrupt Notifier writes to. SET_VRING_CALL swaps the file behind it with
     /// dup3 (atomic), so a new call fd (QEMU sends one on every guest MSI-X mask/unmask) needs no re-activation.
-    let callSlot: Int32
-    var errFD: Int32 = -1
+    let callSlot: FileRef
+    var err: FileRef?
     var enabled = false
-    init(callSlot: Int32) { self.callSlot = callSlot }
+    init(callSlot: FileRef) { self.callSlot = callSlot }
 
     var isConfigured: Bool { num != nil || addr != nil || kickSet }
     var isReady: Bool { num != nil && addr != nil && kickSet && enabled }
 
     func dropKick() {
-        if kickFD >= 0 { close(kickFD) }
-        kickFD = -1
+        kick = nil
         kickSet = false
-    }
-    func closeAll() {
-        dropKick()
-        if errFD >= 0 { close(errFD) }
-        errFD = -1
-        close(callSlot)
     }
 }
 
 /// One front-end connection: the receive buffer and everything negotiated on it.
 final class VhostUserConnection {
-    let fd: Int32
+    let socket: FileRef
+    var fd: Int32 { socket.raw }
     var registration = -1
     let buffer: UnsafeMutableRawPointer
     var have = 0
@@ -151,32 +147,30 @@ final class VhostUserConnection {
     var vrings: [VringState] = []
     var regions: [MappedRegion] = []
     var memory: GuestMemory?
-    var backendReqFD: Int32 = -1
+    var backendReq: FileRef?
     var status: UInt8 = 0
     /// Queues the host currently runs (0 = device stopped).
     var activeCount = 0
     /// Signalled by the SIGBUS guard when one of this connection's regions faulted.
-    let guardFD: Int32
+    let guardEvent: FileRef
+    var guardFD: Int32 { guardEvent.raw }
     var guardRegistration = -1
 
     init(fd: Int32, guardFD: Int32) {
-        self.fd = fd
-        self.guardFD = guardFD
+        socket = FileRef(adopting: fd)
+        guardEvent = FileRef(adopting: guardFD)
         buffer = .allocate(byteCount: VhostUserHeader.byteCount + Int(VhostUserHeader.maxPayload), alignment: 8)
     }
+    /// Drops what the connection holds besides its own two fds (closed with the object).
     func closeAll() {
-        close(fd)
-        for f in fds { close(f) }
+        for f in fds { FD.close(f) }   // received, not yet handed to a message
         fds = []
-        for v in vrings { v.closeAll() }
         vrings = []
         memory = nil
         regions = []
-        if backendReqFD >= 0 { close(backendReqFD) }
-        backendReqFD = -1
-        close(guardFD)
-        buffer.deallocate()
+        backendReq = nil
     }
+    deinit { buffer.deallocate() }
 }
 
 /// Serves one device body to a vhost-user front-end (QEMU, cloud-hypervisor, crosvm, another loopbackd) on a Unix
@@ -205,19 +199,28 @@ public final class VhostUserBackendServer: EventHandler {
         served.configSize > 0 ? Self.protocolFeatures : Self.protocolFeatures.subtracting(.config)
     }
 
-    private var listenFD: Int32 = -1
+    private var listener: FileRef?
+    private var listenFD: Int32 { listener?.raw ?? -1 }
     private var listenRegistration = -1
-    private var configFD: Int32 = -1
+    /// The device's config interrupt (turned into CONFIG_CHANGE_MSG), and an eventfd nobody reads that call slots
+    /// point at while the front-end has given no call fd.
+    private var configEvent: FileRef?
+    private var configFD: Int32 { configEvent?.raw ?? -1 }
     private var configRegistration = -1
-    private var sinkFD: Int32 = -1
+    private var sink: FileRef?
+    private var sinkFD: Int32 { sink?.raw ?? -1 }
     private var conn: VhostUserConnection?
 
     /// Accepted connections so far, the error that closed the last one, config-change messages sent.
     public private(set) var connectionsAccepted = 0
     public private(set) var lastError: VhostUserError?
     public private(set) var configChangesSent = 0
+    /// Times accept failed for lack of resources and the listener was paused.
+    public private(set) var acceptPauses = 0
+    private var retryTimer: FileRef?
+    private var retryRegistration = -1
 
-    private enum Token: UInt32 { case listener = 1, connection = 2, config = 3, memoryGuard = 4 }
+    private enum Token: UInt32 { case listener = 1, connection = 2, config = 3, memoryGuard = 4, retry = 5 }
 
     /// Adds `device` to `host` (as `name`) and prepares to serve it on `socketPath`; `start()` listens.
     public init(socketPath: String, host: DeviceHost, name: String, device: VirtioDevice) {
@@ -243,18 +246,12 @@ public final class VhostUserBackendServer: EventHandler {
     public var isConnected: Bool { host.loop.executeAndWait { self.conn != nil } }
 
     private func startOnLoop() -> Errno? {
-        guard listenFD < 0 else { return nil }
-        let l = socketPath.withCString { lb_unix_listen($0, 4, 0o600) }
-        guard l >= 0 else { return Errno.current }
-        let c = lb_eventfd(0, 1), s = lb_eventfd(0, 1)
-        guard c >= 0, s >= 0 else {
-            let e = Errno.current
-            close(l); if c >= 0 { close(c) }; if s >= 0 { close(s) }
-            unlink(socketPath)
-            return e
-        }
-        listenFD = l; configFD = c; sinkFD = s
+        guard listener == nil else { return nil }
         do throws(Errno) {
+            let l = FileRef(adopting: try syscall(.other) { socketPath.withCString { lb_unix_listen($0, 4, 0o600) } })
+            listener = l
+            configEvent = FileRef(try FD.eventfd())
+            sink = FileRef(try FD.eventfd())
             configRegistration = try host.loop.register(fd: configFD, handler: self, token: Token.config.rawValue)
             try watchListener()
         } catch {
@@ -267,20 +264,21 @@ public final class VhostUserBackendServer: EventHandler {
 
     private func stopOnLoop() {
         dropConnection()
-        if listenFD >= 0 {
+        if listener != nil {
             if listenRegistration >= 0 { host.loop.unregister(fd: listenFD, registration: listenRegistration) }
             listenRegistration = -1
-            close(listenFD)
-            listenFD = -1
+            listener = nil
             unlink(socketPath)
         }
-        if configFD >= 0 {
+        if configEvent != nil {
             if configRegistration >= 0 { host.loop.unregister(fd: configFD, registration: configRegistration) }
             configRegistration = -1
-            close(configFD)
-            configFD = -1
+            configEvent = nil
         }
-        if sinkFD >= 0 { close(sinkFD); sinkFD = -1 }
+        sink = nil
+        if let t = retryTimer { host.loop.unregister(fd: t.raw, registration: retryRegistration) }
+        retryTimer = nil
+        retryRegistration = -1
     }
 
     private func watchListener() throws(Errno) {
@@ -300,6 +298,9 @@ public final class VhostUserBackendServer: EventHandler {
             guard let c = conn else { return }
             _ = FD.drain(c.guardFD)
             if c.regions.contains(where: { $0.faulted }) { fail(.memoryFault) }
+        case .retry:
+            if let t = retryTimer { _ = FD.drain(t.raw) }
+            if conn == nil { try? watchListener() }
         case .config:
             guard configFD >= 0 else { return }
             _ = FD.drain(configFD)
@@ -309,39 +310,37 @@ public final class VhostUserBackendServer: EventHandler {
     }
 
     private func accept() {
-        guard listenFD >= 0, conn == nil else { return }
-        let fd = lb_unix_accept(listenFD)
-        guard fd >= 0 else {
-            if errno != EAGAIN && errno != EWOULDBLOCK { Log.warning("vhost-user: accept: \(Errno.current)") }
+        guard listener != nil, conn == nil else { return }
+        let fd: Int32
+        do { fd = try syscall(.accept) { lb_unix_accept(listenFD) } } catch {
+            if error.rawValue == EAGAIN || error.rawValue == EWOULDBLOCK { return }
+            // EMFILE/ENFILE/ENOMEM leave the connection in the backlog and the listener readable: watching it
+            // would spin the loop. Stop watching it and try again in 100 ms.
+            Log.warning("vhost-user: \(host.name(index)): accept: \(error); retrying in 100 ms")
+            pauseListener()
             return
         }
-        lb_guard_install()
-        let g = lb_eventfd(0, 1)
-        guard g >= 0 else {
-            Log.error("vhost-user: cannot allocate an eventfd: \(Errno.current)")
-            close(fd)
+        let c: VhostUserConnection
+        do {
+            lb_guard_install()
+            let g = try FD.eventfd()
+            c = VhostUserConnection(fd: fd, guardFD: g.release())
+            for _ in served.queueMaxSizes { c.vrings.append(VringState(callSlot: FileRef(try FD.dup(sinkFD)))) }
+        } catch {
+            FD.close(fd)
+            Log.error("vhost-user: \(host.name(index)): cannot allocate fds for a connection: \(error)")
+            pauseListener()
             return
         }
-        let c = VhostUserConnection(fd: fd, guardFD: g)
-        for _ in served.queueMaxSizes {
-            let slot = fcntl(sinkFD, F_DUPFD_CLOEXEC, 0)
-            guard slot >= 0 else {
-                Log.error("vhost-user: cannot allocate call fds: \(Errno.current)")
-                c.closeAll()
-                return
-            }
-            c.vrings.append(VringState(callSlot: slot))
-        }
-        do { c.registration = try host.loop.register(fd: fd, events: UInt32(LB_EPOLLIN | LB_EPOLLRDHUP), handler: self,
-                                                    token: Token.connection.rawValue) } catch {
-            Log.error("vhost-user: cannot watch connection: \(error)")
+        do throws(Errno) {
+            c.registration = try host.loop.register(fd: fd, events: UInt32(LB_EPOLLIN | LB_EPOLLRDHUP), handler: self,
+                                                    token: Token.connection.rawValue)
+            c.guardRegistration = try host.loop.register(fd: c.guardFD, handler: self, token: Token.memoryGuard.rawValue)
+        } catch {
+            Log.error("vhost-user: \(host.name(index)): cannot watch connection: \(error)")
+            if c.registration >= 0 { host.loop.unregister(fd: fd, registration: c.registration) }
             c.closeAll()
-            return
-        }
-        do { c.guardRegistration = try host.loop.register(fd: g, handler: self, token: Token.memoryGuard.rawValue) } catch {
-            Log.error("vhost-user: cannot watch connection: \(error)")
-            host.loop.unregister(fd: fd, registration: c.registration)
-            c.closeAll()
+            pauseListener()
             return
         }
         conn = c
@@ -350,6 +349,25 @@ public final class VhostUserBackendServer: EventHandler {
         host.loop.unregister(fd: listenFD, registration: listenRegistration)
         listenRegistration = -1
         Log.info("vhost-user: \(host.name(index)): front-end connected")
+    }
+
+    /// Stops watching the listener and re-arms it from a one-shot timer (accept failed for lack of resources).
+    private func pauseListener() {
+        if listenRegistration >= 0 { host.loop.unregister(fd: listenFD, registration: listenRegistration) }
+        listenRegistration = -1
+        acceptPauses += 1
+        if retryTimer == nil {
+            do {
+                let t = FileRef(adopting: try syscall(.timerfd) { lb_timerfd() })
+                retryRegistration = try host.loop.register(fd: t.raw, handler: self, token: Token.retry.rawValue)
+                retryTimer = t
+            } catch {
+                Log.error("vhost-user: \(host.name(index)): no timer to retry accept: \(error); listening again now")
+                try? watchListener()
+                return
+            }
+        }
+        if let t = retryTimer { _ = lb_timerfd_arm(t.raw, 100_000_000) }
     }
 
     /// Reads whatever is available, a piece at a time: never past the end of the current message, so the
@@ -362,8 +380,9 @@ public final class VhostUserBackendServer: EventHandler {
                 var got = [Int32](repeating: -1, count: 16)
                 var n: Int32 = 0, trunc: Int32 = 0
                 let room = Int32(max(0, 8 - c.fds.count))
-                let r = lb_recvmsg_fds(c.fd, c.buffer + c.have, target - c.have, &got, room, &n, &trunc)
-                let e = errno
+                let injected = FaultInjection.take(.recvmsg)
+                let r = injected == nil ? lb_recvmsg_fds(c.fd, c.buffer + c.have, target - c.have, &got, room, &n, &trunc) : -1
+                let e = injected ?? errno
                 c.fds.append(contentsOf: got[0..<Int(n)])
                 if trunc != 0 { fail(.tooManyFDs); return }
                 if r == 0 { fail(.peerClosed(midMessage: c.have > 0 || !c.fds.isEmpty)); return }
@@ -475,8 +494,8 @@ public final class VhostUserBackendServer: EventHandler {
             for r in c.vrings {
                 r.num = nil; r.addr = nil; r.base = 0; r.enabled = false
                 r.dropKick()
-                if r.errFD >= 0 { close(r.errFD); r.errFD = -1 }
-                _ = lb_dup3_cloexec(sinkFD, r.callSlot)
+                r.err = nil
+                _ = lb_dup3_cloexec(sinkFD, r.callSlot.raw)
             }
             c.features = 0
             c.status = 0
@@ -557,7 +576,7 @@ public final class VhostUserBackendServer: EventHandler {
             stopDevice(c)
             let r = c.vrings[i]
             r.dropKick()
-            _ = lb_dup3_cloexec(sinkFD, r.callSlot)
+            _ = lb_dup3_cloexec(sinkFD, r.callSlot.raw)
             var w = VhostUserWriter(request: 0)
             w.appendState(i, UInt32(r.base))
             _ = reconcile(c)
@@ -568,7 +587,7 @@ public final class VhostUserBackendServer: EventHandler {
             if hasFD, let why = PeerFD.checkEventFD(fds.peek(0), for: .kick) { throw .badFD(.setVringKick, why) }
             let r = c.vrings[i]
             r.dropKick()
-            r.kickFD = hasFD ? fds.take(0) : -1
+            r.kick = hasFD ? FileRef(adopting: fds.take(0)) : nil
             r.kickSet = true
             return .status(reconcile(c) ? 0 : 1)
 
@@ -577,19 +596,15 @@ public final class VhostUserBackendServer: EventHandler {
             if hasFD {
                 // The call fd is written on the loop thread: it must be an eventfd and non-blocking.
                 if let why = PeerFD.checkEventFD(fds.peek(0), for: .call) { throw .badFD(.setVringCall, why) }
-                let f = fds.take(0)
-                let ok = lb_dup3_cloexec(f, r.callSlot) >= 0
-                close(f)
-                guard ok else { throw .io(Errno.current) }
+                guard lb_dup3_cloexec(fds.peek(0), r.callSlot.raw) >= 0 else { throw .io(Errno.current) }
             } else {
-                _ = lb_dup3_cloexec(sinkFD, r.callSlot)
+                _ = lb_dup3_cloexec(sinkFD, r.callSlot.raw)
             }
             return .status(0)
 
         case .setVringErr(let i, let hasFD):
             let r = c.vrings[i]
-            if r.errFD >= 0 { close(r.errFD) }
-            r.errFD = hasFD ? fds.take(0) : -1
+            r.err = hasFD ? FileRef(adopting: fds.take(0)) : nil
             return .status(0)
 
         case .getProtocolFeatures:
@@ -612,8 +627,7 @@ public final class VhostUserBackendServer: EventHandler {
         case .setBackendReqFD:
             try require(.backendReq, c, .setBackendReqFD)
             if let why = PeerFD.checkSocket(fds.peek(0)) { throw .badFD(.setBackendReqFD, why) }
-            if c.backendReqFD >= 0 { close(c.backendReqFD) }
-            c.backendReqFD = fds.take(0)
+            c.backendReq = FileRef(adopting: fds.take(0))
             return .status(0)
 
         case .getConfig(let off, let size, let flags):
@@ -702,17 +716,15 @@ public final class VhostUserBackendServer: EventHandler {
         for i in 0..<n {
             let k = c.vrings[i].kickFD
             guard k >= 0 else { kicks.append(-1); continue }
-            let d = fcntl(k, F_DUPFD_CLOEXEC, 0)
-            guard d >= 0 else {
-                Log.error("vhost-user: \(name): dup: \(Errno.current)")
-                for f in kicks where f >= 0 { close(f) }
+            do { kicks.append(try FD.dup(k).release()) } catch {
+                Log.error("vhost-user: \(name): dup: \(error)")
+                for f in kicks { FD.close(f) }
                 return false
             }
-            kicks.append(d)
         }
         do {
             try host.activate(index, queues: configs, kickFDs: kicks,
-                              interrupts: (0..<n).map { Notifier.eventfd(c.vrings[$0].callSlot) },
+                              interrupts: (0..<n).map { Notifier.eventfd(c.vrings[$0].callSlot.raw) },
                               configInterrupt: .eventfd(configFD), memory: mem,
                               lastAvail: (0..<n).map { c.vrings[$0].base }, usedFromRing: true)
         } catch {
@@ -727,11 +739,10 @@ public final class VhostUserBackendServer: EventHandler {
     /// The device raised its config interrupt: tell the front-end (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG) so it
     /// re-reads the config space with GET_CONFIG. Sent without NEED_REPLY, so no answer has to be read.
     private func sendConfigChange() {
-        guard let c = conn, c.backendReqFD >= 0, c.protocolFeatures.isSuperset(of: [.backendReq, .config]) else { return }
+        guard let c = conn, let channel = c.backendReq, c.protocolFeatures.isSuperset(of: [.backendReq, .config]) else { return }
         let m = VhostUserWriter(request: VhostUserBackendRequest.configChange.rawValue).message
-        if VhostUserSocket.sendNow(c.backendReqFD, m) { configChangesSent += 1; return }
+        if VhostUserSocket.sendNow(channel.raw, m) { configChangesSent += 1; return }
         Log.warning("vhost-user: \(host.name(index)): back-end request channel failed (\(Errno.current)); closed")
-        close(c.backendReqFD)
-        c.backendReqFD = -1
+        c.backendReq = nil
     }
 }

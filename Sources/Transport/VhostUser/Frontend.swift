@@ -209,9 +209,10 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             offsets.append(total)
             total += (6 + 2 * Int(m) + page - 1) / page * page
         }
-        let fd = lb_memfd("loopbackd-shadow-avail", 0)
+        let fd = lb_memfd("loopbackd-shadow-avail", 1)
         guard fd >= 0 else { throw DeviceError("vhost-user: memfd: \(Errno.current)") }
-        guard ftruncate(fd, off_t(total)) == 0 else {
+        // Sealed before it is shared: a back-end cannot shrink it under our mapping (SIGBUS on the loop thread).
+        guard ftruncate(fd, off_t(total)) == 0, lb_seal_size(fd) == 0 else {
             let e = Errno.current
             close(fd)
             throw DeviceError("vhost-user: shadow rings: \(e)")

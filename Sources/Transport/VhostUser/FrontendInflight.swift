@@ -38,10 +38,10 @@ enum InflightLoss: Equatable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// The closest queue fault (`QueueFault` has no case that names the back-end).
+    /// The queue fault latched for it.
     var fault: QueueFault {
         switch self {
-        case .usedIDOutOfRange, .usedBeyondHandedOver, .usedHeadNotHeld: return .usedHeadInvalid
+        case .usedIDOutOfRange, .usedBeyondHandedOver, .usedHeadNotHeld: return .backendUsedHeadInvalid
         case .availHeadOutOfRange: return .headOutOfRange
         case .availIndexJump, .ringOverfull, .forced: return .availIndexJump
         }
