@@ -130,7 +130,7 @@ enum AB {
         guard r == 0 else { return .failure(DeviceError("posix_spawn \(path): \(Errno(r))")) }
         for _ in 0..<300 {
             let fd = lb_unix_connect(socket, 0)
-            if fd >= 0 { close(fd); return .success(pid) }
+            if fd >= 0 { FD.close(fd); return .success(pid) }
             var st: Int32 = 0
             if waitpid(pid, &st, WNOHANG) == pid { return .failure(DeviceError("backend child exited (status \(st))")) }
             usleep(10_000)

@@ -19,7 +19,7 @@ enum ABDriver: String {
         }
         if config.transport == .virtioLo { return .virtioLo }
         let f = open(config.deviceNode, O_RDWR | O_CLOEXEC)
-        if f >= 0 { close(f); return .virtioLo }
+        if f >= 0 { FD.close(f); return .virtioLo }
         return .sim
     }
 }

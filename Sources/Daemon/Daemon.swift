@@ -70,7 +70,7 @@ final class Runner {
         // only through the signalfd.
         let sigfd = lb_signalfd_stop_signals()
         guard sigfd >= 0 else { printErr("loopbackd: error: signalfd: \(Errno.current)"); return 1 }
-        defer { close(sigfd); _ = lb_unblock_stop_signals() }
+        defer { FD.close(sigfd); _ = lb_unblock_stop_signals() }
         let loop: EventLoop
         do { loop = try EventLoop(pollMicroseconds: config.pollMicroseconds) } catch {
             printErr("loopbackd: error: event loop: \(error)"); return 1

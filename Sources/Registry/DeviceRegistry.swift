@@ -55,7 +55,7 @@ public struct DeviceRegistry {
                 // A sparse backing file of the requested size, created only if nothing is there.
                 let fd = open(path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0o600)
                 guard fd >= 0 else { throw DeviceError("\(name): cannot create \(path): \(Errno.current)") }
-                defer { close(fd) }
+                defer { FD.close(fd) }
                 guard ftruncate(fd, off_t(createMiB) << 20) == 0 else { throw DeviceError("\(name): cannot size \(path): \(Errno.current)") }
             }
             return try BlockDevice(path: path, readOnly: ro, queues: Int(queues), queueSize: UInt16(qs))

@@ -115,7 +115,7 @@ public final class BlockDevice: VirtioDevice, EventHandler {
         guard fd >= 0 else { throw DeviceError("cannot open \(path): \(Errno.current)") }
         var st = stat()
         guard fstat(fd, &st) == 0 else {
-            let e = Errno.current; close(fd)
+            let e = Errno.current; FD.close(fd)
             throw DeviceError("cannot stat \(path): \(e)")
         }
         var bytes: UInt64 = 0
@@ -125,12 +125,12 @@ public final class BlockDevice: VirtioDevice, EventHandler {
             bytes = UInt64(st.st_size)
         } else if kind == S_IFBLK {
             guard lb_blkdev_size(fd, &bytes, &lbs) == 0 else {
-                let e = Errno.current; close(fd)
+                let e = Errno.current; FD.close(fd)
                 throw DeviceError("cannot get the size of block device \(path): \(e)")
             }
             if lbs < 512 || lbs > 65536 || lbs & (lbs - 1) != 0 { lbs = 512 }
         } else {
-            close(fd)
+            FD.close(fd)
             throw DeviceError("\(path): not a regular file or block device")
         }
 
@@ -140,13 +140,13 @@ public final class BlockDevice: VirtioDevice, EventHandler {
         while entries < UInt32(ioDepth) { entries <<= 1 }
         let efd = lb_eventfd(0, 1)
         guard efd >= 0 else {
-            let e = Errno.current; close(fd)
+            let e = Errno.current; FD.close(fd)
             throw DeviceError("block \(path): eventfd: \(e)")
         }
         var ringOut: OpaquePointer? = nil
         let r = lb_uring_create(entries, efd, &ringOut)
         guard r == 0, let ring = ringOut else {
-            close(efd); close(fd)
+            FD.close(efd); FD.close(fd)
             throw DeviceError("block \(path): io_uring unavailable (\(Errno(-r))); "
                               + "is io_uring blocked by seccomp or kernel.io_uring_disabled?")
         }
@@ -217,8 +217,8 @@ public final class BlockDevice: VirtioDevice, EventHandler {
         if let loop, registration >= 0 { loop.unregister(fd: eventFD, registration: registration) }
         lb_uring_destroy(ring)
         cqeData.deallocate(); cqeRes.deallocate()
-        close(eventFD)
-        close(fd)
+        FD.close(eventFD)
+        FD.close(fd)
         slots.deinitialize(count: ioDepth); slots.deallocate()
         iovecs.deallocate()
         touched.deallocate(); blocked.deallocate()

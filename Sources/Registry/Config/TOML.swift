@@ -121,7 +121,7 @@ public enum TOML {
         }
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw failure(errno) }
-        defer { close(fd) }
+        defer { _ = Glibc.close(fd) }   // self-contained file (no Transport import): fuzzed alone
         var bytes: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 64 * 1024)
         while true {

@@ -22,7 +22,7 @@ public final class RngDevice: VirtioDevice {
         source = sourceFD
         queueMaxSizes = [queueSize]
     }
-    deinit { if source >= 0 { close(source) } }
+    deinit { if source >= 0 { FD.close(source) } }
 
     public func ackFeatures(_ features: VirtioFeatures) {}
     public func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {}

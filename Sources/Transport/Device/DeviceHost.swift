@@ -286,7 +286,7 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
     }
 
     private func closeKicks(_ s: Slot) {
-        for fd in s.kickFDs where fd >= 0 { close(fd) }
+        for fd in s.kickFDs where fd >= 0 { FD.close(fd) }
         s.kickFDs = []
     }
 

@@ -67,7 +67,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         }
     }
 
-    deinit { if fd >= 0 { close(fd) } }
+    deinit { if fd >= 0 { FD.close(fd) } }
 
     public var hasDeviceStatus: Bool { extensions & UInt64(VIRTIO_LO_EXT_DEVSTATUS) != 0 }
     public var hasIRQFD: Bool { extensions & UInt64(VIRTIO_LO_EXT_IRQFD) != 0 }
@@ -207,7 +207,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         let active = queues
         var kicks: [Int32] = []
         for q in 0..<active.count {
-            guard let k = try? FD.dup(d.kicks[q]).release() else { for k in kicks { close(k) }; throw DeviceError("\(d.name): dup failed") }
+            guard let k = try? FD.dup(d.kicks[q]).release() else { for k in kicks { FD.close(k) }; throw DeviceError("\(d.name): dup failed") }
             kicks.append(k)
         }
         var irqs = (0..<active.count).map { Notifier.virtioLoKick(fd: fd, device: d.kernelIndex, queue: Int32($0)) }
@@ -217,7 +217,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
                 for q in 0..<d.kicks.count {
                     guard let e = try? FD.eventfd().release() else { break }
                     var req = virtio_lo_irqfd(idx: d.kernelIndex, qidx: UInt32(q), fd: e, flags: 0)
-                    guard lb_ioctl_ptr(fd, lb_vlo_set_irqfd(), &req) == 0 else { Log.warning("\(d.name): SET_IRQFD: \(Errno.current)"); close(e); break }
+                    guard lb_ioctl_ptr(fd, lb_vlo_set_irqfd(), &req) == 0 else { Log.warning("\(d.name): SET_IRQFD: \(Errno.current)"); FD.close(e); break }
                     d.irqFDs.append(e)
                 }
             }
@@ -338,7 +338,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
                 Log.warning("\(path): RAM mapping still referenced at shutdown; the devices go when it is released")
             }
             memory = nil
-            if fd >= 0 { close(fd); fd = -1 }
+            if fd >= 0 { FD.close(fd); fd = -1 }
             Log.info("\(path): closed (upstream virtio-lo: devices removed by close, no DELDEV)")
             return
         }
@@ -353,11 +353,11 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
     }
 
     private func closeAll(_ d: Linked) {
-        for k in d.kicks { close(k) }
+        for k in d.kicks { FD.close(k) }
         d.kicks = []
-        for k in d.irqFDs { close(k) }
+        for k in d.irqFDs { FD.close(k) }
         d.irqFDs = []
-        if d.configKick >= 0 { close(d.configKick); d.configKick = -1 }
-        if d.configChanged >= 0 { close(d.configChanged); d.configChanged = -1 }
+        if d.configKick >= 0 { FD.close(d.configKick); d.configKick = -1 }
+        if d.configChanged >= 0 { FD.close(d.configChanged); d.configChanged = -1 }
     }
 }

@@ -53,7 +53,7 @@ public final class GuestMemory {
     public init(regions: [RegionInfo], mappings: [(UnsafeMutableRawPointer, Int)], fds: [Int32]) throws(Errno) {
         self.mappings = mappings
         self.ownedFDs = fds
-        func fail() -> Errno { for (p, l) in mappings { munmap(p, l) }; for f in fds { close(f) }; return Errno.invalid }
+        func fail() -> Errno { for (p, l) in mappings { munmap(p, l) }; for f in fds { FD.close(f) }; return Errno.invalid }
         guard regions.count <= GuestMemory.maxRegions else { throw fail() }
         let sorted = regions.sorted { $0.guestBase < $1.guestBase }
         for (i, r) in sorted.enumerated() {
@@ -71,7 +71,7 @@ public final class GuestMemory {
         table.deinitialize(count: count)
         table.deallocate()
         for (p, l) in mappings { munmap(p, l) }
-        for f in ownedFDs { close(f) }
+        for f in ownedFDs { FD.close(f) }
     }
 
     public var view: MemoryView { MemoryView(table: table, count: count) }

@@ -185,19 +185,19 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     deinit { closeEverything() }
 
     private func closeEverything() {
-        if sock >= 0 { close(sock); sock = -1 }
-        if channel >= 0 { close(channel); channel = -1 }
-        if timerFD >= 0 { close(timerFD); timerFD = -1 }
-        if scanFD >= 0 { close(scanFD); scanFD = -1 }
-        for f in kickFDs where f >= 0 { close(f) }
+        if sock >= 0 { FD.close(sock); sock = -1 }
+        if channel >= 0 { FD.close(channel); channel = -1 }
+        if timerFD >= 0 { FD.close(timerFD); timerFD = -1 }
+        if scanFD >= 0 { FD.close(scanFD); scanFD = -1 }
+        for f in kickFDs where f >= 0 { FD.close(f) }
         kickFDs = []
-        for c in calls where c.relayFD >= 0 { close(c.relayFD) }
+        for c in calls where c.relayFD >= 0 { FD.close(c.relayFD) }
         calls = []
-        for k in driverKicks where k.fd >= 0 { close(k.fd) }
+        for k in driverKicks where k.fd >= 0 { FD.close(k.fd) }
         driverKicks = []
         trackers = []
         if let b = shadowBase { munmap(b, shadowLength); shadowBase = nil }
-        if shadowFD >= 0 { close(shadowFD); shadowFD = -1 }
+        if shadowFD >= 0 { FD.close(shadowFD); shadowFD = -1 }
     }
 
     /// Creates the shadow avail rings' memfd and mapping (once; sized for every queue's largest ring).
@@ -214,13 +214,13 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         // Sealed before it is shared: a back-end cannot shrink it under our mapping (SIGBUS on the loop thread).
         guard ftruncate(fd, off_t(total)) == 0, lb_seal_size(fd) == 0 else {
             let e = Errno.current
-            close(fd)
+            FD.close(fd)
             throw DeviceError("vhost-user: shadow rings: \(e)")
         }
         let p = mmap(nil, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         guard let p, p != MAP_FAILED else {
             let e = Errno.current
-            close(fd)
+            FD.close(fd)
             throw DeviceError("vhost-user: shadow rings: mmap: \(e)")
         }
         shadowFD = fd
@@ -300,12 +300,12 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
                 var sv: [Int32] = [-1, -1]
                 guard lb_unix_socketpair(&sv, 1) == 0 else { throw .io(Errno.current) }
                 h.channel = sv[0]
-                defer { close(sv[1]) }
+                defer { FD.close(sv[1]) }
                 try c.request(.setBackendReqFD, fds: [sv[1]])
             }
             if h.negotiated.contains(.config) && configSize > 0 { h.config = try c.fetchConfig(size: configSize) }
         } catch {
-            if h.channel >= 0 { close(h.channel) }
+            if h.channel >= 0 { FD.close(h.channel) }
             throw error
         }
         return h
@@ -359,7 +359,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
                     do {
                         driverKicks.append((d, try loop.register(fd: d, handler: self, token: Self.kickTokenBase + UInt32(q))))
                     } catch {
-                        close(d)
+                        FD.close(d)
                         throw DeviceError("vhost-user: cannot watch kick fd: \(error)")
                     }
                 } else {
@@ -387,7 +387,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             guard r >= 0 else { throw DeviceError("vhost-user: eventfd: \(Errno.current)") }
             var reg = -1
             do { reg = try loop.register(fd: r, handler: self, token: Self.relayTokenBase + UInt32(q)) } catch {
-                close(r)
+                FD.close(r)
                 throw DeviceError("vhost-user: cannot watch call relay: \(error)")
             }
             calls.append((r, reg, irq))
@@ -514,19 +514,19 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         ringsSetUp = false
         for c in calls where c.relayFD >= 0 {
             loop.unregister(fd: c.relayFD, registration: c.registration)
-            close(c.relayFD)
+            FD.close(c.relayFD)
         }
         calls = []
         for k in driverKicks where k.fd >= 0 {
             loop.unregister(fd: k.fd, registration: k.registration)
-            close(k.fd)
+            FD.close(k.fd)
         }
         driverKicks = []
         trackers = []
         if polled { loop.removePoller(self); polled = false }
         latched = false
         if scanIntervalNs != 0 { _ = lb_timerfd_arm(scanFD, 0); scanIntervalNs = 0 }
-        for f in kickFDs { close(f) }
+        for f in kickFDs { FD.close(f) }
         kickFDs = []
         context = nil
     }
@@ -631,13 +631,13 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     private func closeConnection() {
         if sock >= 0 {
             if sockRegistration >= 0 { loop.unregister(fd: sock, registration: sockRegistration) }
-            close(sock)
+            FD.close(sock)
         }
         sock = -1
         sockRegistration = -1
         if channel >= 0 {
             if channelRegistration >= 0 { loop.unregister(fd: channel, registration: channelRegistration) }
-            close(channel)
+            FD.close(channel)
         }
         channel = -1
         channelRegistration = -1
@@ -675,7 +675,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             return
         }
         guard let job = VhostUserConnectJob(sock: s, queues: queueMaxSizes.count, configSize: configSize) else {
-            close(s)
+            FD.close(s)
             failedAttempts += 1
             Log.warning("vhost-user \(socketPath): reconnect: eventfd: \(Errno.current)")
             scheduleReconnect()
@@ -903,7 +903,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         if r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return }
         func dropChannel() {
             if channelRegistration >= 0 { loop.unregister(fd: channel, registration: channelRegistration) }
-            close(channel)
+            FD.close(channel)
             channel = -1
             channelRegistration = -1
         }
@@ -1004,8 +1004,8 @@ struct VhostUserHandshake {
     var config: [UInt8]?
 
     func closeFDs() {
-        if sock >= 0 { close(sock) }
-        if channel >= 0 { close(channel) }
+        if sock >= 0 { FD.close(sock) }
+        if channel >= 0 { FD.close(channel) }
     }
 }
 
@@ -1032,7 +1032,7 @@ final class VhostUserConnectJob: @unchecked Sendable {
         self.configSize = configSize
     }
 
-    deinit { close(cancelFD) }
+    deinit { FD.close(cancelFD) }
 
     /// Helper thread: the hand-shake (each reply within `replyTimeoutMs`, all of it within `connectJobMs`).
     /// Returns true if the result must be handed to the loop; false if cancelled (everything already closed).
@@ -1043,7 +1043,7 @@ final class VhostUserConnectJob: @unchecked Sendable {
         do throws(VhostUserError) {
             r = .success(try VhostUserFrontendDevice.handshake(&c, queues: queues, configSize: configSize))
         } catch {
-            close(sock)
+            FD.close(sock)
             r = .failure(error)
         }
         result = r

@@ -15,7 +15,7 @@ final class ReceivedFDs {
         fds[i] = -1
         return f
     }
-    deinit { for f in fds where f >= 0 { close(f) } }
+    deinit { for f in fds where f >= 0 { FD.close(f) } }
 }
 
 /// Blocking-with-deadline message I/O over a non-blocking Unix socket, for the front-end's request/reply
@@ -79,7 +79,7 @@ enum VhostUserSocket {
             let r = buf.withUnsafeMutableBytes { b in
                 lb_recvmsg_fds(fd, b.baseAddress! + have, b.count - have, &fds, 16, &n, &trunc)
             }
-            for k in 0..<Int(n) { close(fds[k]) }
+            for k in 0..<Int(n) { FD.close(fds[k]) }
             if r > 0 { have += r; continue }
             if r == 0 { throw .peerClosed(midMessage: started || have > 0) }
             if errno == EAGAIN || errno == EWOULDBLOCK {
