@@ -151,3 +151,13 @@ int lb_eventfd_is_semaphore(int fd) {
 int lb_eventfd2(unsigned int initval, int flags) { return eventfd(initval, flags); }
 
 int lb_seal_size(int fd) { return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL); }
+
+#include <sys/timerfd.h>
+int lb_timerfd_arm_periodic(int fd, uint64_t ns) {
+    struct itimerspec it;
+    memset(&it, 0, sizeof it);
+    it.it_value.tv_sec = (time_t)(ns / 1000000000ull);
+    it.it_value.tv_nsec = (long)(ns % 1000000000ull);
+    it.it_interval = it.it_value;
+    return timerfd_settime(fd, 0, &it, NULL);
+}

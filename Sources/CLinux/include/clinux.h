@@ -123,4 +123,6 @@ int lb_eventfd_is_semaphore(int fd);
 int lb_eventfd2(unsigned int initval, int flags);
 // Seals a memfd's size (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL): a peer it is shared with cannot truncate it.
 int lb_seal_size(int fd);
+// Arms a timerfd to fire every `ns` (0 disarms).
+int lb_timerfd_arm_periodic(int fd, uint64_t ns);
 #endif

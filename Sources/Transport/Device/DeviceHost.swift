@@ -9,6 +9,15 @@ public struct DeviceInfo: Sendable {
     public var configSize: Int
 }
 
+/// The uniform per-device counters (requests, bytes, errors, in flight), summed over the device's queues.
+public struct DeviceStats: Sendable, Equatable {
+    public var requests: UInt64 = 0
+    public var bytesWritten: UInt64 = 0
+    /// Queues latched broken since the device was added.
+    public var errors: UInt64 = 0
+    public var inFlight: UInt64 = 0
+}
+
 /// A driver side that wants to hear about device-side events it must forward (virtio-lo, vhost-user).
 public protocol DeviceHostObserver: AnyObject {
     /// A queue was latched broken: the device status now has NEEDS_RESET.
@@ -35,6 +44,8 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
         var registrations: [Int] = []
         var memory: GuestMemory?
         var configInterrupt: Notifier = .none
+        /// Counters of queues already freed (a reset), plus faults.
+        var retired = DeviceStats()
         init(name: String, device: VirtioDevice) { self.name = name; self.device = device }
     }
 
@@ -89,6 +100,20 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
     public func lastAvail(_ i: Int, _ q: Int) -> UInt16? {
         guard i < slots.count, let queues = slots[i].queues, q < slots[i].queueCount else { return nil }
         return queues[q].lastAvail
+    }
+
+    /// Requests, bytes and errors so far; requests in flight now.
+    public func stats(_ i: Int) -> DeviceStats {
+        let s = slots[i]
+        var t = s.retired
+        if let q = s.queues {
+            for n in 0..<s.queueCount {
+                t.requests &+= q[n].taken
+                t.bytesWritten &+= q[n].bytesWritten
+                t.inFlight &+= q[n].taken &- q[n].completed
+            }
+        }
+        return t
     }
 
     public func info(_ i: Int) -> DeviceInfo {
@@ -258,6 +283,7 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
         let s = slots[i]
         guard let queues = s.queues else { return }
         queues[q].faultPending = false
+        s.retired.errors &+= 1
         Log.error("\(s.name): queue \(q) broken: \(queues[q].fault?.rawValue ?? "?"); device needs reset")
         s.status |= DeviceStatus.needsReset
         s.configInterrupt.signal()
@@ -276,7 +302,14 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
         hot[i].queues = nil
         hot[i].queueCount = 0
         hot[i].passthrough = false
-        if let q = s.queues { q.deinitialize(count: s.queueCount); q.deallocate() }
+        if let q = s.queues {
+            for n in 0..<s.queueCount {
+                s.retired.requests &+= q[n].taken
+                s.retired.bytesWritten &+= q[n].bytesWritten
+            }
+            q.deinitialize(count: s.queueCount)
+            q.deallocate()
+        }
         s.queues = nil
         s.queueCount = 0
         s.memory = nil

@@ -126,6 +126,11 @@ public struct SplitQueue: ~Copyable {
     /// queue again on a later loop turn. `scheduled`: the host has it on its deferred list.
     public var yielded = false
     public var scheduled = false
+    /// Uniform counters (loop thread only): chains taken, chains completed, bytes written into completed chains.
+    /// In flight = taken - completed.
+    public private(set) var taken: UInt64 = 0
+    public private(set) var completed: UInt64 = 0
+    public private(set) var bytesWritten: UInt64 = 0
 
     /// Work one `drain` does before it yields the loop to every other fd and device: a driver or peer that keeps
     /// its avail ring topped up must not hold the one thread that serves all devices (vhost-net CVE-2019-3900).
@@ -199,6 +204,7 @@ public struct SplitQueue: ~Copyable {
         guard head < size else { latch(.headOutOfRange); return nil }
         if let c = walk(head: head) {
             lastAvail &+= 1
+            taken &+= 1
             return c
         }
         return nil
@@ -268,7 +274,7 @@ public struct SplitQueue: ~Copyable {
     }
 
     /// Gives back the last popped chain (a device that cannot take it now, e.g. no free request slot).
-    public mutating func undoPop() { lastAvail &-= 1 }
+    public mutating func undoPop() { lastAvail &-= 1; taken &-= 1 }
 
     // MARK: - Returning chains
 
@@ -281,6 +287,8 @@ public struct SplitQueue: ~Copyable {
         e.storeBytes(of: UInt32(head).littleEndian, as: UInt32.self)
         e.storeBytes(of: written.littleEndian, toByteOffset: 4, as: UInt32.self)
         nextUsed &+= 1
+        completed &+= 1
+        bytesWritten &+= UInt64(written)
     }
 
     /// Publishes all used elements with one release store of `used.idx` and raises the interrupt if the driver
