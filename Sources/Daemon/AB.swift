@@ -16,7 +16,10 @@ enum AB {
             printErr("loopbackd: error: ab needs --device NAME, one of: \(config.devices.map(\.name).joined(separator: ", "))")
             return 2
         }
-        guard d.type == "rng" || d.type == "blk" else { printErr("loopbackd: error: ab: no workload for type \(d.type)"); return 2 }
+        guard DeviceRegistry.standard.types[d.type]?.workload != nil else {
+            printErr("loopbackd: error: ab: no workload for type \(d.type)")
+            return 2
+        }
         let driver = ABDriver.choose(config, requested: o.driver)
         let pollUs = o.poll ? Bench.pollWindowUs : 0
         var child: pid_t = 0

@@ -74,8 +74,13 @@ enum Bench {
     static let pollWindowUs = 50
 
     static func run(_ config: DaemonConfig, _ o: Options) -> Int32 {
-        let chosen = config.devices.filter { ($0.type == "rng" || $0.type == "blk") && (o.device == nil || $0.name == o.device) }
-        guard !chosen.isEmpty else { printErr("loopbackd: error: bench: no rng or blk device\(o.device.map { " named \($0)" } ?? "") in \(config.file)"); return 2 }
+        let withWorkload = Set(DeviceRegistry.standard.types.values.filter { $0.workload != nil }.map(\.name))
+        let chosen = config.devices.filter { withWorkload.contains($0.type) && (o.device == nil || $0.name == o.device) }
+        guard !chosen.isEmpty else {
+            printErr("loopbackd: error: bench: no device with a workload (types \(withWorkload.sorted().joined(separator: ", ")))"
+                     + "\(o.device.map { " named \($0)" } ?? "") in \(config.file)")
+            return 2
+        }
         func body(_ name: String) -> String { chosen.first { $0.name == name }?.backend == .inproc ? "inproc" : "vu" }
         var rows: [(name: String, type: String, mode: String, stats: LatencyStats, errors: Int, kicks: Double, sleeps: Double)] = []
         for d in chosen {

@@ -8,19 +8,54 @@ public struct DeviceShape: Sendable, Equatable {
     public var configSize: Int
 }
 
+/// One device type: its config `type` name, the keys its `[device.NAME]` table accepts besides the common ones
+/// (`DeviceRegistry.commonDeviceKeys`), and its factory. Each type declares itself in its own folder
+/// (`Rng/RngType.swift`: `extension DeviceType { static var rng }`) and is listed once in `standard`. The key list
+/// is enforced: the factory's `OptionReader` traps on a key the type does not declare, and (debug builds) on a
+/// declared key the factory never reads, so `keys` is exactly what the file may say; loopbackd.conf(5) is
+/// checked against it (Tests/RegistryTests/ManPageTests).
+public struct DeviceType {
+    public let name: String
+    public let keys: [String]
+    public let factory: DeviceRegistry.Factory
+    /// The simulated driver's demo/bench workload for this type (nil: none; the device idles under transport "sim").
+    public var workload: ((SimDriver, _ verify: Bool) -> Workload?)?
+    /// How the kernel's own driver exposes the device to user space (`ab --driver virtio-lo`; nil: not supported).
+    public var kernel: KernelExposure?
+    public init(name: String, keys: [String], factory: @escaping DeviceRegistry.Factory,
+                workload: ((SimDriver, _ verify: Bool) -> Workload?)? = nil) {
+        self.name = name; self.keys = keys; self.factory = factory; self.workload = workload
+    }
+}
+
 /// The embedded device registry: config `type` → a factory that validates its own options (reading them from the
-/// device's table) and returns how to build the device. Adding a device type = one entry here + its folder.
+/// device's table) and returns how to build the device. Adding a device type = its folder (with its
+/// `DeviceType`) + one entry in `standard`.
 public struct DeviceRegistry {
     /// `(name, options, backend)`; consumes the keys it knows; `finish()` later rejects the rest.
     public typealias Factory = (String, inout OptionReader, DeviceBackend) throws(ConfigError) -> (DeviceShape, () throws(DeviceError) -> VirtioDevice)
-    public var factories: [String: Factory]
+    /// By config `type` name.
+    public var types: [String: DeviceType]
+    public init(types: [DeviceType]) {
+        var d: [String: DeviceType] = [:]
+        for t in types { precondition(d[t.name] == nil, "device type \(t.name) registered twice"); d[t.name] = t }
+        self.types = d
+    }
 
     public static var standard: DeviceRegistry {
-        DeviceRegistry(factories: [
-            "rng": makeRng,
-            "blk": makeBlk,
+        DeviceRegistry(types: [
+            .rng,
+            .blk,
+            // Forwarded to a vhost-user back-end (no in-process body in this build): Forwarded/ForwardedTypes.swift.
+            .console, .input, .gpio, .i2c, .sound, .can, .vsock, .gpu, .scmi, .fs, .other,
         ])
     }
+
+    /// Keys every `[device.NAME]` table accepts, whatever its type (read by `DaemonConfig.parseDevice`).
+    public static let commonDeviceKeys = ["type", "backend", "serve", "reconnect"]
+
+    public func type(named name: String) -> DeviceType? { types[name] }
+    public var factories: [String: Factory] { types.mapValues(\.factory) }
 
     /// rng: `source` (optional file, default getrandom(2)).
     static func makeRng(_ name: String, _ r: inout OptionReader, _ backend: DeviceBackend) throws(ConfigError) -> (DeviceShape, () throws(DeviceError) -> VirtioDevice) {

@@ -55,7 +55,7 @@ final class ConfigTests: XCTestCase {
         expectError("[daemon]\ndevice-node = \"dev/x\"\n" + rng, line: 2, "absolute")
         expectError("[dameon]\n" + rng, line: 1, "unknown table")
         expectError("x = 1\n" + rng, line: 1, "inside a table")
-        expectError("[device.r]\ntype = \"gpu\"\n", line: 2, "unknown device type")
+        expectError("[device.r]\ntype = \"gpx\"\n", line: 2, "unknown device type")
         expectError("[device.r]\nbackend = \"inproc\"\n", line: 1, "missing required key")
         expectError("[device.r]\ntype = \"rng\"\nsource = 3\n", line: 3, "expected a string")
         expectError("[device.r]\ntype = \"rng\"\nbogus = true\n", line: 3, "unknown key")

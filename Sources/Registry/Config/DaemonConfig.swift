@@ -35,6 +35,8 @@ public struct DaemonConfig {
     public var logLevel: Log.Level = .info
     public var pollMicroseconds = 0
     public var devices: [DeviceConfig] = []
+    /// The keys of `[daemon]` (the reader enforces the list; loopbackd.conf(5) is checked against it).
+    public static let daemonKeys = ["transport", "device-node", "log-level", "poll-us"]
 
     /// Parses and validates a config document. Every error names the file, the line and the key.
     public static func parse(_ doc: TOMLDocument, registry: DeviceRegistry = .standard) throws(ConfigError) -> DaemonConfig {
@@ -49,7 +51,7 @@ public struct DaemonConfig {
                 }
             case 1 where t.name[0] == "daemon":
                 sawDaemon = true
-                var r = OptionReader(table: t, file: doc.file)
+                var r = OptionReader(table: t, file: doc.file, keys: daemonKeys)
                 if let v = try r.oneOf("transport", ["sim", "virtio-lo", "none"]) { c.transport = Transport(rawValue: v)! }
                 if let v = try r.string("device-node") {
                     guard v.hasPrefix("/") else { throw r.error("device-node", "must be an absolute path") }
@@ -91,11 +93,12 @@ public struct DaemonConfig {
         guard !name.isEmpty, name.utf8.count <= 32, name.utf8.allSatisfy({ isalnum(Int32($0)) != 0 || $0 == 0x2d || $0 == 0x5f }) else {
             throw ConfigError(file: file, line: t.line, message: "device name \"\(name)\" must be 1-32 of A-Z a-z 0-9 - _")
         }
-        var r = OptionReader(table: t, file: file)
+        var r = OptionReader(table: t, file: file, keys: DeviceRegistry.commonDeviceKeys)
         let type = try r.requiredString("type")
-        guard let factory = registry.factories[type] else {
-            throw r.error("type", "unknown device type \"\(type)\"; known: \(registry.factories.keys.sorted().joined(separator: ", "))")
+        guard let deviceType = registry.type(named: type) else {
+            throw r.error("type", "unknown device type \"\(type)\"; known: \(registry.types.keys.sorted().joined(separator: ", "))")
         }
+        r.declare(deviceType.keys)
         var backend = DeviceBackend.inproc
         if let b = try r.string("backend") {
             if b == "inproc" { backend = .inproc }
@@ -113,7 +116,7 @@ public struct DaemonConfig {
             guard backend != .inproc else { throw r.error("reconnect", "only for backend = \"vhost-user:...\"") }
             replay = v == "replay"
         }
-        let (shape, make) = try factory(name, &r, backend)
+        let (shape, make) = try deviceType.factory(name, &r, backend)
         try r.finish()
         var d = DeviceConfig(name: name, type: type, backend: backend, serve: serve, line: t.line, shape: shape, make: make)
         d.reconnectReplay = replay

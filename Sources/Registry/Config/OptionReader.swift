@@ -14,12 +14,20 @@ public struct OptionReader {
 
     /// Keys asked for, in order: the keys this table accepts.
     private var accepted: [String] = []
+    /// The keys the table's owner declared (`DaemonConfig.daemonKeys`, `DeviceRegistry.commonDeviceKeys` plus
+    /// `DeviceType.keys`); nil = undeclared (any key may be asked). Asking for an undeclared key is a program
+    /// bug (trap): the declared lists are what loopbackd.conf(5) is checked against, so they cannot drift.
+    public private(set) var declared: [String]?
 
-    public init(table: TOMLTable, file: String) {
+    public init(table: TOMLTable, file: String, keys: [String]? = nil) {
         self.table = table
         self.file = file
         self.tableName = TOML.dottedName(table.name)
+        self.declared = keys
     }
+
+    /// Adds keys to the declared list (a device table: its type's keys, once `type` is read).
+    public mutating func declare(_ keys: [String]) { declared = (declared ?? []) + keys }
 
     /// The line of `key`, or the header line if the table has no such key.
     public func line(of key: String) -> Int {
@@ -34,6 +42,7 @@ public struct OptionReader {
 
     /// Marks `key` as accepted and returns its value, if present.
     private mutating func value(_ key: String) -> TOMLValue? {
+        if let declared { precondition(declared.contains(key), "key \(key) of [\(tableName)] is read but not declared") }
         if !accepted.contains(key) { accepted.append(key) }
         return table.entries.first { $0.key == key }?.value
     }
@@ -99,6 +108,9 @@ public struct OptionReader {
 
     /// Rejects the first key (in file order) that was never asked for.
     public mutating func finish() throws(ConfigError) {
+        // Every declared key is read (else the file could set a key that nothing uses, silently).
+        assert(declared.map { $0.allSatisfy(accepted.contains) } ?? true,
+               "declared keys of [\(tableName)] never read: \((declared ?? []).filter { !accepted.contains($0) })")
         guard let unknown = table.entries.first(where: { !accepted.contains($0.key) }) else { return }
         let scope = tableName.isEmpty ? "at the top level" : "in [\(tableName)]"
         let list = accepted.isEmpty ? "no keys are accepted \(scope)" : "accepted keys \(scope): " + accepted.joined(separator: ", ")
