@@ -34,6 +34,7 @@ public enum Daemon {
             return 2
         }
         Log.level = o.logLevel ?? config.logLevel
+        Log.detectJournal()   // systemd: stderr is the journal -> <N> priority prefixes (Log.swift)
         switch o.command {
         case .check:
             print("\(config.file): OK: \(config.devices.count) device(s), transport \(config.transport.rawValue)")
@@ -63,7 +64,11 @@ final class Runner {
     let config: DaemonConfig
     let options: Options
     private var stopping = false
-    init(config: DaemonConfig, options: Options) { self.config = config; self.options = options }
+    /// systemd notify protocol (Notify.swift); no-ops without $NOTIFY_SOCKET.
+    let service: ServiceNotifier
+    init(config: DaemonConfig, options: Options, service: ServiceNotifier = ServiceNotifier()) {
+        self.config = config; self.options = options; self.service = service
+    }
 
     func run() -> Int32 {
         // Block the stop signals before any thread exists, so every thread inherits the mask and they arrive
@@ -89,6 +94,7 @@ final class Runner {
             if d.serve != nil { served.append((d, device)) } else { attached.append((d, host.add(name: d.name, device: device))) }
         }
         loop.startThread()
+        service.loopStarted(loop)   // systemd: WATCHDOG=1 from the loop thread
         var link: DriverSide?
         switch config.transport {
         case .sim: link = SimTransport(host: host, devices: attached)
@@ -107,11 +113,14 @@ final class Runner {
             try link?.start()
         } catch {
             printErr("loopbackd: error: \(error)")
+            service.status("failed: \(error)")
             link?.stop()
-            loop.executeAndWait { for s in servers { s.stop() }; host.shutdown() }
+            loop.executeAndWait { for s in servers { s.stop() }; host.shutdown(); self.service.stopWatchdog() }
             loop.stopAndJoin()
             return 1
         }
+        // systemd: every device is bound (driver side started) or listening (vhost-user servers started).
+        service.ready(ServiceNotifier.statusLine(config))
         Log.info("serving \(attached.count) device(s) via \(config.transport.rawValue)\(served.isEmpty ? "" : " and \(served.count) over vhost-user") from \(config.file)")
         let start = lb_now_ns()
         var lastReport = start
@@ -126,12 +135,14 @@ final class Runner {
             if now - lastReport >= 1_000_000_000 {
                 link?.report(seconds: Double(now - lastReport) / 1e9)
                 lastReport = now
+                Log.flushSuppressed()   // "suppressed K similar messages" once a rate-limit window ends
             }
             if let d = options.duration, now - start >= UInt64(d) * 1_000_000_000 { Log.info("duration reached: stopping"); break }
         }
+        service.stopping()   // systemd: STOPPING=1
         // Orderly stop: driver side first (its in-flight requests complete), then the devices flush and reset.
         link?.stop()
-        loop.executeAndWait { for s in servers { s.stop() }; host.shutdown() }
+        loop.executeAndWait { for s in servers { s.stop() }; host.shutdown(); self.service.stopWatchdog() }
         loop.stopAndJoin()
         Log.info("stopped")
         return 0

@@ -74,38 +74,4 @@ public enum FaultInjection {
 #endif
 }
 
-/// Writes a line to standard error without Foundation (the daemon's log sink).
-public enum Log {
-    public enum Level: Int, Comparable, Sendable {
-        case error = 0, warning, info, debug
-        public static func < (a: Level, b: Level) -> Bool { a.rawValue < b.rawValue }
-        public init?(name: String) {
-            switch name {
-            case "error": self = .error
-            case "warn", "warning": self = .warning
-            case "info": self = .info
-            case "debug": self = .debug
-            default: return nil
-            }
-        }
-    }
-    // Set once at start-up, before any thread starts; read-only afterwards.
-    nonisolated(unsafe) public static var level: Level = .info
-
-    public static func write(_ level: Level, _ message: @autoclosure () -> String) {
-        guard level <= Log.level else { return }
-        let tag: String
-        switch level {
-        case .error: tag = "error"
-        case .warning: tag = "warning"
-        case .info: tag = "info"
-        case .debug: tag = "debug"
-        }
-        var line = "loopbackd: \(tag): \(message())\n"
-        line.withUTF8 { buf in _ = Glibc.write(2, buf.baseAddress, buf.count) }
-    }
-    public static func error(_ m: @autoclosure () -> String) { write(.error, m()) }
-    public static func warning(_ m: @autoclosure () -> String) { write(.warning, m()) }
-    public static func info(_ m: @autoclosure () -> String) { write(.info, m()) }
-    public static func debug(_ m: @autoclosure () -> String) { write(.debug, m()) }
-}
+// The log sink `Log` lives in Log.swift.
