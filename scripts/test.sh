@@ -37,6 +37,8 @@ swift build -c release --product loopbackd 2>&1 | grep -vE "warning: Using '(dlo
 [ -x .build/release/loopbackd ] || { echo "release build failed"; echo "0 passed, 1 failed"; exit 1; }
 step unit swift test
 step binary bash scripts/check-binary.sh
+step packaging bash scripts/check-packaging.sh   # install.sh file list, systemd-analyze verify, man pages
+step dkms bash scripts/check-dkms.sh             # dkms add/build/install/remove against the installed headers
 step guest-setup bash -c 'Tests/guest/setup.sh >/dev/null && echo "1 passed, 0 failed"'
 step guest bash Tests/guest/run.sh
 [ -f Tests/guest/vhost-user.sh ] && step guest-vhost-user bash Tests/guest/vhost-user.sh
