@@ -46,8 +46,9 @@ public struct DeviceRegistry {
         DeviceRegistry(types: [
             .rng,
             .blk,
+            .input,
             // Forwarded to a vhost-user back-end (no in-process body in this build): Forwarded/ForwardedTypes.swift.
-            .console, .input, .gpio, .i2c, .sound, .can, .vsock, .gpu, .scmi, .fs, .other,
+            .console, .gpio, .i2c, .sound, .can, .vsock, .gpu, .scmi, .fs, .other,
         ])
     }
 
