@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Installs what building and testing loopbackd needs on a fresh Debian 12 (as root): liburing for io_uring,
 # and for the guest and vhost-user tests QEMU (qemu-system-x86 brings qemu-storage-daemon), busybox-static,
-# the kernel headers matching Debian's kernel image, and the tools to build the module and the initramfs.
+# the tools to build the module and the initramfs, and the headers of both guest kernels: Debian 12's 6.1
+# (linux-headers-amd64) and bookworm-backports' 6.12 (the suite is added to apt's sources; that headers package
+# pulls in its image package, installed with INITRD=No so the host gets no initramfs). Idempotent.
 set -euo pipefail
-pkgs=(liburing-dev pkg-config qemu-system-x86 qemu-utils busybox-static cpio xz-utils gcc make kmod libc6-dev linux-headers-amd64
+cd "$(dirname "$0")/.."
+. scripts/image-lib.sh
+IMG_LOG_PREFIX=install-deps
+pkgs=(liburing-dev pkg-config qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd gcc make kmod libc6-dev linux-headers-amd64
       dkms systemd man-db groff-base)   # packaging checks: DKMS build, systemd-analyze verify, man pages
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    INITRD=No apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-echo "install-deps: ok"
+img_install_headers 6.12
+# Real vhost-user back-ends bookworm does not package (vhost-device-vsock from sid), unpacked, not installed.
+bash scripts/install-peers.sh
+echo "install-deps: ok (kernel headers: $(img_kver 6.1), $(img_kver 6.12))"

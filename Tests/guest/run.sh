@@ -6,6 +6,7 @@
 #   Tests/guest/run.sh [SET|CASE]...     SET = module | loopbackd | all (default all)
 #                                         CASE = a case file name without .sh
 # Environment:
+#   GUEST_KERNEL  6.1 (default) | 6.12: the kernel prepared by `setup.sh KERNEL`
 #   GUEST_CACHE   cache dir made by setup.sh (default <repo>/.build-guest)
 #   LOOPBACKD     static loopbackd binary (default <repo>/.build/release/loopbackd)
 #   LOOPBACKD_CONF  optional file installed as /etc/loopbackd.conf
@@ -14,19 +15,25 @@
 # Output: one line per case, then exactly "N passed, N failed".  Exit status
 # is non-zero on any failure, missing result, timeout, or kernel
 # Oops/BUG/WARNING/hung task in the console log.
+# The initramfs is built with the image builder's library (scripts/image-lib.sh, as scripts/mkimage.sh does):
+# same tree, module resolver, /init and packing; the harness adds its tools and its runner (/etc/image/main).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${GUEST_CACHE:-$repo/.build-guest}
 loopbackd=${LOOPBACKD:-$repo/.build/release/loopbackd}
 timeout_s=${GUEST_TIMEOUT:-150}
+gk=${GUEST_KERNEL:-6.1}
+. "$repo/scripts/image-lib.sh"
+IMG_CACHE=$cache IMG_LOG_PREFIX=run.sh
 
-[ -f "$cache/kver" ] && [ -s "$cache/vmlinux" ] || { echo "run.sh: run Tests/guest/setup.sh first" >&2; exit 2; }
-kver=$(cat "$cache/kver")
-kroot=$cache/kernel-$kver
-ko=$repo/kernel/virtio-loopback/virtio_loopback.ko
-lotool=$repo/kernel/virtio-loopback/tools/lo-tool
-[ -f "$ko" ] && [ -x "$lotool" ] && [ -x "$cache/odirect" ] || { echo "run.sh: module/tools not built; run Tests/guest/setup.sh" >&2; exit 2; }
+[ -f "$cache/kver-$gk" ] || { echo "run.sh: run Tests/guest/setup.sh $gk first" >&2; exit 2; }
+kver=$(cat "$cache/kver-$gk")
+vmlinux=$cache/vmlinux-$kver
+ko=$cache/module-$kver/virtio_loopback.ko
+lotool=$cache/lo-tool
+[ -s "$vmlinux" ] && [ -f "$ko" ] && [ -x "$lotool" ] && [ -x "$cache/odirect" ] || { echo "run.sh: kernel/module/tools not prepared; run Tests/guest/setup.sh $gk" >&2; exit 2; }
+echo "kernel $kver"
 
 # ---- select cases
 sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=(all)
@@ -45,47 +52,20 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/guest.XXXXXX")
 
 # ---- base initramfs tree (shared by all cases)
 root=$work/root
-mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,lib/modules,tests,usr/bin,mnt}
-cp "$(command -v busybox)" "$root/bin/busybox"
-ln -s busybox "$root/bin/sh"
-# modules and their dependencies, in load order
-moddep=$kroot/lib/modules/$kver/modules.dep
-declare -A seen=()
-order=()
-resolve() { # $1 = module name
-  local path deps d
-  path=$(grep -E "(^|/)$1\.ko(\.xz)?:" "$moddep" | head -1 | cut -d: -f1)
-  [ -n "$path" ] || { echo "run.sh: module $1 not found" >&2; return; }
-  [ -n "${seen[$path]:-}" ] && return
-  seen[$path]=1
-  deps=$(grep -E "^$path:" "$moddep" | cut -d: -f2)
-  for d in $deps; do resolve "$(basename "$d" .ko)"; done
-  order+=("$path")
-}
-for m in virtio_ring virtio virtio-rng virtio_blk ahci sd_mod; do resolve "$m"; done
-: > "$root/lib/modules/load.list"
-for p in "${order[@]}"; do
-  cp "$kroot/lib/modules/$kver/$p" "$root/lib/modules/"
-  echo "$(basename "$p")" >> "$root/lib/modules/load.list"
-done
+( img_tree_init "$root" && img_add_modules "$root" "$kver" virtio_ring virtio virtio-rng virtio_blk ahci sd_mod ) || exit 2
+mkdir -p "$root/tests" "$root/etc/image"
 cp "$ko" "$root/lib/modules/virtio_loopback.ko"
 cp "$lotool" "$root/bin/lo-tool"
 cp "$cache/odirect" "$root/bin/odirect"
 if [ -x "$loopbackd" ]; then cp "$loopbackd" "$root/bin/loopbackd"; fi
 if [ -n "${LOOPBACKD_CONF:-}" ]; then cp "$LOOPBACKD_CONF" "$root/etc/loopbackd.conf"; fi
 cp "$here/lib.sh" "$root/tests/lib.sh"
-cat > "$root/init" <<'INIT'
-#!/bin/sh
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/bin SWIFT_ROOT=/ HOME=/tmp
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
+img_write_init "$root"
+# the runner, sourced by /init after the modules of load.list (the cases insmod virtio_loopback.ko themselves)
+cat > "$root/etc/image/main" <<'MAIN'
 echo 20 > /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
 echo 1 > /proc/sys/kernel/hung_task_panic 2>/dev/null
 echo 1 > /proc/sys/kernel/panic_on_oops 2>/dev/null
-for m in $(cat /lib/modules/load.list); do insmod /lib/modules/$m || echo "GUEST-INFO insmod $m failed"; done
 echo GUEST-BOOTED
 cd /tmp
 sh /tests/case.sh
@@ -93,10 +73,7 @@ echo GUEST-CASE-EXIT $?
 echo "GUEST-DMESG-BEGIN"
 dmesg | grep -iE 'virtio|loopback|blk|vd[a-z]|hwrng|rng' | tail -n 60
 echo "GUEST-DMESG-END"
-sync
-poweroff -f
-INIT
-chmod +x "$root/init"
+MAIN
 
 passed=0; failed=0; t0=$(date +%s)
 results=()
@@ -104,13 +81,13 @@ for c in "${cases[@]}"; do
   cdir=$work/$c; mkdir -p "$cdir"
   cp "$here/cases/$c.sh" "$root/tests/case.sh"
   echo "$c" > "$root/tests/name"
-  (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$cdir/initramfs.gz"
+  img_pack "$root" "$cdir/initramfs.gz" 1
   # A non-virtio disk (AHCI) the guest can copy images to; read back here.
   truncate -s 64M "$cdir/disk.img"
   log=$cdir/console.log
   s0=$(date +%s)
   timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nodefaults -nographic \
-    -serial stdio -no-reboot -kernel "$cache/vmlinux" -initrd "$cdir/initramfs.gz" \
+    -serial stdio -no-reboot -kernel "$vmlinux" -initrd "$cdir/initramfs.gz" \
     -append 'console=ttyS0 quiet panic=-1' \
     -drive if=none,id=d0,file="$cdir/disk.img",format=raw -device ahci,id=ahci0 -device ide-hd,drive=d0,bus=ahci0.0 \
     < /dev/null > "$log" 2>&1
@@ -141,6 +118,6 @@ for c in "${cases[@]}"; do
   fi
   [ "${GUEST_KEEP:-0}" = 1 ] && echo "  log: $log.txt"
 done
-echo "guest suite time: $(( $(date +%s) - t0 ))s"
+echo "guest suite time ($kver): $(( $(date +%s) - t0 ))s"
 echo "$passed passed, $failed failed"
 [ $failed -eq 0 ]

@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Prepare everything the guest test harness needs (idempotent):
-#   - Debian packages: qemu, busybox-static, cpio, xz, gcc, make, kmod, linux headers
-#   - Debian's kernel image matching the installed headers, unpacked into the cache dir
-#   - an uncompressed vmlinux (fast PVH boot under TCG)
-#   - kernel/virtio-loopback/virtio_loopback.ko built against those headers
-#   - static helper tools (lo-rng, lo-tool, odirect)
-# Cache dir: $GUEST_CACHE, default <repo>/.build-guest
+#
+#   Tests/guest/setup.sh [KERNEL]...      KERNEL = 6.1 (Debian 12, default) | 6.12 (bookworm-backports)
+#
+# For each kernel, through the image builder (scripts/mkimage.sh --prepare, scripts/image-lib.sh): its headers
+# (installed if missing, as root), Debian's kernel package downloaded once and unpacked into the cache dir, an
+# uncompressed vmlinux (fast PVH boot under TCG), kernel/virtio-loopback built against those headers in
+# <cache>/module-<kver>/ (<cache>/kver-<kernel> names the version). Then the static helper tools (lo-tool, odirect).
+# Cache dir: $GUEST_CACHE, default <repo>/.build-guest. Run the suites on a kernel with GUEST_KERNEL=<kernel>.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${GUEST_CACHE:-$repo/.build-guest}
 mkdir -p "$cache"
-
 log() { echo "setup: $*" >&2; }
 
+kernels=("$@"); [ ${#kernels[@]} -gt 0 ] || kernels=(${GUEST_KERNELS:-6.1})
+
 need_pkgs=()
-for p in qemu-system-x86 busybox-static cpio xz-utils gcc make kmod libc6-dev linux-headers-amd64; do
+for p in qemu-system-x86 busybox-static cpio xz-utils zstd gcc make kmod libc6-dev; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -25,49 +28,15 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >&2
 fi
 
-# Resolve the kernel ABI version from the installed headers metapackage.
-hdr_pkg=$(dpkg-query -W -f='${Depends}' linux-headers-amd64 | tr ',' '\n' | grep -o 'linux-headers-[0-9][^ ]*-amd64' | head -1)
-kver=${hdr_pkg#linux-headers-}
-[ -n "$kver" ] || { log "cannot resolve kernel version"; exit 1; }
-kdir=/lib/modules/$kver/build
-[ -d "$kdir" ] || { log "headers missing at $kdir"; exit 1; }
-echo "$kver" > "$cache/kver"
-log "kernel $kver"
-
-kroot=$cache/kernel-$kver
-if [ ! -f "$kroot/boot/vmlinuz-$kver" ]; then
-  log "downloading linux-image-$kver"
-  tmp=$(mktemp -d)
-  (cd "$tmp" && apt-get download "linux-image-$kver" >&2)
-  rm -rf "$kroot.tmp" && mkdir -p "$kroot.tmp"
-  dpkg -x "$tmp"/linux-image-"$kver"_*.deb "$kroot.tmp"
-  rm -rf "$tmp" "$kroot"
-  mv "$kroot.tmp" "$kroot"
-fi
-if [ ! -f "$kroot/lib/modules/$kver/modules.dep" ]; then
-  depmod -b "$kroot" "$kver"
+args=(); for k in "${kernels[@]}"; do args+=(--kernel "$k"); done
+IMG_CACHE=$cache IMG_LOG_PREFIX=setup bash "$repo/scripts/mkimage.sh" --prepare "${args[@]}"
+# the 6.1 kernel also under the names older callers used ($cache/kver, $cache/vmlinux)
+if [ -f "$cache/kver-6.1" ]; then
+  cp "$cache/kver-6.1" "$cache/kver"
+  ln -sfn "vmlinux-$(cat "$cache/kver-6.1")" "$cache/vmlinux"
 fi
 
-# Extract an uncompressed ELF vmlinux from the bzImage: find the xz stream magic
-# (FD 37 7A 58 5A 00) and decompress from there (trailing garbage is ignored).
-vmlinux=$cache/vmlinux-$kver
-if [ ! -s "$vmlinux" ]; then
-  log "extracting vmlinux"
-  bz=$kroot/boot/vmlinuz-$kver
-  ok=
-  for off in $(LC_ALL=C grep -aboP '\xfd7zXZ\x00' "$bz" | cut -d: -f1); do
-    if tail -c +$((off + 1)) "$bz" | xz -dc 2>/dev/null > "$vmlinux.tmp"; [ -s "$vmlinux.tmp" ] && \
-       head -c 4 "$vmlinux.tmp" | grep -q 'ELF'; then ok=1; break; fi
-  done
-  [ -n "$ok" ] || { log "could not extract vmlinux"; rm -f "$vmlinux.tmp"; exit 1; }
-  mv "$vmlinux.tmp" "$vmlinux"
-fi
-ln -sf "vmlinux-$kver" "$cache/vmlinux"
-
-# Build the module against the headers.
-log "building virtio_loopback.ko"
-make -s -C "$repo/kernel/virtio-loopback" KDIR="$kdir" >&2
-# Static tools.
-make -s -C "$repo/kernel/virtio-loopback/tools" >&2
+# Static tools (kernel-independent): lo-tool speaks the module's ioctls, odirect does O_DIRECT I/O and checks.
+gcc -static -O2 -Wall -I"$repo/kernel/virtio-loopback" -o "$cache/lo-tool" "$repo/kernel/virtio-loopback/tools/lo-tool.c"
 gcc -static -O2 -Wall -o "$cache/odirect" "$here/tools/odirect.c"
-log "done"
+log "done (${kernels[*]})"

@@ -12,6 +12,7 @@
 # After the last case loopbackd gets SIGTERM and must exit 0 within 1 s with no error/warning in its log.
 #
 # Environment:
+#   GUEST_KERNEL    6.1 (default) | 6.12: the kernel prepared by `setup.sh KERNEL`
 #   GUEST_CACHE     cache dir made by setup.sh (default <repo>/.build-guest)
 #   LOOPBACKD       loopbackd binary run on the host (default <repo>/.build/release/loopbackd)
 #   VHOST_TIMEOUT   per-case QEMU timeout in seconds (default 90)
@@ -28,11 +29,16 @@ timeout_s=${VHOST_TIMEOUT:-90}
 loglevel=${VHOST_LOG_LEVEL:-debug}
 disk_mib=32
 
-[ -f "$cache/kver" ] && [ -s "$cache/vmlinux" ] && [ -x "$cache/odirect" ] || { echo "vhost-user.sh: run Tests/guest/setup.sh first" >&2; exit 2; }
+gk=${GUEST_KERNEL:-6.1}
+. "$repo/scripts/image-lib.sh"
+IMG_CACHE=$cache IMG_LOG_PREFIX=vhost-user.sh
+[ -f "$cache/kver-$gk" ] && [ -x "$cache/odirect" ] || { echo "vhost-user.sh: run Tests/guest/setup.sh $gk first" >&2; exit 2; }
+kver=$(cat "$cache/kver-$gk")
+vmlinux=$cache/vmlinux-$kver
+[ -s "$vmlinux" ] || { echo "vhost-user.sh: no $vmlinux; run Tests/guest/setup.sh $gk" >&2; exit 2; }
 [ -x "$loopbackd" ] || { echo "vhost-user.sh: no loopbackd at $loopbackd (swift build -c release --product loopbackd)" >&2; exit 2; }
 command -v qemu-system-x86_64 >/dev/null || { echo "vhost-user.sh: qemu-system-x86_64 missing" >&2; exit 2; }
-kver=$(cat "$cache/kver")
-kroot=$cache/kernel-$kver
+echo "kernel $kver"
 
 # ---- select cases
 sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=(all)
@@ -55,45 +61,20 @@ trap cleanup EXIT
 t0=$(date +%s.%N)
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 
-# ---- initramfs tree: busybox, odirect, lib.sh, virtio_pci + virtio-rng + virtio_blk with their dependencies
+# ---- initramfs tree (the image builder's library, scripts/image-lib.sh): busybox, odirect, lib.sh,
+# virtio_pci + virtio-rng + virtio_blk with their dependencies (6.12 has virtio_pci built in)
 root=$work/root
-mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,lib/modules,tests/param,usr/bin}
-cp "$(command -v busybox)" "$root/bin/busybox"
-ln -s busybox "$root/bin/sh"
-moddep=$kroot/lib/modules/$kver/modules.dep
-declare -A seen=()
-order=()
-resolve() { # $1 = module name; appends it after its dependencies (same resolver as run.sh)
-  local path deps d
-  path=$(grep -E "(^|/)$1\.ko(\.xz)?:" "$moddep" | head -1 | cut -d: -f1)
-  [ -n "$path" ] || { echo "vhost-user.sh: module $1 not found" >&2; exit 2; }
-  [ -n "${seen[$path]:-}" ] && return
-  seen[$path]=1
-  deps=$(grep -E "^$path:" "$moddep" | cut -d: -f2)
-  for d in $deps; do resolve "$(basename "$d" .ko)"; done
-  order+=("$path")
-}
-for m in virtio_ring virtio virtio_pci virtio-rng virtio_blk; do resolve "$m"; done
-: > "$root/lib/modules/load.list"
-for p in "${order[@]}"; do
-  cp "$kroot/lib/modules/$kver/$p" "$root/lib/modules/"
-  echo "$(basename "$p")" >> "$root/lib/modules/load.list"
-done
+( img_tree_init "$root" && img_add_modules "$root" "$kver" virtio_ring virtio virtio_pci virtio-rng virtio_blk ) || exit 2
+mkdir -p "$root/tests/param" "$root/etc/image"
 cp "$cache/odirect" "$root/bin/odirect"
 cp "$here/lib.sh" "$root/tests/lib.sh"
-# The same /init runs on every boot (also after the reboot case's reboot -f).
-cat > "$root/init" <<'INIT'
-#!/bin/sh
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/bin HOME=/tmp
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
+img_write_init "$root"
+# The same runner runs on every boot (also after the reboot case's reboot -f); /init sources it after the modules.
+cat > "$root/etc/image/main" <<'MAIN'
+export -n SWIFT_ROOT
 echo 20 > /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
 echo 1 > /proc/sys/kernel/hung_task_panic 2>/dev/null
 echo 1 > /proc/sys/kernel/panic_on_oops 2>/dev/null
-for m in $(cat /lib/modules/load.list); do insmod /lib/modules/$m || echo "GUEST-INFO insmod $m failed"; done
 echo; echo GUEST-BOOTED
 cd /tmp
 sh /tests/case.sh
@@ -101,10 +82,7 @@ echo GUEST-CASE-EXIT $?
 echo "GUEST-DMESG-BEGIN"
 dmesg | grep -iE 'virtio|vhost|blk|vd[a-z]|hwrng|rng|pci.*0000:00:0[2-9]|error|fail|warn' | tail -n 60
 echo "GUEST-DMESG-END"
-sync
-poweroff -f
-INIT
-chmod +x "$root/init"
+MAIN
 
 # ---- host side: image, loopbackd (transport none, both devices served)
 img=$work/disk0.img
@@ -175,7 +153,7 @@ for c in "${cases[@]}"; do
   echo "$name" > "$root/tests/name"
   echo $(( $(stat -c %s "$img") / 512 )) > "$root/tests/param/sectors"
   echo "$c-$$-$RANDOM$RANDOM" > "$root/tests/param/nonce"
-  (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$cdir/initramfs.gz"
+  img_pack "$root" "$cdir/initramfs.gz" 1
   reboot_opt=(-no-reboot); want_boots=1
   [ "$c" = reboot ] && { reboot_opt=(); want_boots=2; }
   lbmark=$(wc -l < "$lblog")
@@ -183,7 +161,7 @@ for c in "${cases[@]}"; do
   s0=$(date +%s.%N)
   qmp_opt=(); [ "$c" = pause ] && qmp_opt=(-qmp unix:"$cdir/qmp.sock",server=on,wait=off)
   timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nodefaults -nographic \
-    -serial stdio "${reboot_opt[@]}" "${qmp_opt[@]}" -kernel "$cache/vmlinux" -initrd "$cdir/initramfs.gz" \
+    -serial stdio "${reboot_opt[@]}" "${qmp_opt[@]}" -kernel "$vmlinux" -initrd "$cdir/initramfs.gz" \
     -append 'console=ttyS0 quiet panic=-1' \
     -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
     -chardev socket,id=c0,path="$rng_sock" -device vhost-user-rng-pci,chardev=c0 \
@@ -264,6 +242,6 @@ if [ -z "$why" ]; then passed=$((passed+1)); echo "PASS vhost-loopbackd-shutdown
 else failed=$((failed+1)); echo "FAIL vhost-loopbackd-shutdown: $why"; echo "----- loopbackd log tail -----"; tail -n 20 "$lblog"; echo "-----"
 fi
 [ "${GUEST_KEEP:-0}" = 1 ] && echo "  work dir: $work"
-echo "vhost-user suite time: $(elapsed "$t0")s"
+echo "vhost-user suite time ($kver): $(elapsed "$t0")s"
 echo "$passed passed, $failed failed"
 [ $failed -eq 0 ]
