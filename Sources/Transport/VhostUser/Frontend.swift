@@ -339,6 +339,8 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
                 w.append(UInt32(offset)); w.append(UInt32(buffer.count)); w.append(UInt32(0))
                 w.append(bytes: Array(buffer))
             }
+            // A write can change what reads return (virtio-input's select/subsel picks the answer): read it back.
+            config = try loopConversation().fetchConfig(size: configSize)
         } catch {
             if case .rejected = error { Log.warning("vhost-user \(socketPath): \(error)") } else { connectionLost(error) }
         }
