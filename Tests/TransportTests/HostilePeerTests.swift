@@ -210,6 +210,44 @@ final class HostilePeerTests: XCTestCase {
         s.stop()
     }
 
+    /// The fd's O_NONBLOCK lives in the file description the peer shares: a peer can clear it again after we set
+    /// it, then fill the counter. The loop's write is interrupted by the stall watchdog instead of blocking.
+    func testPeerThatClearsNonBlockingAgainCannotStallTheLoop() throws {
+        let s = try startServer()
+        let bystander = try startServer()
+        let m = memfd(1 << 20)
+        let ram = mmap(nil, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, m, 0)!
+        defer { munmap(ram, 1 << 20) }
+        let call = lb_eventfd(0, 1), kick = lb_eventfd(0, 1)
+        let c = try XCTUnwrap(VURawClient(s.socketPath))
+        prepareRing(c, memfd: m, size: 1 << 20, ua: UInt64(UInt(bitPattern: ram)), call: call)
+        XCTAssertEqual(c.call(.setVringKick, flags: Self.ack, payload: u64(0), fds: [kick]), u64(0))
+        XCTAssertEqual(c.call(.setVringEnable, flags: Self.ack, payload: u32s([0, 1])), u64(0))
+        // Now the attack: blocking again, and full.
+        XCTAssertEqual(fcntl(call, F_SETFL, fcntl(call, F_GETFL) & ~O_NONBLOCK), 0)
+        var full: UInt64 = 0xffff_ffff_ffff_fffe
+        XCTAssertEqual(write(call, &full, 8), 8)
+        let before = lb_stall_interrupts()
+        let desc = ram, avail = ram + 0x1000
+        desc.storeBytes(of: UInt64(0x8000), as: UInt64.self)
+        (desc + 8).storeBytes(of: UInt32(16), as: UInt32.self)
+        (desc + 12).storeBytes(of: UInt16(2), as: UInt16.self)
+        (avail + 4).storeBytes(of: UInt16(0), as: UInt16.self)
+        (avail + 2).storeBytes(of: UInt16(1), as: UInt16.self)
+        FD.signal(kick)
+        usleep(20_000)   // the loop is in the interrupt write now
+        let t0 = lb_now_ns()
+        assertServes(bystander, "another device while the peer holds the interrupt write")
+        let waited = (lb_now_ns() - t0) / 1_000_000
+        XCTAssertLessThan(waited, 500, "the loop was held \(waited) ms")
+        XCTAssertGreaterThanOrEqual(lb_stall_interrupts() - before, 1, "the watchdog interrupted the write")
+        var v: UInt64 = 0
+        _ = read(call, &v, 8)   // unblocks a loop stuck in write(2) (only without the watchdog)
+        close(call); close(kick); close(m)
+        bystander.stop()
+        s.stop()
+    }
+
     // MARK: 4. kick fds that are readable (or hung up) forever
 
     func testKickFDsThatWouldSpinAreRefused() throws {

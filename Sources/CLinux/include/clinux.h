@@ -125,4 +125,23 @@ int lb_eventfd2(unsigned int initval, int flags);
 int lb_seal_size(int fd);
 // Arms a timerfd to fire every `ns` (0 disarms).
 int lb_timerfd_arm_periodic(int fd, uint64_t ns);
+// ---- stall guard for peer-shared fds (stallguard.c) ----
+struct lb_stall_slot;
+extern __thread struct lb_stall_slot *lb_stall_self;
+// The calling thread (an event loop) takes part: its guarded calls can be interrupted by the watchdog.
+int lb_stall_register_thread(void);
+void lb_stall_unregister_thread(void);
+// +1 when a peer connection starts, -1 when it ends: the watchdog thread runs only while some exist.
+void lb_stall_watch(int delta);
+// Guarded calls interrupted so far.
+unsigned long lb_stall_interrupts(void);
+// Marks entering/leaving a guarded call on this thread (no-op on threads that did not register).
+static inline void lb_stall_enter(void) {
+    struct lb_stall_slot *s = lb_stall_self;
+    if (s) __atomic_fetch_add((uint64_t *)s, 1, __ATOMIC_RELEASE);
+}
+static inline void lb_stall_leave(void) {
+    struct lb_stall_slot *s = lb_stall_self;
+    if (s) __atomic_fetch_add((uint64_t *)s, 1, __ATOMIC_RELEASE);
+}
 #endif

@@ -153,6 +153,9 @@ public final class EventLoop: @unchecked Sendable {
     /// Runs the loop on the calling thread until `stop()`.
     public func run() {
         threadID = lb_gettid()
+        // The loop's calls on peer-shared fds may be interrupted by the stall watchdog (stallguard.c).
+        _ = lb_stall_register_thread()
+        defer { lb_stall_unregister_thread() }
         running.store(true, ordering: .releasing)
         var events = [lb_epoll_event](repeating: lb_epoll_event(), count: 64)
         var pollUntil: UInt64 = 0

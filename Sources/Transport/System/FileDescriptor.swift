@@ -34,23 +34,31 @@ public enum FD {
     }
     /// Adds 1 to an eventfd counter. EAGAIN (counter saturated) still means "signalled", and so does any other
     /// failure of a peer's fd: an interrupt write never blocks or fails the loop (the fd is non-blocking).
+    /// A peer that shares the fd may clear O_NONBLOCK and fill the counter: the write is watched
+    /// (`lb_stall_enter`, stallguard.c) and interrupted after 50 ms; it is then taken as done, not retried, and the
+    /// fd made non-blocking again.
     @inline(__always)
     public static func signal(_ fd: Int32) {
         if FaultInjection.take(.write) != nil { return }
         var one: UInt64 = 1
-        _ = Glibc.write(fd, &one, 8)
+        lb_stall_enter()
+        let r = Glibc.write(fd, &one, 8)
+        lb_stall_leave()
+        if r < 0 && errno == EINTR { _ = lb_set_nonblocking(fd) }
     }
     /// Reads and clears an eventfd counter; 0 if it was not signalled (non-blocking fd) or the read failed.
     @inline(__always)
     public static func drain(_ fd: Int32) -> UInt64 {
         var v: UInt64 = 0
-        while true {
-            if let e = FaultInjection.take(.read) { if e == EINTR { continue }; return 0 }
-            let r = Glibc.read(fd, &v, 8)
-            if r == 8 { return v }
-            if r < 0 && errno == EINTR { continue }
-            return 0
-        }
+        if let e = FaultInjection.take(.read), e != EINTR { return 0 }
+        // Watched like `signal`: an interrupted read (EINTR) is not retried: a peer that cleared O_NONBLOCK and
+        // emptied the counter after epoll saw it readable would block the loop again.
+        lb_stall_enter()
+        let r = Glibc.read(fd, &v, 8)
+        lb_stall_leave()
+        if r == 8 { return v }
+        if r < 0 && errno == EINTR { _ = lb_set_nonblocking(fd) }
+        return 0
     }
     /// Blocks until an eventfd is signalled (the fd may be non-blocking) or `timeoutMs` passes; returns the count.
     public static func wait(_ fd: Int32, timeoutMs: Int32 = -1) -> UInt64 {

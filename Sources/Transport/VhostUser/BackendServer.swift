@@ -345,6 +345,7 @@ public final class VhostUserBackendServer: EventHandler {
         }
         conn = c
         connectionsAccepted += 1
+        lb_stall_watch(1)   // a peer shares fds with the loop from now on: watch its calls (stallguard.c)
         // One front-end at a time: the next one waits in the backlog until this one is gone.
         host.loop.unregister(fd: listenFD, registration: listenRegistration)
         listenRegistration = -1
@@ -424,6 +425,7 @@ public final class VhostUserBackendServer: EventHandler {
         host.loop.unregister(fd: c.guardFD, registration: c.guardRegistration)
         c.closeAll()
         conn = nil
+        lb_stall_watch(-1)
         do { try watchListener() } catch { Log.error("vhost-user: cannot watch the listening socket again: \(error)") }
     }
 

@@ -178,9 +178,13 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             throw DeviceError("vhost-user \(socketPath): \(error)")
         }
         offeredFeatures = VirtioFeatures(rawValue: backendFeatures & ~Self.unforwardedFeatures)
+        // The back-end shares eventfds with the loop from now on: watch the loop's calls on them (stallguard.c).
+        lb_stall_watch(1)
+        watching = true
         let me = UncheckedBox(self)
         loop.execute { me.value.watch() }
     }
+    private var watching = false
 
     deinit { closeEverything() }
 
@@ -232,6 +236,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     /// Stops forwarding for good: unwatches and closes everything (loop thread; the host should have reset the
     /// device first). Needed only to release the object, since the loop keeps registered handlers alive.
     public func shutdown() {
+        if watching { lb_stall_watch(-1); watching = false }
         closed = true
         connectJob?.cancel()
         connectJob = nil
