@@ -118,7 +118,9 @@ img_module_build() {
   ls "$src"/*.h >/dev/null 2>&1 && cp -p "$src"/*.h "$dir/"
   cp -p "$src"/uapi/*.h "$dir/uapi/"
   img_log "building virtio_loopback.ko for $kv"
-  make -s -C "/lib/modules/$kv/build" M="$dir" modules >&2 || img_die "module build failed for $kv"
+  # the build dir's path stays out of the object (debug info, __FILE__): the same .ko from any checkout
+  make -s -C "/lib/modules/$kv/build" M="$dir" KCFLAGS="-ffile-prefix-map=$dir/=" modules >&2 ||
+    img_die "module build failed for $kv"
   echo "$dir/virtio_loopback.ko"
 }
 
@@ -157,7 +159,7 @@ img_add_modules() {
   local order=() m p f
   _img_resolve() {
     local path deps d n
-    path=$(grep -E "(^|/)$1\.ko(\.xz|\.zst)?:" "$base/modules.dep" | head -1 | cut -d: -f1)
+    path=$(grep -E "(^|/)$1\.ko(\.xz|\.zst)?:" "$base/modules.dep" | head -1 | cut -d: -f1 || true)
     if [ -z "$path" ]; then
       n=${1//-/_}
       grep -qE "/(${1}|${n})\.ko$" "$base/modules.builtin" 2>/dev/null && return 0

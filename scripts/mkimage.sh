@@ -85,7 +85,7 @@ fi
 root=$work/root
 img_tree_init "$root"
 img_add_modules "$root" "$IMG_KVER" virtio_ring virtio virtio-rng virtio_blk
-cp "$IMG_KO" "$root/lib/modules/virtio_loopback.ko"
+strip --strip-debug -o "$root/lib/modules/virtio_loopback.ko" "$IMG_KO"
 echo virtio_loopback.ko >> "$root/lib/modules/load.list"
 strip -o "$root/bin/loopbackd" "$lbd"
 cp "$conf" "$root/etc/loopbackd.conf"
