@@ -53,7 +53,6 @@ extension DeviceType {
     // status), §5.10 vsock (rx, tx, event; guest_cid), §5.7 gpu (control, cursor; events_read, events_clear,
     // num_scanouts, num_capsets), §5.17 scmi (cmdq, eventq; none), §5.11 fs (hiprio + 1 request queue; tag[36],
     // num_request_queues).
-    public static var console: DeviceType { ForwardedType(name: "console", deviceID: 3, queues: 4, configSize: 12, what: "virtio-console").type }
     public static var gpio: DeviceType { ForwardedType(name: "gpio", deviceID: 41, queues: 2, configSize: 8, what: "virtio-gpio").type }
     public static var i2c: DeviceType { ForwardedType(name: "i2c", deviceID: 34, queues: 1, configSize: 0, what: "virtio-i2c").type }
     public static var sound: DeviceType { ForwardedType(name: "sound", deviceID: 25, queues: 4, configSize: 12, what: "virtio-snd").type }

@@ -247,6 +247,12 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
         deferredRunning.removeAll(keepingCapacity: true)
     }
 
+    /// A device asks for another `queueNotified` on a later turn (see `FaultReporter.again`).
+    func requeue(_ i: Int, _ q: Int) {
+        guard i < slots.count, hot[i].queues != nil, q < hot[i].queueCount else { return }
+        deferQueue(i, q)
+    }
+
     /// A device reports a fault latched outside `kick` (see `FaultReporter`).
     public func queueFaulted(_ i: Int, _ q: Int) {
         guard i < slots.count, let queues = slots[i].queues, q < slots[i].queueCount, queues[q].faultPending else { return }

@@ -27,6 +27,9 @@ public struct FaultReporter {
     init(host: DeviceHost?, index: Int) { self.host = host; self.index = index }
     /// Call when `queues[q].faultPending` is set.
     public func report(queue q: Int) { host?.queueFaulted(index, q) }
+    /// Runs `queueNotified(q)` again on a later loop turn: for a device that stopped at its per-turn budget
+    /// outside `queueNotified` (e.g. output resumed by a host fd becoming writable). No allocation.
+    public func again(queue q: Int) { host?.requeue(index, q) }
 }
 
 public struct DeviceError: Error, CustomStringConvertible {
