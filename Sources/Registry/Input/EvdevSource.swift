@@ -70,11 +70,20 @@ enum Evdev {
         return String(decoding: buf.prefix(Int(n)).prefix { $0 != 0 }, as: UTF8.self)
     }
 
-    /// /dev/input/eventN whose name is `name` (the lowest N if several).
+    /// /dev/input/eventN whose name is `name` (the lowest N if several), never one of the virtio-loopback
+    /// module's own devices: the virtio-input device loopbackd exposes has the same name as its host device and
+    /// lives in the same kernel, so a lookup by name (at start, or after a hot-unplug) could otherwise pick it.
     static func find(name: String, dir: String = "/dev/input") -> String? {
         let nodes = Sysfs.list(dir).filter { $0.hasPrefix("event") }
             .sorted { (Int($0.dropFirst(5)) ?? Int.max) < (Int($1.dropFirst(5)) ?? Int.max) }
-        return nodes.first { Evdev.name(of: "\(dir)/\($0)") == name }.map { "\(dir)/\($0)" }
+        return nodes.first { !isVirtioLoopback($0) && Evdev.name(of: "\(dir)/\($0)") == name }.map { "\(dir)/\($0)" }
+    }
+
+    /// Whether input node `eventN` belongs to a device under /sys/devices/virtio-lo (the module's bus).
+    static func isVirtioLoopback(_ event: String) -> Bool {
+        guard let r = realpath("/sys/class/input/\(event)", nil) else { return false }
+        defer { free(r) }
+        return String(cString: r).contains("/devices/virtio-lo/")
     }
 }
 
