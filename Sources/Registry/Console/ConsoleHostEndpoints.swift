@@ -57,8 +57,11 @@ public class HostEndpoint: ConsoleEndpoint {
     }
 
     func event(token: UInt32, _ e: IOEvents) {
-        if e.contains(.writable) { delegate?.endpointWritable(port) }
-        if !e.isDisjoint(with: [.readable, .hangUp, .error]) { delegate?.endpointReadable(port) }
+        // Raw bits: an option-set literal would build an array per event in unoptimized builds.
+        if e.rawValue & IOEvents.writable.rawValue != 0 { delegate?.endpointWritable(port) }
+        if e.rawValue & (IOEvents.readable.rawValue | IOEvents.hangUp.rawValue | IOEvents.error.rawValue) != 0 {
+            delegate?.endpointReadable(port)
+        }
     }
 
     public func read(_ iov: UnsafeMutablePointer<iovec>, _ count: Int) -> EndpointIO { .wouldBlock }
