@@ -24,7 +24,20 @@ final class FuzzRegressionTests: XCTestCase {
         ram.storeBytes(of: UInt32(16), toByteOffset: 0x208, as: UInt32.self)
         ram.storeBytes(of: UInt16(2), toByteOffset: 0x20C, as: UInt16.self)
         let config = QueueConfig(size: 1, desc: 0x200, avail: 0x302, used: 0x304)
-        var queue = try SplitQueue(config: config, maxSize: 256, memory: memory.view, features: [.version1], interrupt: .none)
+        // Rings that overlap in the driver's address space are refused when the queue starts.
+        do {
+            _ = try SplitQueue(config: config, maxSize: 256, memory: memory.view, features: [.version1], interrupt: .none)
+            XCTFail("overlapping rings accepted")
+        } catch { XCTAssertEqual(error, .ringsOverlap) }
+        // The same aliasing through two regions that map the same memory (a vhost-user front-end can send that):
+        // the addresses are disjoint, the bytes are not. The no-lost-kick re-check is bounded and the queue yields.
+        let fd = memory.regions[0].fd
+        let second = mmap(nil, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)!
+        let aliased = try GuestMemory(regions: [memory.regions[0],
+            RegionInfo(guestBase: 0x10000, size: 4096, host: second, fd: -1, fdOffset: 0, userAddr: 0)],
+            mappings: [(second, 4096)], fds: [])
+        var queue = try SplitQueue(config: QueueConfig(size: 1, desc: 0x200, avail: 0x302, used: 0x10304), maxSize: 256,
+                                   memory: aliased.view, features: [.version1], interrupt: .none)
 
         // Watchdog: if drain has not returned after a second, break the spin from outside (an avail.idx jump
         // latches the queue) so the test fails instead of hanging the suite.
@@ -47,6 +60,7 @@ final class FuzzRegressionTests: XCTestCase {
         watchdog.join()
         XCTAssertFalse(flags.spun.load(ordering: .acquiring), "SplitQueue.drain spun for over a second (used.flags overlaps avail.idx)")
         XCTAssertLessThanOrEqual(chains, 1)
+        XCTAssertTrue(queue.yielded, "stopped at the re-check bound: the host runs it again on a later turn")
     }
 }
 

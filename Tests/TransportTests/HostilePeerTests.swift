@@ -421,3 +421,100 @@ final class SealTests: XCTestCase {
         XCTAssertEqual(ftruncate(fd, 2 << 20), -1, "nor grow it")
     }
 }
+
+/// Queue-level stop/start in the vhost-user server (crosvm's start_queue/stop_queue): a front-end stopping or
+/// re-programming one ring of a device that supports it leaves the other rings (a vsock connection, a sound
+/// stream) running; a device that does not support it is restarted whole, as before.
+final class QueueRestartTests: XCTestCase {
+    var loop: EventLoop!
+    var host: DeviceHost!
+    override func setUp() {
+        loop = try! EventLoop()
+        host = DeviceHost(loop: loop)
+        loop.startThread()
+    }
+    override func tearDown() { loop.stopAndJoin() }
+
+    /// Returns the device and how often it was activated after both rings first ran.
+    private func run(restartable: Bool) throws -> (VUEchoDevice, Int) {
+        let dev = VUEchoDevice(queues: 2, maxSize: 8)
+        dev.restartable = restartable
+        let s = VhostUserBackendServer(socketPath: testSocketPath(), host: host, name: "echo", device: dev)
+        try s.start()
+        defer { s.stop() }
+        let c = try XCTUnwrap(VURawClient(s.socketPath))
+        let ack: UInt32 = 1 | 8
+        let m = memfd(1 << 20)
+        let ram = mmap(nil, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, m, 0)!
+        defer { munmap(ram, 1 << 20); close(m) }
+        let ua = UInt64(UInt(bitPattern: ram))
+        c.send(VURawClient.message(.setProtocolFeatures, payload: u64(VhostUserBackendServer.protocolFeatures.rawValue)))
+        XCTAssertEqual(c.call(.setMemTable, flags: ack, payload: memTable([
+            VhostUserMemoryRegion(guestAddress: 0, size: 1 << 20, userAddress: ua, mmapOffset: 0)]), fds: [m]), u64(0))
+        XCTAssertEqual(c.call(.setFeatures, flags: ack, payload: u64(VirtioFeatures.version1.rawValue | 1 << 30)), u64(0))
+        // Ring q at 0x10000 * (q + 1): desc, avail +0x1000, used +0x2000; buffers at +0x8000.
+        var kicks: [Int32] = [], calls: [Int32] = []
+        func ring(_ q: Int) -> UnsafeMutableRawPointer { ram + 0x10000 * (q + 1) }
+        func setUp(_ q: Int) {
+            let r = ua + UInt64(0x10000 * (q + 1))
+            XCTAssertEqual(c.call(.setVringNum, flags: ack, payload: u32s([UInt32(q), 8])), u64(0))
+            XCTAssertEqual(c.call(.setVringAddr, flags: ack, payload: u32s([UInt32(q), 0]) + u64(r) + u64(r + 0x2000) + u64(r + 0x1000) + u64(0)), u64(0))
+            XCTAssertEqual(c.call(.setVringCall, flags: ack, payload: u64(UInt64(q)), fds: [calls[q]]), u64(0))
+            XCTAssertEqual(c.call(.setVringKick, flags: ack, payload: u64(UInt64(q)), fds: [kicks[q]]), u64(0))
+            XCTAssertEqual(c.call(.setVringEnable, flags: ack, payload: u32s([UInt32(q), 1])), u64(0))
+        }
+        for _ in 0..<2 { kicks.append(lb_eventfd(0, 1)); calls.append(lb_eventfd(0, 1)) }
+        defer { for f in kicks + calls { close(f) } }
+        setUp(0); setUp(1)
+        XCTAssertTrue(loop.executeAndWait { self.host.isActive(s.index) })
+        var availIdx = [UInt16](repeating: 0, count: 2)
+        /// One chain on ring q (16 readable + 16 writable bytes); true once the used ring shows it.
+        func request(_ q: Int) -> Bool {
+            let d = ring(q), av = d + 0x1000, used = d + 0x2000
+            let buf = UInt64(0x10000 * (q + 1) + 0x8000)
+            let slot = Int(availIdx[q] % 4) * 2
+            d.advanced(by: 16 * slot).storeBytes(of: buf, as: UInt64.self)
+            d.advanced(by: 16 * slot + 8).storeBytes(of: UInt32(16), as: UInt32.self)
+            d.advanced(by: 16 * slot + 12).storeBytes(of: UInt16(1), as: UInt16.self)
+            d.advanced(by: 16 * slot + 14).storeBytes(of: UInt16(slot + 1), as: UInt16.self)
+            d.advanced(by: 16 * (slot + 1)).storeBytes(of: buf + 0x100, as: UInt64.self)
+            d.advanced(by: 16 * (slot + 1) + 8).storeBytes(of: UInt32(16), as: UInt32.self)
+            d.advanced(by: 16 * (slot + 1) + 12).storeBytes(of: UInt16(2), as: UInt16.self)
+            (av + 4 + 2 * Int(availIdx[q] % 8)).storeBytes(of: UInt16(slot), as: UInt16.self)
+            availIdx[q] &+= 1
+            (av + 2).storeBytes(of: availIdx[q], as: UInt16.self)
+            FD.signal(kicks[q])
+            let end = lb_now_ns() + 3_000_000_000
+            while (used + 2).load(as: UInt16.self) != availIdx[q] && lb_now_ns() < end { usleep(500) }
+            return (used + 2).load(as: UInt16.self) == availIdx[q]
+        }
+        XCTAssertTrue(request(0)); XCTAssertTrue(request(1))
+        let activationsBefore = loop.executeAndWait { dev.activations }
+        // The front-end stops ring 1 (a VM pause of one stream, say): its position comes back.
+        XCTAssertEqual(c.call(.getVringBase, payload: u32s([1, 0])), u32s([1, 1]))
+        // Ring 0 keeps working meanwhile only if the device restarts queues alone.
+        if restartable { XCTAssertTrue(request(0), "ring 0 served while ring 1 is stopped") }
+        // A new kick fd for ring 1 starts it again from its base.
+        close(kicks[1]); kicks[1] = lb_eventfd(0, 1)
+        XCTAssertEqual(c.call(.setVringKick, flags: ack, payload: u64(1), fds: [kicks[1]]), u64(0))
+        XCTAssertTrue(request(1), "ring 1 runs again")
+        XCTAssertTrue(request(0))
+        let after = loop.executeAndWait { dev.activations } - activationsBefore
+        c.halfClose()
+        XCTAssertTrue(c.waitClosed())
+        return (dev, after)
+    }
+
+    func testOneRingStopsAloneWhenTheDeviceSupportsIt() throws {
+        let (dev, activations) = try run(restartable: true)
+        XCTAssertEqual(activations, 0, "never restarted whole")
+        XCTAssertEqual(loop.executeAndWait { dev.queueStops }, 1)
+        XCTAssertEqual(loop.executeAndWait { dev.queueStarts }, 1)
+    }
+
+    func testOtherDevicesRestartWhole() throws {
+        let (dev, activations) = try run(restartable: false)
+        XCTAssertEqual(activations, 1, "stopped and started whole")
+        XCTAssertEqual(loop.executeAndWait { dev.queueStops }, 0)
+    }
+}

@@ -16,6 +16,12 @@ final class VUEchoDevice: VirtioDevice {
     var activations = 0
     var completed = 0
     var acked: VirtioFeatures = []
+    /// Opt in to queue-level stop/start (counted).
+    var restartable = false
+    var resets = 0, queueStops = 0, queueStarts = 0
+    var supportsQueueRestart: Bool { restartable }
+    func stopQueue(_ index: Int) { queueStops += 1 }
+    func startQueue(_ index: Int) { queueStarts += 1 }
 
     init(queues: Int = 1, maxSize: UInt16 = 64) { queueMaxSizes = Array(repeating: maxSize, count: queues) }
     func ackFeatures(_ features: VirtioFeatures) { acked = features }
@@ -26,7 +32,7 @@ final class VUEchoDevice: VirtioDevice {
         for k in 0..<buffer.count { config[offset + k] = buffer[k] }
     }
     func activate(_ c: DeviceContext) throws(DeviceError) { context = c; activations += 1 }
-    func reset() { context = nil }
+    func reset() { context = nil; resets += 1 }
     func queueNotified(_ index: Int) {
         guard let c = context, index < c.queueCount else { return }
         var done = 0

@@ -29,6 +29,8 @@ public final class RngDevice: VirtioDevice {
     public func writeConfig(offset: Int, from buffer: UnsafeRawBufferPointer) {}
     public func activate(_ context: DeviceContext) throws(DeviceError) { queues = context.queues }
     public func reset() { queues = nil }
+    /// Every request completes inside `queueNotified`: a queue can stop and start alone at any time.
+    public var supportsQueueRestart: Bool { true }
 
     public func queueNotified(_ index: Int) {
         guard let q = queues, index == 0 else { return }

@@ -215,6 +215,60 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
         if !passthrough { for n in 0..<configs.count where q[n].hasAvailable { kick(i, n) } }
     }
 
+    // MARK: one queue at a time
+
+    public func supportsQueueRestart(_ i: Int) -> Bool { slots[i].device.supportsQueueRestart }
+
+    /// Stops queue `q` of a running device that supports it: the device completes what it took from the queue,
+    /// the kick fd is closed. Returns the queue's next avail index (where it restarts), nil if it cannot.
+    public func stopQueue(_ i: Int, _ q: Int) -> UInt16? {
+        let s = slots[i]
+        guard let queues = s.queues, q < s.queueCount, s.device.supportsQueueRestart else { return nil }
+        if queues[q].stopped { return queues[q].lastAvail }
+        s.device.stopQueue(q)
+        if q < s.registrations.count, q < s.kickFDs.count, s.registrations[q] >= 0 {
+            loop.unregister(fd: s.kickFDs[q], registration: s.registrations[q])
+            s.registrations[q] = -1
+        }
+        if q < s.kickFDs.count {
+            FD.close(s.kickFDs[q])
+            s.kickFDs[q] = -1
+            hot[i].kickFDs?[q] = -1
+        }
+        queues[q].stopped = true
+        return queues[q].lastAvail
+    }
+
+    /// Rebuilds stopped queue `q` from `config` (validated like at DRIVER_OK) and starts it again; the host takes
+    /// ownership of `kickFD` (-1: kicks come through `kick`), even when it throws (the queue then stays stopped).
+    public func startQueue(_ i: Int, _ q: Int, config: QueueConfig, kickFD: Int32, interrupt: Notifier,
+                           lastAvail: UInt16, usedFromRing: Bool) throws(DeviceError) {
+        let s = slots[i]
+        guard let queues = s.queues, q < s.queueCount, queues[q].stopped, let mem = s.memory else {
+            FD.close(kickFD)
+            throw DeviceError("\(s.name): queue \(q) is not stopped")
+        }
+        let fresh: SplitQueue
+        do {
+            fresh = try SplitQueue(config: config, maxSize: s.device.queueMaxSizes[q], memory: mem.view, features: s.features,
+                                   interrupt: interrupt, lastAvail: lastAvail, usedFromRing: usedFromRing)
+        } catch {
+            FD.close(kickFD)
+            throw DeviceError("\(s.name): queue \(q): \(error.rawValue)")
+        }
+        (queues + q).deinitialize(count: 1)
+        (queues + q).initialize(to: fresh)
+        if q < s.kickFDs.count { s.kickFDs[q] = kickFD; hot[i].kickFDs?[q] = kickFD }
+        if kickFD >= 0 && q < s.registrations.count {
+            do { s.registrations[q] = try loop.register(fd: kickFD, handler: self, token: UInt32(i) << 16 | UInt32(q)) } catch {
+                queues[q].stopped = true
+                throw DeviceError("\(s.name): cannot watch kick fd: \(error)")
+            }
+        }
+        s.device.startQueue(q)
+        if queues[q].hasAvailable { kick(i, q) }
+    }
+
     /// A kick for queue `q` of device `i` (from a kick fd or a driver side without fds).
     @inline(__always)
     public func kick(_ i: Int, _ q: Int) {

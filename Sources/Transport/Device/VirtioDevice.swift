@@ -73,9 +73,20 @@ public protocol VirtioDevice: AnyObject {
     /// Flush buffered data to stable storage (SIGTERM, driver gone). Called before `reset`, so an asynchronous
     /// device first completes its in-flight requests (their writes must be covered by the flush).
     func flush()
+    /// Queue-level stop and start (crosvm's `stop_queue`/`start_queue`): true if the device can have one queue
+    /// stopped and started again while the others run (a vhost-user front-end re-programming one ring: GET_VRING_BASE,
+    /// a new kick fd), instead of a whole-device reset that would end a vsock connection or a sound stream.
+    var supportsQueueRestart: Bool { get }
+    /// Stop using queue `index`: complete (or give back) the chains taken from it; its memory is freed after this.
+    func stopQueue(_ index: Int)
+    /// Queue `index` (in the context's queue array) was rebuilt and runs again.
+    func startQueue(_ index: Int)
 }
 
 extension VirtioDevice {
+    public var supportsQueueRestart: Bool { false }
+    public func stopQueue(_ index: Int) {}
+    public func startQueue(_ index: Int) {}
     public func flush() {}
     /// Devices that complete every request inside `queueNotified` have nothing in flight.
     public func quiesce() {}

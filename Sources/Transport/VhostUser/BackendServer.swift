@@ -33,6 +33,9 @@ final class ServedDevice: VirtioDevice {
     }
     func flush() { inner.flush() }
     func quiesce() { inner.quiesce() }
+    var supportsQueueRestart: Bool { inner.supportsQueueRestart }
+    func stopQueue(_ index: Int) { inner.stopQueue(index) }
+    func startQueue(_ index: Int) { inner.startQueue(index) }
 }
 
 /// One region of the front-end's memory, mapped here. Owns the mapping and the fd.
@@ -122,6 +125,9 @@ final class VringState {
     let callSlot: FileRef
     var err: FileRef?
     var enabled = false
+    /// Stopped on its own while the device runs (GET_VRING_BASE or a change to this ring, for a device that
+    /// supports queue restart): it starts again from `base` once ready, the other rings never stop.
+    var stopped = false
     init(callSlot: FileRef) { self.callSlot = callSlot }
 
     var isConfigured: Bool { num != nil || addr != nil || kickSet }
@@ -551,7 +557,7 @@ public final class VhostUserBackendServer: EventHandler {
             return .status(reconcile(c) ? 0 : 1)
 
         case .setVringNum(let i, let num):
-            if i < c.activeCount { stopDevice(c) }
+            if i < c.activeCount && !stopRing(c, i) { stopDevice(c) }
             c.vrings[i].num = num
             return .status(reconcile(c) ? 0 : 1)
 
@@ -564,18 +570,22 @@ public final class VhostUserBackendServer: EventHandler {
                     throw .ringAddress(index: a.index, "\(what) at user address 0x\(String(ua, radix: 16)) is not in any region")
                 }
             }
-            if a.index < c.activeCount { stopDevice(c) }
+            if a.index < c.activeCount && !stopRing(c, a.index) { stopDevice(c) }
             c.vrings[a.index].addr = a
             return .status(reconcile(c) ? 0 : 1)
 
         case .setVringBase(let i, let base):
-            if i < c.activeCount { stopDevice(c) }   // saves every running ring's position first
+            if i < c.activeCount && !stopRing(c, i) { stopDevice(c) }   // saves the running rings' positions first
             c.vrings[i].base = base
             return .status(reconcile(c) ? 0 : 1)
 
         case .getVringBase(let i):
-            // Stops the ring (vhost-user.rst "Ring states"); it restarts on the next SET_VRING_KICK.
-            stopDevice(c)
+            // Stops the ring (vhost-user.rst "Ring states"); it restarts on the next SET_VRING_KICK. A device that
+            // supports it stops this ring alone; others stop (and later restart) whole.
+            if !(i < c.activeCount && stopRing(c, i)) { stopDevice(c) }
+            // Every ring stopped (a driver reset, a VM stop): the device stops whole, as a device without
+            // queue restart would, and starts fresh when the rings come back.
+            if c.activeCount > 0 && c.vrings[0..<c.activeCount].allSatisfy({ $0.stopped }) { stopDevice(c) }
             let r = c.vrings[i]
             r.dropKick()
             _ = lb_dup3_cloexec(sinkFD, r.callSlot.raw)
@@ -585,7 +595,7 @@ public final class VhostUserBackendServer: EventHandler {
             return .reply(Array(w.bytes[VhostUserHeader.byteCount...]))
 
         case .setVringKick(let i, let hasFD):
-            if i < c.activeCount { stopDevice(c) }
+            if i < c.activeCount && !stopRing(c, i) { stopDevice(c) }
             if hasFD, let why = PeerFD.checkEventFD(fds.peek(0), for: .kick) { throw .badFD(.setVringKick, why) }
             let r = c.vrings[i]
             r.dropKick()
@@ -622,7 +632,7 @@ public final class VhostUserBackendServer: EventHandler {
             return .reply(u64(UInt64(served.queueMaxSizes.count)))
 
         case .setVringEnable(let i, let enable):
-            if i < c.activeCount && !enable { stopDevice(c) }
+            if i < c.activeCount && !enable && !stopRing(c, i) { stopDevice(c) }
             c.vrings[i].enabled = enable
             return .status(reconcile(c) ? 0 : 1)
 
@@ -681,19 +691,64 @@ public final class VhostUserBackendServer: EventHandler {
         if host.isActive(index) { host.reset(index) }
         let saved = served.savedLastAvail
         for n in 0..<min(c.activeCount, saved.count) { c.vrings[n].base = saved[n] }
+        for r in c.vrings { r.stopped = false }
         c.activeCount = 0
+    }
+
+    /// Stops running ring `i` alone (saving its position as its base) if the device supports it; false: the caller
+    /// must stop the whole device.
+    private func stopRing(_ c: VhostUserConnection, _ i: Int) -> Bool {
+        guard i < c.activeCount, host.supportsQueueRestart(index) else { return false }
+        let r = c.vrings[i]
+        if r.stopped { return true }
+        guard let base = host.stopQueue(index, i) else { return false }
+        r.base = base
+        r.stopped = true
+        return true
+    }
+
+    /// Starts ring `i`, stopped alone, again from its base (it is ready: num, addr, kick, enabled).
+    private func restartRing(_ c: VhostUserConnection, _ i: Int) -> Bool {
+        let r = c.vrings[i]
+        guard let mem = c.memory, let num = r.num, let a = r.addr else { return false }
+        let v = mem.view
+        guard let d = v.guestAddress(ofUserAddress: a.desc), let av = v.guestAddress(ofUserAddress: a.avail),
+              let u = v.guestAddress(ofUserAddress: a.used) else {
+            Log.warning("vhost-user: \(host.name(index)): vring \(i) addresses are not in the memory table")
+            return false
+        }
+        var kick: Int32 = -1
+        if r.kickFD >= 0 {
+            do { kick = try FD.dup(r.kickFD).release() } catch { Log.error("vhost-user: dup: \(error)"); return false }
+        }
+        do {
+            try host.startQueue(index, i, config: QueueConfig(size: num, desc: d, avail: av, used: u), kickFD: kick,
+                                interrupt: .eventfd(r.callSlot.raw), lastAvail: r.base, usedFromRing: true)
+        } catch {
+            Log.warning("vhost-user: \(host.name(index)): cannot restart vring \(i): \(error)")
+            return false
+        }
+        r.stopped = false
+        Log.debug("vhost-user: \(host.name(index)): vring \(i) restarted at \(r.base)")
+        return true
     }
 
     /// Starts, restarts or stops the device to match the rings: it runs queues 0..<N when every configured vring
     /// (the highest configured one is N-1) is ready. Returns false if it should run but could not start.
     private func reconcile(_ c: VhostUserConnection) -> Bool {
         var want: Int? = nil
+        // A ring stopped alone counts as running: the device keeps the others going meanwhile.
         if c.memory != nil, let last = c.vrings.lastIndex(where: { $0.isConfigured }),
-           c.vrings[0...last].allSatisfy({ $0.isReady }) {
+           (0...last).allSatisfy({ c.vrings[$0].isReady || (c.vrings[$0].stopped && $0 < c.activeCount) }) {
             want = last + 1
         }
         if c.activeCount > 0 && want != c.activeCount { stopDevice(c) }
-        guard c.activeCount == 0, let n = want else { return true }
+        if c.activeCount > 0 {
+            var ok = true
+            for i in 0..<c.activeCount where c.vrings[i].stopped && c.vrings[i].isReady { ok = restartRing(c, i) && ok }
+            return ok
+        }
+        guard let n = want else { return true }
         return activate(c, n)
     }
 

@@ -37,6 +37,7 @@ public enum QueueFault: String, Error, Sendable {
     case backendRestarted = "vhost-user back-end restarted while requests were in flight that cannot be replayed exactly"
     case backendUsedHeadInvalid = "vhost-user back-end returned an invalid head or length (back-end bug)"
     case kickBroken = "kick fd reported hang-up or error"
+    case ringsOverlap = "descriptor table, avail ring and used ring overlap"
 }
 
 /// One host-mapped piece of a descriptor chain's buffers.
@@ -126,6 +127,8 @@ public struct SplitQueue: ~Copyable {
     /// queue again on a later loop turn. `scheduled`: the host has it on its deferred list.
     public var yielded = false
     public var scheduled = false
+    /// Stopped on its own (`DeviceHost.stopQueue`) while the device runs: takes nothing until rebuilt.
+    public internal(set) var stopped = false
     /// Uniform counters (loop thread only): chains taken, chains completed, bytes written into completed chains.
     /// In flight = taken - completed.
     public private(set) var taken: UInt64 = 0
@@ -154,6 +157,17 @@ public struct SplitQueue: ~Copyable {
         guard c.size > 0, c.size <= maxSize, c.size <= SplitQueue.maxSize, c.size & (c.size - 1) == 0 else { throw .badSize }
         // Alignment from virtio 1.2 §2.7 table "Virtqueue Part Alignment": desc 16, avail 2, used 4.
         guard c.desc % 16 == 0, c.avail % 2 == 0, c.used % 4 == 0 else { throw .ringMisaligned }
+        // The three rings must be disjoint: a used ring whose flags word is the avail ring's idx lets the device's
+        // own notification-suppression stores move avail.idx, and the no-lost-kick re-check never settles (found by
+        // the split-ring fuzz target). Ranges are small and inside 64 bits (checked by translate below).
+        func overlap(_ a: UInt64, _ an: Int, _ b: UInt64, _ bn: Int) -> Bool {
+            let (ae, o1) = a.addingReportingOverflow(UInt64(an)), (be, o2) = b.addingReportingOverflow(UInt64(bn))
+            return o1 || o2 || (a < be && b < ae)
+        }
+        let (db, ab, ub) = (QueueConfig.descBytes(n), QueueConfig.availBytes(n), QueueConfig.usedBytes(n))
+        guard !overlap(c.desc, db, c.avail, ab), !overlap(c.desc, db, c.used, ub), !overlap(c.avail, ab, c.used, ub) else {
+            throw .ringsOverlap
+        }
         guard let d = memory.translate(c.desc, UInt64(QueueConfig.descBytes(n))),
               let a = memory.translate(c.avail, UInt64(QueueConfig.availBytes(n))),
               let u = memory.translate(c.used, UInt64(QueueConfig.usedBytes(n))) else { throw .ringOutsideMemory }
@@ -188,13 +202,13 @@ public struct SplitQueue: ~Copyable {
 
     /// Number of chains the driver has made available and we have not consumed (no fault checks).
     public var availIdx: UInt16 { atomic16(avail + 2).pointee.load(ordering: .acquiring) }
-    public var hasAvailable: Bool { fault == nil && availIdx != lastAvail }
+    public var hasAvailable: Bool { fault == nil && !stopped && availIdx != lastAvail }
 
     // MARK: - Consuming chains
 
     /// Takes the next available chain, fully validated, or nil when the ring is empty or the queue broke.
     public mutating func pop() -> Chain? {
-        guard fault == nil else { return nil }
+        guard fault == nil, !stopped else { return nil }
         // Acquire: the ring entries and descriptors the driver wrote before bumping avail.idx are visible.
         let idx = atomic16(avail + 2).pointee.load(ordering: .acquiring)
         if idx == lastAvail { return nil }
@@ -348,6 +362,7 @@ public struct SplitQueue: ~Copyable {
     public mutating func drain(_ handle: (borrowing Chain) -> UInt32?) {
         var chains = 0
         var bytes: UInt64 = 0
+        var rechecks = 0
         while true {
             disableNotifications()
             while let c = pop() {
@@ -365,6 +380,10 @@ public struct SplitQueue: ~Copyable {
                 }
             }
             if polling || !enableNotifications() { break }
+            // The re-check found more: go round again, but not forever (a driver racing us, or rings that alias
+            // each other, could keep it true): after 64 rounds yield to the loop like the budget does.
+            rechecks &+= 1
+            if rechecks >= 64 { yielded = true; break }
         }
         publish()
     }
