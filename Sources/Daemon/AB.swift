@@ -9,7 +9,8 @@ import Registry
 ///     backend server in a child process, running the same device body; or `--socket`).
 /// The driver side (ABDriver.choose) is the Linux kernel's own driver through the virtio-loopback module
 /// (ABKernel.swift: two kernel devices, driven from user space through /dev/hwrng or /dev/vdX), or the simulated
-/// driver. Both paths use queue depth 1, so each sample is one full round trip.
+/// driver. Both paths use queue depth 1, so each sample is one full round trip. Throughput mode (`--depth`, `--size`,
+/// `--seconds`; simulated driver only) keeps N requests in flight on each path instead (`DepthRunner`).
 enum AB {
     static func run(_ config: DaemonConfig, _ o: Options) -> Int32 {
         guard let name = o.device, let d = config.devices.first(where: { $0.name == name }) else {
@@ -21,6 +22,12 @@ enum AB {
             return 2
         }
         let driver = ABDriver.choose(config, requested: o.driver)
+        if driver == .virtioLo && o.throughput {
+            printErr("loopbackd: error: ab --driver virtio-lo measures queue depth 1 latency only: depth N through the kernel's "
+                     + "driver needs io_uring or Linux AIO on its node from user space (not implemented); --depth, --size and "
+                     + "--seconds work with --driver sim")
+            return 2
+        }
         let pollUs = o.poll ? Bench.pollWindowUs : 0
         var child: pid_t = 0
         let socket = o.socket ?? "/tmp/loopbackd-ab-\(getpid()).sock"
@@ -57,14 +64,72 @@ enum AB {
             loopB.executeAndWait { hostB.shutdown() }; loopB.stopAndJoin()
         }
         let da: SimDriver, db: SimDriver
-        do { da = try SimDriver(host: hostA, index: ia, ramSize: 16 << 20); db = try SimDriver(host: hostB, index: ib, ramSize: 16 << 20) }
+        do { da = try SimDriver(host: hostA, index: ia, ramSize: simRAM(o)); db = try SimDriver(host: hostB, index: ib, ramSize: simRAM(o)) }
         catch { throw DeviceError("\(error)") }
         try da.start(queueCount: 1)
         try db.start(queueCount: 1)
         defer { da.reset(); db.reset() }
         guard let wa = makeWorkload(type: d.type, driver: da, verify: false),
               let wb = makeWorkload(type: d.type, driver: db, verify: false) else { throw DeviceError("no workload") }
+        if o.throughput {
+            return try compareThroughput(makeRunner(wa, o, type: d.type), makeRunner(wb, o, type: d.type), d, o, pollUs: pollUs)
+        }
         return try compare(wa, wb, d, o, driver: .sim, pollUs: pollUs, socket: socket)
+    }
+
+    static func backendText(_ o: Options) -> String {
+        (o.socket == nil ? "loopbackd ab-serve (child process, same device body)" : o.socket!)
+            + (o.relay ? "; kicks and interrupts relayed through loopbackd, no shadow ring (original adapter path)"
+               : o.direct ? "; kicks and interrupts straight between driver and backend (reconnect = reset)"
+               : "; kicks and interrupts pass loopbackd, backend reads its shadow avail ring (reconnect = replay)")
+    }
+    static func pathText(_ o: Options) -> String { o.relay ? "--relay" : o.direct ? "--direct" : "default path" }
+
+    /// Throughput mode (simulated driver): warm-up, then `rounds` rounds per path alternating which goes first, each
+    /// `requests / rounds` requests or `seconds / rounds` seconds with `depth` requests in flight.
+    static func compareThroughput(_ ra: DepthRunner, _ rb: DepthRunner, _ d: DeviceConfig, _ o: Options,
+                                  pollUs: Int) throws(DeviceError) -> Int32 {
+        let spin = UInt64(pollUs) * 1000
+        let perRound = max(o.requests / o.rounds, 100)
+        let perRoundS = o.seconds.map { Double($0) / Double(o.rounds) }
+        for r in [ra, rb] {
+            _ = runPhase(r, requests: max(perRound / 10, 2 * r.depth), seconds: perRoundS.map { $0 / 10 }, spinNs: spin)
+            r.resetCounters()
+        }
+        var ta: UInt64 = 0, tb: UInt64 = 0
+        for round in 0..<o.rounds {
+            for path in (round % 2 == 0 ? [0, 1] : [1, 0]) {
+                let e = runPhase(path == 0 ? ra : rb, requests: perRound, seconds: perRoundS, spinNs: spin)
+                if path == 0 { ta += e } else { tb += e }
+            }
+        }
+        let a = ThroughputStats(ra, elapsedNs: ta), b = ThroughputStats(rb, elapsedNs: tb)
+        let errors = a.errors + b.errors
+        let ratio = a.iops > 0 ? b.iops / a.iops : 0
+        let amount = perRoundS.map { "\(fmt2($0)) s" } ?? "\(perRound) requests"
+        let mode = o.poll ? "busy-poll \(pollUs) us" : "notifications"
+        if !o.json {
+            print("loopbackd ab: device \(d.name) (\(d.type)), driver sim, \(o.rounds) rounds x \(amount) per path, throughput at queue depth \(a.depth), \(a.size)-byte requests, \(mode)")
+            print("socket backend: \(backendText(o))")
+            print("path       depth     size      MB/s      IOPS   p50_us   p99_us   max_us  errors")
+            for (n, s) in [("inproc", a), ("socket", b)] {
+                print(pad(n, 8, left: true) + pad(String(s.depth), 7) + " " + pad(String(s.size), 8) + " " + pad(fmt2(s.mbps), 9)
+                      + " " + pad(String(Int(s.iops)), 9) + " " + pad(micro(s.p50), 8) + " " + pad(micro(s.p99), 8)
+                      + " " + pad(micro(s.max), 8) + " " + pad(String(s.errors), 7))
+            }
+            print("ratio socket/inproc IOPS: \(fmt2(ratio))   errors: \(errors)")
+        }
+        print("{\"device\": \"\(d.name)\", \"driver\": \"sim\", \"poll\": \(o.poll), \"relay\": \(o.relay), \"direct\": \(o.direct), \"mode\": \"throughput\", \"paths\": {\"inproc\": \(a.json), \"socket\": \(b.json)}, \"ratio_iops\": \(fmt2(ratio)), \"errors\": \(errors)}")
+        if let path = o.plot {
+            let svg = Plot.throughput(
+                title: "loopbackd ab \(d.name) (\(d.type)): in-process vs socket, queue depth \(a.depth)",
+                subtitle: "simulated driver, \(a.size)-byte requests, \(o.rounds) rounds x \(amount) per path, \(mode), socket: \(pathText(o)); MB/s = 10^6 bytes/s",
+                bars: [Plot.Bar(label: "inproc", mbps: a.mbps, iops: a.iops), Plot.Bar(label: "socket", mbps: b.mbps, iops: b.iops)],
+                series: [Plot.cdf("inproc", samples: a.requests, quantile: { ra.histogram.percentile($0) }),
+                         Plot.cdf("socket", samples: b.requests, quantile: { rb.histogram.percentile($0) })])
+            try Plot.write(svg, to: path)
+        }
+        return errors == 0 ? 0 : 1
     }
 
     /// Warm-up, then `rounds` rounds of `requests / rounds` requests per path, alternating which path goes first;
@@ -93,10 +158,7 @@ enum AB {
         }
         let a = LatencyStats(samples: &sa, elapsedNs: ta), b = LatencyStats(samples: &sb, elapsedNs: tb)
         let ratio = a.p50 > 0 ? Double(b.p50) / Double(a.p50) : 0
-        let backend = (o.socket == nil ? "loopbackd ab-serve (child process, same device body)" : o.socket!)
-            + (o.relay ? "; kicks and interrupts relayed through loopbackd, no shadow ring (original adapter path)"
-               : o.direct ? "; kicks and interrupts straight between driver and backend (reconnect = reset)"
-               : "; kicks and interrupts pass loopbackd, backend reads its shadow avail ring (reconnect = replay)")
+        let backend = backendText(o)
         if !o.json {
             print("loopbackd ab: device \(d.name) (\(d.type)), driver \(driver.rawValue), \(o.rounds) rounds x \(perRound) requests per path, queue depth 1, \(o.poll ? "busy-poll \(pollUs) us" : "notifications")")
             print("socket backend: \(backend)")
@@ -110,6 +172,15 @@ enum AB {
         }
         let kernel = targets.map { ", \"kernel\": {\"inproc\": \"\($0.0)\", \"socket\": \"\($0.1)\"}" } ?? ""
         print("{\"device\": \"\(d.name)\", \"driver\": \"\(driver.rawValue)\", \"poll\": \(o.poll), \"relay\": \(o.relay), \"direct\": \(o.direct)\(kernel), \"paths\": {\"inproc\": \(a.json), \"socket\": \(b.json)}, \"ratio_p50\": \(fmt2(ratio)), \"errors\": \(errors)}")
+        if let path = o.plot {
+            // LatencyStats sorted sa and sb.
+            let svg = Plot.latency(
+                title: "loopbackd ab \(d.name) (\(d.type)): in-process vs socket round trips, queue depth 1",
+                subtitle: "driver \(driver.rawValue), \(o.rounds) rounds x \(perRound) requests per path, \(o.poll ? "busy-poll \(pollUs) us" : "notifications"), socket: \(pathText(o))",
+                series: [Plot.cdf("inproc", samples: sa.count, quantile: Plot.sortedQuantile(sa)),
+                         Plot.cdf("socket", samples: sb.count, quantile: Plot.sortedQuantile(sb))])
+            try Plot.write(svg, to: path)
+        }
         return errors == 0 ? 0 : 1
     }
 

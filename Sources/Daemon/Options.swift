@@ -20,6 +20,14 @@ public struct Options: Equatable {
     /// ab's driver side: "sim", "virtio-lo", or nil = auto.
     public var driver: String?
     public var rounds = 5
+    /// Throughput mode (any of the three given): requests in flight per queue, payload bytes per request (nil: the
+    /// workload's default), seconds per path/mode instead of a request count.
+    public var depth: Int?
+    public var size: Int?
+    public var seconds: Int?
+    /// Write an SVG picture of the run here (latency CDF per path; throughput runs add MB/s and IOPS bars).
+    public var plot: String?
+    public var throughput: Bool { depth != nil || size != nil || seconds != nil }
 
     public struct UsageError: Error, CustomStringConvertible { public var description: String }
 
@@ -64,6 +72,13 @@ public struct Options: Equatable {
             case "--json": o.json = true
             case "--requests": o.requests = try number(a, 100...10_000_000)
             case "--rounds": o.rounds = try number(a, 1...1000)
+            case "--depth": o.depth = try number(a, 1...1024)
+            case "--size": o.size = try number(a, 1...(16 << 20))
+            case "--seconds": o.seconds = try number(a, 1...3600)
+            case "--plot":
+                let v = try value(a)
+                guard v.hasSuffix(".svg") else { throw UsageError(description: "--plot needs a FILE.svg path, found \"\(v)\"") }
+                o.plot = v
             case "--device": o.device = try value(a)
             case "--socket": o.socket = try value(a)
             case "--poll": o.poll = true
@@ -77,14 +92,18 @@ public struct Options: Equatable {
             }
             i += 1
         }
+        if let d = o.depth, let z = o.size, d * z > 256 << 20 {
+            throw UsageError(description: "--depth x --size must stay within 256 MiB of driver buffers, found \(d) x \(z)")
+        }
         return o
     }
 
     public static let usage = """
     usage: loopbackd [-c FILE] [--log-level LEVEL] [--duration SECONDS]
            loopbackd --check -c FILE
-           loopbackd bench [-c FILE] [--device NAME] [--requests N] [--json]
-           loopbackd ab -c FILE --device NAME [--socket PATH] [--driver sim|virtio-lo|auto] [--poll] [--relay | --direct] [--rounds N] [--requests N] [--json]
+           loopbackd bench [-c FILE] [--device NAME] [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
+           loopbackd ab -c FILE --device NAME [--socket PATH] [--driver sim|virtio-lo|auto] [--poll] [--relay | --direct] [--rounds N]
+                        [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
            loopbackd --version | --help
 
     Serves the virtio devices of FILE (default /etc/loopbackd.conf, else the embedded default) to the
@@ -101,6 +120,17 @@ public struct Options: Equatable {
            default: kicks and interrupts pass loopbackd, the backend reads a shadow avail ring (exact replay on
            reconnect); --direct: both straight between driver and backend (reconnect = "reset"); --relay: both
            through loopbackd without the shadow ring, like the original adapter
+    bench and ab measure queue-depth-1 latency by default; any of these selects throughput mode (MB/s, IOPS and
+    p50/p99 latency at that depth, per path and mode):
+      --depth N             requests in flight per queue (1 to 1024; default 1)
+      --size BYTES          payload per request: rng read size (default 64; the device fills at most 64 KiB),
+                            blk read size, a multiple of 512 (default 4096)
+      --seconds S           run each path/mode for S seconds (ab: split over the rounds) instead of --requests
+      --plot FILE.svg       write a self-contained SVG: latency CDF per path/mode; throughput runs add MB/s and
+                            IOPS bars
+    With the kernel driver (ab --driver virtio-lo) only queue-depth-1 latency is measured: depth N through the
+    kernel's driver would need io_uring or Linux AIO on its node from user space (not implemented), so
+    --depth/--size/--seconds are refused there (--plot works).
     A vhost-user backend socket (backend = "vhost-user:PATH", ab --socket) must accept connections within
     about 5 s of start-up, else loopbackd exits with status 1; once running, a lost backend is reconnected
     without limit.

@@ -75,3 +75,48 @@ public final class BlkWorkload: Workload {
         return true
     }
 }
+
+extension BlkWorkload {
+    /// `depth` reads of `size` bytes (default 4096; a multiple of 512) at random `size`-aligned offsets, each slot
+    /// with its own header, data and status buffers (3 descriptors per request).
+    public func depthRequests(depth: Int, size: Int?) throws(DeviceError) -> DepthRequests? {
+        try BlkDepth(driver, q: q, depth: depth, size: size ?? bytesPerRequest, sectors: blocks * 8)
+    }
+}
+
+final class BlkDepth: DepthRequests {
+    let heads: [UInt16]
+    let size: Int
+    let headers: [UnsafeMutableRawPointer], statuses: [UnsafeMutableRawPointer]
+    let units: UInt64, perUnit: UInt64
+    var rng: UInt64 = 0x2545_F491_4F6C_DD1D
+
+    init(_ d: SimDriver, q: SimQueue, depth: Int, size: Int, sectors: UInt64) throws(DeviceError) {
+        guard size >= 512, size % 512 == 0, size <= Int(UInt32.max) else {
+            throw DeviceError("blk request size must be a multiple of 512, found \(size)")
+        }
+        perUnit = UInt64(size / 512)
+        guard sectors >= perUnit else { throw DeviceError("blk request size \(size) is larger than the disk (\(sectors * 512) bytes)") }
+        units = sectors / perUnit
+        var hs: [UInt16] = [], hp: [UnsafeMutableRawPointer] = [], sp: [UnsafeMutableRawPointer] = []
+        for _ in 0..<depth {
+            let h = d.alloc(16), b = d.alloc(size, align: 4096), s = d.alloc(1)
+            guard let head = q.addChain(readable: [(h, 16)], writable: [(b, UInt32(size)), (s, 1)]) else {
+                throw DeviceError("queue depth \(depth) needs \(3 * depth) free descriptors (3 per request), the queue (size \(q.size)) has fewer: raise queue-size")
+            }
+            hs.append(head); hp.append(d.host(h)); sp.append(d.host(s))
+        }
+        heads = hs; headers = hp; statuses = sp
+        self.size = size
+    }
+
+    func prepare(_ i: Int) {
+        rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17
+        let hdr = headers[i]
+        hdr.storeBytes(of: UInt32(0).littleEndian, as: UInt32.self)   // VIRTIO_BLK_T_IN
+        hdr.storeBytes(of: UInt32(0), toByteOffset: 4, as: UInt32.self)
+        hdr.storeBytes(of: ((rng % units) * perUnit).littleEndian, toByteOffset: 8, as: UInt64.self)
+        statuses[i].storeBytes(of: 0xff, as: UInt8.self)
+    }
+    func complete(_ i: Int, len: UInt32) -> Int { statuses[i].load(as: UInt8.self) == 0 ? size : -1 }
+}
