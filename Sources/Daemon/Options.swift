@@ -5,7 +5,7 @@ import Transport
 /// The parsed command line. Parsing is strict: unknown flags, missing values and bad numbers are usage errors
 /// (exit status 2) with one clear line.
 public struct Options: Equatable {
-    public enum Command: Equatable { case run, check, bench, ab, abServe, version, help }
+    public enum Command: Equatable { case run, check, bench, ab, abServe, ctl, version, help }
     public var command: Command = .run
     public var configPath: String?
     public var logLevel: Log.Level?
@@ -28,6 +28,8 @@ public struct Options: Equatable {
     /// Write an SVG picture of the run here (latency CDF per path; throughput runs add MB/s and IOPS bars).
     public var plot: String?
     public var throughput: Bool { depth != nil || size != nil || seconds != nil }
+    /// `ctl`: the command and its arguments (`status`, `remove NAME`, ...).
+    public var ctlArgs: [String] = []
 
     public struct UsageError: Error, CustomStringConvertible { public var description: String }
 
@@ -40,8 +42,9 @@ public struct Options: Equatable {
             case "ab": o.command = .ab
             case "run": o.command = .run
             case "check": o.command = .check
+            case "ctl": o.command = .ctl
             case "ab-serve": o.command = .abServe   // internal: the socket side of `ab`
-            default: throw UsageError(description: "unknown command \"\(first)\" (commands: run, check, bench, ab)")
+            default: throw UsageError(description: "unknown command \"\(first)\" (commands: run, check, bench, ab, ctl)")
             }
             i = 1
         }
@@ -88,12 +91,24 @@ public struct Options: Equatable {
                 let v = try value(a)
                 guard ["sim", "virtio-lo", "auto"].contains(v) else { throw UsageError(description: "--driver must be sim, virtio-lo or auto") }
                 o.driver = v == "auto" ? nil : v
-            default: throw UsageError(description: "unknown option \"\(a)\" (see --help)")
+            default:
+                // ctl: the first word that is not a flag starts the control command; the rest are its arguments.
+                if o.command == .ctl && !a.hasPrefix("-") || !o.ctlArgs.isEmpty {
+                    o.ctlArgs.append(a)
+                } else {
+                    throw UsageError(description: "unknown option \"\(a)\" (see --help)")
+                }
             }
             i += 1
         }
         if let d = o.depth, let z = o.size, d * z > 256 << 20 {
             throw UsageError(description: "--depth x --size must stay within 256 MiB of driver buffers, found \(d) x \(z)")
+        }
+        if o.command == .ctl {
+            guard let cmd = o.ctlArgs.first else { throw UsageError(description: "ctl needs a command: status, stats, add [TOML], remove NAME, reload") }
+            let arity = ["status": 0...0, "stats": 0...0, "reload": 0...0, "remove": 1...1, "add": 0...1]
+            guard let r = arity[cmd] else { throw UsageError(description: "unknown ctl command \"\(cmd)\" (status, stats, add, remove, reload)") }
+            guard r.contains(o.ctlArgs.count - 1) else { throw UsageError(description: "ctl \(cmd): wrong number of arguments") }
         }
         return o
     }
@@ -104,6 +119,7 @@ public struct Options: Equatable {
            loopbackd bench [-c FILE] [--device NAME] [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
            loopbackd ab -c FILE --device NAME [--socket PATH] [--driver sim|virtio-lo|auto] [--poll] [--relay | --direct] [--rounds N]
                         [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
+           loopbackd ctl [--socket PATH | -c FILE] [--json] status | stats | add [TOML] | remove NAME | reload
            loopbackd --version | --help
 
     Serves the virtio devices of FILE (default /etc/loopbackd.conf, else the embedded default) to the
@@ -131,6 +147,12 @@ public struct Options: Equatable {
     With the kernel driver (ab --driver virtio-lo) only queue-depth-1 latency is measured: depth N through the
     kernel's driver would need io_uring or Linux AIO on its node from user space (not implemented), so
     --depth/--size/--seconds are refused there (--plot works).
+    ctl:   talks to a running loopbackd over its control socket (--socket PATH, else the file's [daemon] control,
+           else /run/loopbackd/control.sock): status (per device: driver side, bound, features, queues,
+           NEEDS_RESET, back-end connection), stats (requests, bytes, errors, in flight, loop-time histogram),
+           add (a [device.NAME] snippet as the argument or on stdin, validated like the file), remove NAME (a
+           hot-unplug for its driver), reload (as SIGHUP: re-read the file, restart only changed devices);
+           --json: one JSON object. Exit status 1 when the daemon answers with an error
     A vhost-user backend socket (backend = "vhost-user:PATH", ab --socket) must accept connections within
     about 5 s of start-up, else loopbackd exits with status 1; once running, a lost backend is reconnected
     without limit.

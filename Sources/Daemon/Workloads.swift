@@ -7,8 +7,13 @@ public func makeWorkload(type: String, driver: SimDriver, verify: Bool) -> Workl
     DeviceRegistry.standard.types[type]?.workload?(driver, verify)
 }
 
-/// Per-device counters a workload thread updates and the main thread prints.
+/// Per-device counters a workload thread updates and the main thread (report) and the control socket (stats) read.
 final class Counters: Sendable {
     let requests = Atomic<Int>(0)
     let errors = Atomic<Int>(0)
+    /// The slowest round trip the driver saw (submit to used entry), in ns; one writer (the workload thread).
+    let maxLatencyNs = Atomic<UInt64>(0)
+    func recordLatency(_ ns: UInt64) {
+        if ns > maxLatencyNs.load(ordering: .relaxed) { maxLatencyNs.store(ns, ordering: .relaxed) }
+    }
 }

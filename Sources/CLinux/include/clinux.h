@@ -63,6 +63,21 @@ int lb_die_with_parent(void);
 
 // Monotonic clock in nanoseconds.
 uint64_t lb_now_ns(void);
+// A cycle counter for per-request timing on the loop (a few ns: rdtsc, cntvct_el0), monotonic, not in ns: the
+// caller converts with a ratio measured against lb_now_ns. Other architectures fall back to CLOCK_MONOTONIC ns.
+static inline uint64_t lb_ticks(void) {
+#if defined(__x86_64__)
+    uint32_t lo, hi;
+    __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+#elif defined(__aarch64__)
+    uint64_t v;
+    __asm__ __volatile__("mrs %0, cntvct_el0" : "=r"(v));
+    return v;
+#else
+    return lb_now_ns();
+#endif
+}
 
 // argc/argv saved by a constructor: a static binary started without /proc has an empty CommandLine.
 int lb_argc(void);

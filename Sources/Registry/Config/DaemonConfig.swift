@@ -20,6 +20,9 @@ public struct DeviceConfig {
     /// through loopbackd), or pass interrupts straight to the driver and latch NEEDS_RESET instead.
     public var reconnectReplay = true
     public var line: Int
+    /// The table's keys and values (sorted by key, lines dropped): `reload` restarts a device whose definition
+    /// changed and leaves the others alone.
+    public var definition: [TOMLEntry] = []
     /// Device id, queue sizes and config size (what a vhost-user frontend cannot ask the backend).
     public var shape: DeviceShape
     /// Builds the device body (opens files); the factory validated every option already.
@@ -34,9 +37,13 @@ public struct DaemonConfig {
     public var deviceNode = "/dev/virtio-lo"
     public var logLevel: Log.Level = .info
     public var pollMicroseconds = 0
+    /// `[daemon] control`: the control socket's path; nil when the key is absent (then the daemon uses
+    /// `defaultControlSocket` when systemd started it), "" for `control = "none"`.
+    public var control: String?
+    public static let defaultControlSocket = "/run/loopbackd/control.sock"
     public var devices: [DeviceConfig] = []
     /// The keys of `[daemon]` (the reader enforces the list; loopbackd.conf(5) is checked against it).
-    public static let daemonKeys = ["transport", "device-node", "log-level", "poll-us"]
+    public static let daemonKeys = ["transport", "device-node", "log-level", "poll-us", "control"]
 
     /// Parses and validates a config document. Every error names the file, the line and the key.
     public static func parse(_ doc: TOMLDocument, registry: DeviceRegistry = .standard) throws(ConfigError) -> DaemonConfig {
@@ -59,6 +66,12 @@ public struct DaemonConfig {
                 }
                 if let v = try r.oneOf("log-level", ["error", "warning", "info", "debug"]) { c.logLevel = Log.Level(name: v)! }
                 if let v = try r.int("poll-us", range: 0...1_000_000) { c.pollMicroseconds = Int(v) }
+                if let v = try r.string("control") {
+                    guard v == "none" || (v.hasPrefix("/") && v.utf8.count < 108) else {
+                        throw r.error("control", "must be \"none\" or an absolute socket path shorter than 108 bytes")
+                    }
+                    c.control = v == "none" ? "" : v
+                }
                 try r.finish()
             case 2 where t.name[0] == "device":
                 c.devices.append(try parseDevice(t, file: doc.file, registry: registry))
@@ -120,6 +133,7 @@ public struct DaemonConfig {
         try r.finish()
         var d = DeviceConfig(name: name, type: type, backend: backend, serve: serve, line: t.line, shape: shape, make: make)
         d.reconnectReplay = replay
+        d.definition = t.entries.map { TOMLEntry(key: $0.key, value: $0.value, line: 0) }.sorted { $0.key < $1.key }
         return d
     }
 

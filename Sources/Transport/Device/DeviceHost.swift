@@ -18,6 +18,30 @@ public struct DeviceStats: Sendable, Equatable {
     public var inFlight: UInt64 = 0
 }
 
+/// One queue as the control socket shows it (`loopbackd ctl status`).
+public struct QueueState: Sendable, Equatable {
+    public var size: UInt16
+    /// Next avail position the device consumes; the driver's `avail.idx`; the next used position.
+    public var lastAvail: UInt16
+    public var availIdx: UInt16
+    public var used: UInt16
+    public var inFlight: UInt64
+    /// Why the queue is latched broken (the device then has NEEDS_RESET), nil while healthy.
+    public var fault: String?
+}
+
+/// Per-device histogram of the loop time a queue run takes (kick or poll → chains taken and processed; for an
+/// asynchronous device such as blk: submitted), in log2 buckets of `lb_ticks` (bucket k: [2^k, 2^(k+1)) ticks).
+public struct LatencyHistogram: Sendable, Equatable {
+    public static let buckets = 32
+    public var counts: [UInt64]
+    /// Nanoseconds per tick, measured against CLOCK_MONOTONIC since the host started.
+    public var nsPerTick: Double
+    /// Upper bound of bucket `k` in nanoseconds.
+    public func upperNs(_ k: Int) -> Double { Double(UInt64(1) << UInt64(k + 1)) * nsPerTick }
+    public var total: UInt64 { counts.reduce(0, &+) }
+}
+
 /// A driver side that wants to hear about device-side events it must forward (virtio-lo, vhost-user).
 public protocol DeviceHostObserver: AnyObject {
     /// A queue was latched broken: the device status now has NEEDS_RESET.
@@ -57,10 +81,18 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
         var queueCount: Int
         var kickFDs: UnsafeMutablePointer<Int32>?
         var passthrough: Bool
+        /// This device's `LatencyHistogram.buckets` counters (in `latency`).
+        var latency: UnsafeMutablePointer<UInt64>
     }
     public static let maxDevices = 1024
     private let hot = UnsafeMutablePointer<HotSlot>.allocate(capacity: DeviceHost.maxDevices)
     private var trampolines: [DeviceTrampoline] = []
+    /// Queue-run time histograms, `LatencyHistogram.buckets` per device index (pages touched only when used).
+    private let latency = UnsafeMutablePointer<UInt64>.allocate(capacity: DeviceHost.maxDevices * LatencyHistogram.buckets)
+    /// Indices of removed devices, reused by `add`.
+    private var freeIndices: [Int] = []
+    /// Tick/clock pair at start, for `nsPerTick`.
+    private let origin = (ticks: lb_ticks(), ns: lb_now_ns())
 
     /// Queues that stopped at their per-turn budget, as device << 16 | queue; run again next loop turn.
     /// Two arrays swapped per turn, capacity kept: no allocation once warm.
@@ -79,16 +111,71 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
         for i in slots.indices { hot[i].kickFDs?.deallocate() }
         hot.deinitialize(count: slots.count)
         hot.deallocate()
+        latency.deallocate()
     }
 
     /// Adds a device; returns its index (the token the driver side uses).
+    /// The index of a removed device is reused.
     public func add(name: String, device: VirtioDevice) -> Int {
-        precondition(slots.count < DeviceHost.maxDevices, "more than \(DeviceHost.maxDevices) devices on one host")
         let t = DeviceTrampoline.make(device)
+        if let i = freeIndices.popLast() {
+            trampolines[i] = t
+            hot[i].device = .passUnretained(t)
+            hot[i].latency.update(repeating: 0, count: LatencyHistogram.buckets)
+            slots[i] = Slot(name: name, device: device)
+            return i
+        }
+        precondition(slots.count < DeviceHost.maxDevices, "more than \(DeviceHost.maxDevices) devices on one host")
         trampolines.append(t)
-        (hot + slots.count).initialize(to: HotSlot(device: .passUnretained(t), queues: nil, queueCount: 0, kickFDs: nil, passthrough: false))
+        let hist = latency + slots.count * LatencyHistogram.buckets
+        hist.initialize(repeating: 0, count: LatencyHistogram.buckets)
+        (hot + slots.count).initialize(to: HotSlot(device: .passUnretained(t), queues: nil, queueCount: 0, kickFDs: nil,
+                                                   passthrough: false, latency: hist))
         slots.append(Slot(name: name, device: device))
         return slots.count - 1
+    }
+
+    /// Removes device `i` for good (live remove, reload): flushes and resets it and releases the body; a later
+    /// `add` may reuse the index. The driver side must have let go of it first.
+    public func remove(_ i: Int) {
+        guard i < slots.count, !freeIndices.contains(i) else { return }
+        slots[i].device.flush()
+        reset(i)
+        let gone = RemovedDevice()
+        let t = DeviceTrampoline.make(gone)
+        trampolines[i] = t
+        hot[i].device = .passUnretained(t)
+        hot[i].kickFDs?.deallocate()
+        hot[i].kickFDs = nil
+        slots[i] = Slot(name: "", device: gone)
+        freeIndices.append(i)
+    }
+    /// True for the index of a removed device (not reused yet).
+    public func isRemoved(_ i: Int) -> Bool { freeIndices.contains(i) }
+
+    /// The driver's accepted features (empty before FEATURES_OK and after a reset).
+    public func features(_ i: Int) -> VirtioFeatures { slots[i].features }
+
+    /// Every queue of a running device (empty while stopped).
+    public func queueStates(_ i: Int) -> [QueueState] {
+        guard i < slots.count, let q = slots[i].queues else { return [] }
+        return (0..<slots[i].queueCount).map { n in
+            QueueState(size: q[n].size, lastAvail: q[n].lastAvail, availIdx: q[n].availIdx, used: q[n].nextUsed,
+                       inFlight: q[n].taken &- q[n].completed, fault: q[n].fault?.rawValue)
+        }
+    }
+
+    /// The queue-run time histogram of device `i`.
+    public func latencyHistogram(_ i: Int) -> LatencyHistogram {
+        let h = hot[i].latency
+        let counts = (0..<LatencyHistogram.buckets).map { h[$0] }
+        var dt = lb_ticks() &- origin.ticks, dn = lb_now_ns() &- origin.ns
+        if dn < 1_000_000 {   // too early for a good ratio: measure over 1 ms
+            let t0 = lb_ticks(), n0 = lb_now_ns()
+            while lb_now_ns() &- n0 < 1_000_000 {}
+            dt = lb_ticks() &- t0; dn = lb_now_ns() &- n0
+        }
+        return LatencyHistogram(counts: counts, nsPerTick: dt == 0 ? 1 : Double(dn) / Double(dt))
     }
 
     public var count: Int { slots.count }
@@ -273,7 +360,13 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
     @inline(__always)
     public func kick(_ i: Int, _ q: Int) {
         guard i < slots.count, let queues = hot[i].queues, q < hot[i].queueCount else { return }
+        // Timed with the cycle counter (a few ns, no allocation); a run that took nothing is not counted.
+        let taken = queues[q].taken, t0 = lb_ticks()
         hot[i].device.queueNotified(q)
+        if queues[q].taken != taken {
+            let dt = lb_ticks() &- t0
+            hot[i].latency[min(63 &- (dt | 1).leadingZeroBitCount, LatencyHistogram.buckets &- 1)] &+= 1
+        }
         if queues[q].faultPending { latched(i, q) }
         if queues[q].yielded { deferQueue(i, q) }
     }
@@ -414,6 +507,20 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
             }
         }
     }
+}
+
+/// What a removed device's index holds until `add` reuses it: a device with nothing.
+private final class RemovedDevice: VirtioDevice {
+    var deviceID: UInt32 { 0 }
+    var queueMaxSizes: [UInt16] { [] }
+    var offeredFeatures: VirtioFeatures { [] }
+    func ackFeatures(_ features: VirtioFeatures) {}
+    var configSize: Int { 0 }
+    func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {}
+    func writeConfig(offset: Int, from buffer: UnsafeRawBufferPointer) {}
+    func activate(_ context: DeviceContext) throws(DeviceError) { throw DeviceError("removed device") }
+    func queueNotified(_ index: Int) {}
+    func reset() {}
 }
 
 func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

@@ -184,7 +184,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         d.added = true
         d.config = config
         d.offered = info.queueMaxSizes
-        devices.append(d)
+        host.loop.executeAndWait { self.devices.append(d) }   // the loop reads `devices` (config fd events)
         Log.info("\(name): added as virtio-lo device \(dev.idx), driver features 0x\(String(dev.features, radix: 16))")
         let features = VirtioFeatures(rawValue: dev.features)
         let queues: [QueueConfig]
@@ -306,7 +306,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
     }
 
     public func deviceNeedsReset(_ index: Int) {
-        guard hasDeviceStatus, let d = devices.first(where: { $0.hostIndex == index }) else { return }
+        guard hasDeviceStatus, let d = devices.first(where: { $0.hostIndex == index && $0.added }) else { return }
         var st = virtio_lo_devstatus()
         st.idx = d.kernelIndex
         st.flags = UInt32(VIRTIO_LO_STATUS_F_NEEDS_RESET)
@@ -322,7 +322,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
     public func removeAll() {
         let host = self.host
         host.loop.executeAndWait {
-            for d in self.devices {
+            for d in self.devices where d.added {   // a removed device's host index may belong to another now
                 for (f, r) in d.registrations { host.loop.unregister(fd: f, registration: r) }
                 d.registrations = []
                 host.device(d.hostIndex).flush()
@@ -351,6 +351,32 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         // Unmap only after the devices are gone: the kernel frees the rings at DELDEV.
         memory = nil
     }
+
+    /// Removes one device (live remove): stops it on the loop (in-flight requests complete, files flush), then
+    /// DELDEV of that device only, which its driver sees as a hot-unplug; the other devices keep running. Refused on
+    /// upstream virtio-lo, whose DELDEV is unsafe (there only closing the node removes devices, all of them).
+    /// Call from a thread other than the loop's. The entry stays in `devices` (event tokens are positions).
+    public func remove(_ hostIndex: Int) throws(DeviceError) {
+        let host = self.host
+        let found = host.loop.executeAndWait { self.devices.first { $0.hostIndex == hostIndex && $0.added } }
+        guard let d = found else { throw DeviceError("device \(hostIndex) is not on \(path)") }
+        guard flavor.deleteWithDELDEV else {
+            throw DeviceError("\(d.name): upstream virtio-lo cannot remove one device (its DELDEV is unsafe); restart loopbackd instead")
+        }
+        host.loop.executeAndWait {
+            for (f, r) in d.registrations { host.loop.unregister(fd: f, registration: r) }
+            d.registrations = []
+            d.added = false
+            host.device(d.hostIndex).flush()
+            host.reset(d.hostIndex)
+        }
+        if lb_ioctl_val(fd, lb_vlo_deldev(), UInt(d.kernelIndex)) != 0 { Log.warning("\(d.name): DELDEV: \(Errno.current)") }
+        closeAll(d)
+        Log.info("\(d.name): removed (DELDEV of virtio-lo device \(d.kernelIndex))")
+    }
+
+    /// True once `add(index)` returned and the device was not removed.
+    public func isAdded(_ hostIndex: Int) -> Bool { devices.contains { $0.hostIndex == hostIndex && $0.added } }
 
     private func closeAll(_ d: Linked) {
         for k in d.kicks { FD.close(k) }
