@@ -27,7 +27,21 @@ final class ThroughputPlotTests: XCTestCase {
         t.withUTF8 { _ = Glibc.write(fd, $0.baseAddress, $0.count) }
         close(fd)
     }
-    private func read(_ path: String) throws -> String { try XCTUnwrap(try? FD.readText(path, limit: 4 << 20), "cannot read \(path)") }
+    /// The picture's text; when xmllint is installed (Debian's libxml2-utils) it must also accept the file.
+    private func read(_ path: String) throws -> String {
+        if access("/usr/bin/xmllint", X_OK) == 0 {
+            var pid: pid_t = 0
+            let argv: [String] = ["xmllint", "--noout", path]
+            var args: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
+            args.append(nil)
+            defer { for a in args { free(a) } }
+            XCTAssertEqual(posix_spawn(&pid, "/usr/bin/xmllint", nil, nil, &args, environ), 0)
+            var st: Int32 = 0
+            waitpid(pid, &st, 0)
+            XCTAssertEqual(st, 0, "xmllint --noout \(path)")
+        }
+        return try XCTUnwrap(try? FD.readText(path, limit: 4 << 20), "cannot read \(path)")
+    }
 
     /// An rng device served as a vhost-user backend on its own loop (what `ab-serve` runs in its child).
     private func serve(_ sock: String) throws -> () -> Void {
