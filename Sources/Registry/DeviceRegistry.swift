@@ -47,8 +47,9 @@ public struct DeviceRegistry {
             .rng,
             .blk,
             .input,
+            .i2c,
             // Forwarded to a vhost-user back-end (no in-process body in this build): Forwarded/ForwardedTypes.swift.
-            .console, .gpio, .i2c, .sound, .can, .vsock, .gpu, .scmi, .fs, .other,
+            .console, .gpio, .sound, .can, .vsock, .gpu, .scmi, .fs, .other,
         ])
     }
 

@@ -102,15 +102,37 @@ final class HostilePeerTests: XCTestCase {
 
     func testRegionFileOfAnotherKindIsRefused() throws {
         let s = try startServer()
-        for path in ["/dev/zero", "/dev/null"] {
+        let region = VhostUserMemoryRegion(guestAddress: 0, size: 1 << 20, userAddress: 0x7000_0000, mmapOffset: 0)
+        // Things that cannot back memory: refused by kind.
+        var p: [Int32] = [-1, -1]
+        XCTAssertEqual(pipe(&p), 0)
+        let sock = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        for (name, f) in [("pipe", p[0]), ("socket", sock), ("eventfd", lb_eventfd(0, 1))] {
             let c = try XCTUnwrap(VURawClient(s.socketPath))
-            let f = open(path, O_RDWR | O_CLOEXEC)
-            XCTAssertGreaterThanOrEqual(f, 0)
-            let region = VhostUserMemoryRegion(guestAddress: 0, size: 1 << 20, userAddress: 0x7000_0000, mmapOffset: 0)
             c.send(VURawClient.message(.setMemTable, payload: memTable([region])), fds: [f])
-            close(f)
-            expectClosed(c, s, path) { if case .badRegion(let why) = $0 { why.contains("not a regular file") } else { false } }
+            expectClosed(c, s, name) { if case .badRegion(let why) = $0 { why.contains("cannot back memory") } else { false } }
         }
+        close(p[0]); close(p[1]); close(sock)
+        // An empty block device (a loop device with no file): its size is checked, the region refused.
+        let loops: [String] = (0..<8).map { (k: Int) -> String in "/dev/loop\(k)" }
+        if let loop = loops.first(where: { (p: String) -> Bool in access(p, R_OK | W_OK) == 0 }) {
+            let f = open(loop, O_RDWR | O_CLOEXEC)
+            var size: UInt64 = 0, lbs: UInt32 = 0
+            if f >= 0 && lb_blkdev_size(f, &size, &lbs) == 0 && size == 0 {
+                let c = try XCTUnwrap(VURawClient(s.socketPath))
+                c.send(VURawClient.message(.setMemTable, payload: memTable([region])), fds: [f])
+                expectClosed(c, s, loop) { if case .badRegion(let why) = $0 { why.contains("beyond") } else { false } }
+            }
+            if f >= 0 { close(f) }
+        }
+        // A character device has no size: it is mapped (the SIGBUS guard covers it, like a file that shrinks).
+        let c = try XCTUnwrap(VURawClient(s.socketPath))
+        c.send(VURawClient.message(.setProtocolFeatures, payload: u64(VhostUserBackendServer.protocolFeatures.rawValue)))
+        let zero = open("/dev/zero", O_RDWR | O_CLOEXEC)
+        XCTAssertEqual(c.call(.setMemTable, flags: Self.ack, payload: memTable([region]), fds: [zero]), u64(0))
+        close(zero)
+        c.halfClose()
+        XCTAssertTrue(c.waitClosed())
         assertServes(s, "after the device files")
         s.stop()
     }

@@ -68,10 +68,24 @@ final class MappedRegion {
     init(_ desc: VhostUserMemoryRegion, fd: Int32, guardFD: Int32) throws(VhostUserError) {
         try MappedRegion.validate(desc)
         let end = desc.mmapOffset + desc.size   // checked by validate
+        // What may back a region, and the size it must cover: a regular file (memfd, tmpfs, hugetlbfs) or a block
+        // device, sized by fstat / BLKGETSIZE64 (an empty /dev/loopN is refused); a character device has no size
+        // to check (/dev/virtio-lo, whose mmap is the kernel's RAM when a loopbackd forwards a kernel device to
+        // another: `ab --driver virtio-lo`): it is mapped and left to the SIGBUS guard, like a file that shrinks
+        // later. Anything else (pipe, socket, directory, eventfd) cannot back memory.
+        let kind = lb_fd_kind(fd)
         var fileSize: UInt64 = 0
-        let kind = lb_fd_regular_size(fd, &fileSize)
-        guard kind >= 0 else { throw .io(Errno.current) }
-        guard kind == 1 else { throw .badRegion("region fd is \(PeerFD.kindName(lb_fd_kind(fd))), not a regular file") }
+        switch kind {
+        case Int32(LB_FD_REGULAR):
+            guard lb_fd_regular_size(fd, &fileSize) == 1 else { throw .io(Errno.current) }
+        case Int32(LB_FD_BLOCK):
+            var lbs: UInt32 = 0
+            guard lb_blkdev_size(fd, &fileSize, &lbs) == 0 else { throw .badRegion("block device size: \(Errno.current)") }
+        case Int32(LB_FD_CHAR):
+            fileSize = .max
+        default:
+            throw .badRegion("region fd is \(PeerFD.kindName(kind)), which cannot back memory")
+        }
         guard end <= fileSize else {
             throw .badRegion("offset \(desc.mmapOffset) + size \(desc.size) beyond the file's \(fileSize) bytes")
         }

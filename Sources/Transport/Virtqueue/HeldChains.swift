@@ -60,6 +60,13 @@ public struct HeldChains: ~Copyable {
         return (slots[first], segments + first * maxSegments)
     }
 
+    /// The `k`-th held chain (0 = oldest) and its segments.
+    public func at(_ k: Int) -> (Held, UnsafeMutablePointer<Segment>)? {
+        guard k >= 0, k < count else { return nil }
+        let i = (first + k) % capacity
+        return (slots[i], segments + i * maxSegments)
+    }
+
     /// Removes the oldest chain and returns it (its segments are valid until the next `hold`).
     public mutating func removeOldest() -> Held? {
         guard count > 0 else { return nil }
