@@ -18,8 +18,10 @@ let package = Package(
         .target(name: "CLinux", cSettings: [.define("_GNU_SOURCE")]),
         // io_uring through liburing (Debian's liburing-dev, linked statically into the binary).
         .target(name: "CURing", linkerSettings: [.linkedLibrary("uring")]),
+        // GPIO chips through libgpiod 1.6 (Debian's libgpiod-dev, v1 chardev ABI), linked statically.
+        .target(name: "CGpiod", linkerSettings: [.linkedLibrary("gpiod")]),
         .target(name: "Transport", dependencies: ["CLinux"], swiftSettings: hotPath),
-        .target(name: "Registry", dependencies: ["Transport", "CLinux", "CURing"], swiftSettings: hotPath),
+        .target(name: "Registry", dependencies: ["Transport", "CLinux", "CURing", "CGpiod"], swiftSettings: hotPath),
         .target(name: "Daemon", dependencies: ["Registry", "Transport", "CLinux"], swiftSettings: hotPath),
         .executableTarget(name: "loopbackd", dependencies: ["Daemon"],
                           swiftSettings: staticExecutable, linkerSettings: staticLink),

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 IMG_LOG_PREFIX=install-deps
 pkgs=(liburing-dev pkg-config qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd gcc make kmod libc6-dev linux-headers-amd64
       dkms systemd man-db groff-base)   # packaging checks: DKMS build, systemd-analyze verify, man pages
+pkgs+=(libgpiod-dev)   # gpio: libgpiod 1.6, static libgpiod.a (the kernel's v1 GPIO chardev ABI)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

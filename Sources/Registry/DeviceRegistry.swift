@@ -48,8 +48,9 @@ public struct DeviceRegistry {
             .blk,
             .input,
             .i2c,
+            .gpio,
             // Forwarded to a vhost-user back-end (no in-process body in this build): Forwarded/ForwardedTypes.swift.
-            .console, .gpio, .sound, .can, .vsock, .gpu, .scmi, .fs, .other,
+            .console, .sound, .can, .vsock, .gpu, .scmi, .fs, .other,
         ])
     }
 

@@ -53,7 +53,6 @@ extension DeviceType {
     // status), §5.10 vsock (rx, tx, event; guest_cid), §5.7 gpu (control, cursor; events_read, events_clear,
     // num_scanouts, num_capsets), §5.17 scmi (cmdq, eventq; none), §5.11 fs (hiprio + 1 request queue; tag[36],
     // num_request_queues).
-    public static var gpio: DeviceType { ForwardedType(name: "gpio", deviceID: 41, queues: 2, configSize: 8, what: "virtio-gpio").type }
     public static var sound: DeviceType { ForwardedType(name: "sound", deviceID: 25, queues: 4, configSize: 12, what: "virtio-snd").type }
     public static var can: DeviceType { ForwardedType(name: "can", deviceID: 36, queues: 3, configSize: 2, what: "virtio-can").type }
     public static var vsock: DeviceType { ForwardedType(name: "vsock", deviceID: 19, queues: 3, configSize: 8, what: "virtio-vsock").type }
