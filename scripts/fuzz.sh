@@ -16,7 +16,7 @@ root=$PWD
 targets_all=(split-ring vhost-user-decode vhost-user-server config kernel-link)
 what=${1:-all}
 seconds=${2:-60}
-B=$root/.build-fuzz
+B=${FUZZ_BUILD_DIR:-$root/.build-fuzz}
 mkdir -p "$B/obj" "$B/mod" "$B/bin" "$B/include" "$B/artifacts" "$B/logs"
 
 if [ "$what" = all ]; then targets=("${targets_all[@]}"); else targets=("$what"); fi

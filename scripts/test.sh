@@ -51,5 +51,6 @@ for gk in 6.1 6.12; do
     step guest$sfx env GUEST_KERNEL=$gk bash Tests/guest/run.sh
     [ -f Tests/guest/vhost-user.sh ] && step guest-vhost-user$sfx env GUEST_KERNEL=$gk bash Tests/guest/vhost-user.sh
 done
+step fuzz bash scripts/fuzz.sh all 15
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
