@@ -75,6 +75,7 @@ struct Harness {
     let path: String
 }
 nonisolated(unsafe) private var harness: Harness?
+nonisolated(unsafe) private var socketPathC: UnsafeMutablePointer<CChar>?
 
 /// Open descriptors below `limit` (fcntl probes: cheaper than reading /proc/self/fd).
 private func openFDCount(_ limit: Int32) -> Int {
@@ -170,6 +171,8 @@ public func vhostUserServerFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CI
             let device = FuzzDevice()
             let server = VhostUserBackendServer(socketPath: path, host: host, name: "fuzz", device: device)
             try server.start()
+            socketPathC = strdup(path)
+            atexit { if let p = socketPathC { unlink(p) } }   // libFuzzer exits through exit(): no stale socket
             harness = Harness(loop: loop, host: host, server: server, device: device, path: path)
         } catch { fuzzCheck(false, "setup: \(error)") }
     }
