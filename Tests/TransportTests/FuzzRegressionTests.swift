@@ -62,6 +62,21 @@ final class FuzzRegressionTests: XCTestCase {
         XCTAssertLessThanOrEqual(chains, 1)
         XCTAssertTrue(queue.yielded, "stopped at the re-check bound: the host runs it again on a later turn")
     }
+    /// Reported by the fuzz work: a region whose mmap offset is odd puts the rings at misaligned host addresses
+    /// although the guest addresses are aligned; avail.idx and used.idx are atomics. Refused at start.
+    func testRingsMisalignedInHostMemoryAreRefused() throws {
+        let memory = try GuestMemory.memfdRAM(size: 8192, guestBase: 0)
+        let base = memory.regions[0].host
+        // The same memory seen one byte further on: guest 0x1000 is host base + 0x1001.
+        let shifted = try GuestMemory(regions: [RegionInfo(guestBase: 0x1000, size: 4096, host: base + 0x1001, fd: -1,
+                                                           fdOffset: 0x1001, userAddr: 0)], mappings: [], fds: [])
+        do {
+            _ = try SplitQueue(config: QueueConfig(size: 4, desc: 0x1000, avail: 0x1100, used: 0x1200), maxSize: 256,
+                               memory: shifted.view, features: [.version1], interrupt: .none)
+            XCTFail("misaligned host rings accepted")
+        } catch { XCTAssertEqual(error, .ringMisaligned) }
+        withExtendedLifetime(memory) {}
+    }
 }
 
 private final class WatchdogFlags: Sendable {

@@ -171,6 +171,11 @@ public struct SplitQueue: ~Copyable {
         guard let d = memory.translate(c.desc, UInt64(QueueConfig.descBytes(n))),
               let a = memory.translate(c.avail, UInt64(QueueConfig.availBytes(n))),
               let u = memory.translate(c.used, UInt64(QueueConfig.usedBytes(n))) else { throw .ringOutsideMemory }
+        // The host addresses too: a vhost-user region's mmap offset moves them against the guest addresses, and
+        // avail.idx / used.idx are accessed atomically (a misaligned atomic splits a lock on x86, traps on arm64).
+        guard UInt(bitPattern: d) % 16 == 0, UInt(bitPattern: a) % 2 == 0, UInt(bitPattern: u) % 4 == 0 else {
+            throw .ringMisaligned
+        }
         size = c.size
         mask = c.size - 1
         desc = d; avail = a; used = u
