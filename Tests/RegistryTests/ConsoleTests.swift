@@ -296,8 +296,6 @@ final class ConsoleTests: XCTestCase {
         XCTAssertEqual(onLoop { self.dev.portState(0)!.heldTx }, 0)
         onLoop { fake.setRoom(Int.max) }
         try drv.start(accept: { $0.subtracting(VirtioConsole.fMultiport) }, queueCount: 2)
-        let w = try XCTUnwrap(ConsoleWorkload(drv))
-        _ = w
         let tq2 = drv.queues[1]
         let b2 = drv.alloc(3)
         drv.host(b2).copyMemory(from: [UInt8]([1, 2, 3]), byteCount: 3)

@@ -116,7 +116,8 @@ public final class PtyEndpoint: HostEndpoint {
     public init(link: String?) throws(DeviceError) {
         // /dev/ptmx directly (glibc's posix_openpt/grantpt are not in Swift's Glibc module; grantpt is a no-op on
         // devpts): unlock (TIOCSPTLCK 0), the number (TIOCGPTN), the slave (TIOCGPTPEER, Linux 4.13+).
-        let m = Glibc.open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK)
+        var m = Glibc.open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK)
+        if m < 0 && errno == ENOENT { m = Glibc.open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK) }
         guard m >= 0 else { throw DeviceError("open /dev/ptmx: \(Errno.current)") }
         master = FileRef(adopting: m)
         var unlock: Int32 = 0, number: UInt32 = 0

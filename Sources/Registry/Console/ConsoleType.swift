@@ -8,8 +8,10 @@ import Transport
 /// (default 4: one port plus control) must match what it serves.
 extension DeviceType {
     public static var console: DeviceType {
-        DeviceType(name: "console", keys: ["console", "ports", "queues", "queue-size"], factory: ConsoleConfig.make,
-                   workload: { d, _ in ConsoleWorkload(d) })
+        var t = DeviceType(name: "console", keys: ["console", "ports", "queues", "queue-size"], factory: ConsoleConfig.make,
+                           workload: { d, verify in ConsoleWorkload(d, verify: verify) })
+        t.kernel = ConsoleExposure()
+        return t
     }
 }
 

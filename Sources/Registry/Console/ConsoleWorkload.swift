@@ -20,6 +20,20 @@ public final class ConsoleWorkload: Workload {
     public var q: SimQueue { txq }
 
     public init?(_ d: SimDriver, verify: Bool = false) {
+        // Port 0 must answer: an echo endpoint, a pty (played here), or a forwarded device (its back-end's port).
+        let host = d.host, index = d.index
+        let kind = host.loop.executeAndWait { () -> Int in
+            guard let c = host.device(index) as? ConsoleDevice else { return 2 }
+            switch c.endpoint(0) {
+            case let f as FakeConsoleEndpoint: return f.echo ? 2 : 0
+            case is PtyEndpoint: return 1
+            default: return 0
+            }
+        }
+        guard kind != 0 else {
+            Log.info("console workload: port 0 is not \"echo\" or \"pty\"; no simulated requests")
+            return nil
+        }
         d.reset()
         do { try d.start(accept: { $0.subtracting(VirtioConsole.fMultiport) }, queueCount: 2) } catch {
             Log.error("console workload: cannot start the driver: \(error)")
@@ -32,7 +46,6 @@ public final class ConsoleWorkload: Workload {
               let t = txq.addChain(readable: [(txBuf, 64)], writable: []) else { return nil }
         rxHead = r; txHead = t
         self.verify = verify
-        let host = d.host, index = d.index
         let ptyPath = host.loop.executeAndWait { ((host.device(index) as? ConsoleDevice)?.endpoint(0) as? PtyEndpoint)?.path }
         if let ptyPath {
             slave = open(ptyPath, O_RDWR | O_NOCTTY | O_CLOEXEC)
