@@ -52,11 +52,14 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/guest.XXXXXX")
 
 # ---- base initramfs tree (shared by all cases)
 root=$work/root
-( img_tree_init "$root" && img_add_modules "$root" "$kver" virtio_ring virtio virtio-rng virtio_blk ahci sd_mod ) || exit 2
+( img_tree_init "$root" && img_add_modules "$root" "$kver" virtio_ring virtio virtio-rng virtio_blk evdev uinput virtio_input ahci sd_mod ) || exit 2
 mkdir -p "$root/tests" "$root/etc/image"
 cp "$ko" "$root/lib/modules/virtio_loopback.ko"
 cp "$lotool" "$root/bin/lo-tool"
 cp "$cache/odirect" "$root/bin/odirect"
+# inputtool (uinput/evdev, the input cases): built by setup.sh; a cache prepared before it existed lacks it and
+# the cases that need it fail with a message naming it
+if [ -x "$cache/inputtool" ]; then cp "$cache/inputtool" "$root/bin/inputtool"; fi
 if [ -x "$loopbackd" ]; then cp "$loopbackd" "$root/bin/loopbackd"; fi
 if [ -n "${LOOPBACKD_CONF:-}" ]; then cp "$LOOPBACKD_CONF" "$root/etc/loopbackd.conf"; fi
 cp "$here/lib.sh" "$root/tests/lib.sh"

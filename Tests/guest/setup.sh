@@ -6,7 +6,8 @@
 # For each kernel, through the image builder (scripts/mkimage.sh --prepare, scripts/image-lib.sh): its headers
 # (installed if missing, as root), Debian's kernel package downloaded once and unpacked into the cache dir, an
 # uncompressed vmlinux (fast PVH boot under TCG), kernel/virtio-loopback built against those headers in
-# <cache>/module-<kver>/ (<cache>/kver-<kernel> names the version). Then the static helper tools (lo-tool, odirect).
+# <cache>/module-<kver>/ (<cache>/kver-<kernel> names the version). Then the static helper tools (lo-tool, odirect,
+# inputtool).
 # Cache dir: $GUEST_CACHE, default <repo>/.build-guest. Run the suites on a kernel with GUEST_KERNEL=<kernel>.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -36,7 +37,9 @@ if [ -f "$cache/kver-6.1" ]; then
   ln -sfn "vmlinux-$(cat "$cache/kver-6.1")" "$cache/vmlinux"
 fi
 
-# Static tools (kernel-independent): lo-tool speaks the module's ioctls, odirect does O_DIRECT I/O and checks.
-gcc -static -O2 -Wall -I"$repo/kernel/virtio-loopback" -o "$cache/lo-tool" "$repo/kernel/virtio-loopback/tools/lo-tool.c"
+# Static tools (kernel-independent): lo-tool speaks the module's ioctls, odirect does O_DIRECT I/O and checks,
+# inputtool drives uinput and reads evdev nodes (the input cases).
+gcc -static -O2 -Wall -I"$repo/kernel/virtio-loopback" -o "$cache/lo-tool" "$repo/kernel/virtio-loopback/tools/lo-tool.c" -lpthread
 gcc -static -O2 -Wall -o "$cache/odirect" "$here/tools/odirect.c"
+gcc -static -O2 -Wall -o "$cache/inputtool" "$here/tools/inputtool.c"
 log "done (${kernels[*]})"

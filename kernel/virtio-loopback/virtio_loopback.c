@@ -25,6 +25,13 @@
  *  - Used-buffer interrupts (KICK ioctl, irqfd work, teardown) are
  *    serialised per device by irq_lock and run with interrupts disabled,
  *    like a hard interrupt handler.
+ *  - Config reads are answered from the module's copy of the config space.
+ *    Driver config writes update it and signal config_kick; for a device
+ *    added with VIRTIO_LO_DEV_F_SYNC_CONFIG a write from process context is
+ *    also recorded and the writer sleeps (killable, bounded) until user space
+ *    has applied it to its device and stored the resulting config
+ *    (CFG_GET/CFG_ACK, which name the device by its config eventfd: the
+ *    driver's probe writes config while ADDDEV is still blocked).
  */
 #include <linux/module.h>
 #include <linux/kernel.h>
@@ -50,12 +57,17 @@
 #include <linux/virtio_ids.h>
 #include <linux/virtio_blk.h>
 #include <linux/io.h>
+#include <linux/rcupdate.h>
 
 #include "uapi/virtio_lo.h"
 
 static unsigned int probe_timeout_ms = 3000;
 module_param(probe_timeout_ms, uint, 0644);
 MODULE_PARM_DESC(probe_timeout_ms, "ADDDEV: how long to wait for a driver to reach DRIVER_OK");
+
+static unsigned int sync_config_timeout_ms = 1000;
+module_param(sync_config_timeout_ms, uint, 0644);
+MODULE_PARM_DESC(sync_config_timeout_ms, "SYNC_CONFIG devices: how long a driver config write waits for user space");
 
 static bool mmap_ram_only = true;
 module_param(mmap_ram_only, bool, 0644);
@@ -99,8 +111,9 @@ static struct device *vlo_root;
 static struct workqueue_struct *vlo_wq;
 
 struct vlo_owner {
-	spinlock_t idr_lock;
+	spinlock_t idr_lock;		/* devs and sync_devs */
 	struct idr devs;
+	struct list_head sync_devs;	/* SYNC_CONFIG devices, from ADDDEV to teardown */
 	spinlock_t grave_lock;		/* graveyard and nmaps */
 	struct list_head grave;		/* struct vlo_ring waiting for munmap */
 	unsigned int nmaps;
@@ -159,6 +172,17 @@ struct vlo_dev {
 	u8 *config;
 	struct eventfd_ctx *config_kick;
 
+	/* SYNC_CONFIG: the pending driver write (cfg_lock), writers serialised by cfg_mutex. */
+	bool sync_config;
+	bool cfg_warned;
+	struct list_head sync_node;	/* owner->sync_devs, owner->idr_lock */
+	struct mutex cfg_mutex;
+	u32 cfg_seq;			/* last write recorded */
+	u32 cfg_acked;			/* last write acked; == cfg_seq: none pending */
+	u32 cfg_off;
+	u32 cfg_len;
+	u8 *cfg_wbuf;			/* the pending write's bytes (config_size) */
+
 	spinlock_t irq_lock;		/* serialises callbacks */
 	bool vqs_live;			/* find_vqs done, no reset since */
 	bool dying;
@@ -199,6 +223,7 @@ static void vlo_dev_free(struct kref *ref)
 			eventfd_ctx_put(dev->q[i].kick);
 	if (dev->config_kick)
 		eventfd_ctx_put(dev->config_kick);
+	kfree(dev->cfg_wbuf);
 	kfree(dev->config);
 	kfree(dev);
 }
@@ -431,11 +456,61 @@ static void vlo_get(struct virtio_device *vdev, unsigned int off, void *buf, uns
 	spin_unlock_irqrestore(&dev->cfg_lock, flags);
 }
 
+static bool vlo_cfg_answered(struct vlo_dev *dev, u32 seq)
+{
+	return READ_ONCE(dev->cfg_acked) == seq || READ_ONCE(dev->dying);
+}
+
+/*
+ * SYNC_CONFIG: record the write, signal user space and wait for its ack.
+ * Only where sleeping is allowed: drivers write config from probe, work items
+ * and sysfs (process context), but config_changed callbacks run under the
+ * virtio core's config spinlock; those writes (and writes of a dying device)
+ * stay asynchronous.  False: not handled here, use the asynchronous path.
+ */
+static bool vlo_set_sync(struct vlo_dev *dev, unsigned int off, const void *buf, unsigned int len)
+{
+	unsigned long flags;
+	long left;
+	u32 seq;
+
+	if (!dev->sync_config || !len || off >= dev->config_size || READ_ONCE(dev->dying))
+		return false;
+	if (!IS_ENABLED(CONFIG_PREEMPT_COUNT) || !preemptible() || rcu_preempt_depth())
+		return false;
+	if (mutex_lock_killable(&dev->cfg_mutex))
+		return false;
+	len = min(len, dev->config_size - off);
+	spin_lock_irqsave(&dev->cfg_lock, flags);
+	memcpy(dev->config + off, buf, len);
+	memcpy(dev->cfg_wbuf, buf, len);
+	seq = dev->cfg_seq + 1;
+	if (!seq)
+		seq = 1;
+	dev->cfg_seq = seq;
+	dev->cfg_off = off;
+	dev->cfg_len = len;
+	spin_unlock_irqrestore(&dev->cfg_lock, flags);
+	vlo_signal(dev->config_kick);
+	left = wait_event_killable_timeout(dev->wait, vlo_cfg_answered(dev, seq),
+					   msecs_to_jiffies(sync_config_timeout_ms));
+	if (left == 0 && !vlo_cfg_answered(dev, seq) && !dev->cfg_warned) {
+		dev->cfg_warned = true;
+		dev_warn(&dev->vdev.dev,
+			 "config write (offset %u, %u bytes) not acked by user space within %u ms; using the module's copy (logged once)\n",
+			 off, len, sync_config_timeout_ms);
+	}
+	mutex_unlock(&dev->cfg_mutex);
+	return true;
+}
+
 static void vlo_set(struct virtio_device *vdev, unsigned int off, const void *buf, unsigned int len)
 {
 	struct vlo_dev *dev = to_vlo(vdev);
 	unsigned long flags;
 
+	if (vlo_set_sync(dev, off, buf, len))
+		return;
 	spin_lock_irqsave(&dev->cfg_lock, flags);
 	if (off < dev->config_size)
 		memcpy(dev->config + off, buf, min(len, dev->config_size - off));
@@ -834,9 +909,15 @@ static void vlo_dev_teardown(struct vlo_dev *dev)
 {
 	unsigned int i;
 
+	spin_lock(&dev->owner->idr_lock);
+	list_del_init(&dev->sync_node);
+	spin_unlock(&dev->owner->idr_lock);
+
 	spin_lock_irq(&dev->irq_lock);
 	WRITE_ONCE(dev->dying, true);
 	spin_unlock_irq(&dev->irq_lock);
+	/* A driver waiting for a SYNC_CONFIG ack goes on with the module's copy. */
+	wake_up_all(&dev->wait);
 
 	mutex_lock(&dev->irqfd_lock);
 	for (i = 0; i < dev->nqueues; i++) {
@@ -884,6 +965,30 @@ static struct vlo_dev *vlo_get_dev(struct vlo_owner *o, u32 idx)
 	return dev;
 }
 
+/* SYNC_CONFIG device of this owner whose config_kick is eventfd fd (referenced). */
+static struct vlo_dev *vlo_find_sync(struct vlo_owner *o, int fd)
+{
+	struct eventfd_ctx *ctx;
+	struct vlo_dev *dev, *found = NULL;
+
+	if (fd < 0)
+		return ERR_PTR(-EBADF);
+	ctx = eventfd_ctx_fdget(fd);
+	if (IS_ERR(ctx))
+		return ERR_CAST(ctx);
+	spin_lock(&o->idr_lock);
+	list_for_each_entry(dev, &o->sync_devs, sync_node) {
+		if (dev->config_kick == ctx) {
+			kref_get(&dev->ref);
+			found = dev;
+			break;
+		}
+	}
+	spin_unlock(&o->idr_lock);
+	eventfd_ctx_put(ctx);
+	return found ? found : ERR_PTR(-ENODEV);
+}
+
 static int vlo_get_eventfd(int fd, struct eventfd_ctx **out)
 {
 	struct eventfd_ctx *ctx;
@@ -909,11 +1014,16 @@ static long vlo_ioctl_adddev(struct vlo_owner *o, void __user *uarg)
 	unsigned int i;
 	long left;
 	int err, id;
+	u32 dflags;
 
 	if (copy_from_user(&info, uarg, sizeof(info)))
 		return -EFAULT;
 	if (!info.device_id || !info.nqueues || info.nqueues > VIRTIO_LO_MAX_QUEUES ||
 	    info.config_size > VIRTIO_LO_MAX_CONFIG_SIZE)
+		return -EINVAL;
+	dflags = upstream_abi ? 0 : info.flags;	/* upstream's "padding": ignored there */
+	if ((dflags & ~VIRTIO_LO_DEV_F_SYNC_CONFIG) ||
+	    ((dflags & VIRTIO_LO_DEV_F_SYNC_CONFIG) && info.config_kick < 0))
 		return -EINVAL;
 	if (!info.qinfo)
 		return -EFAULT;
@@ -940,6 +1050,9 @@ static long vlo_ioctl_adddev(struct vlo_owner *o, void __user *uarg)
 	dev->config_size = info.config_size;
 	spin_lock_init(&dev->cfg_lock);
 	spin_lock_init(&dev->irq_lock);
+	INIT_LIST_HEAD(&dev->sync_node);
+	mutex_init(&dev->cfg_mutex);
+	dev->sync_config = dflags & VIRTIO_LO_DEV_F_SYNC_CONFIG;
 	mutex_init(&dev->irqfd_lock);
 	init_waitqueue_head(&dev->wait);
 	INIT_WORK(&dev->register_work, vlo_register_work);
@@ -976,6 +1089,30 @@ static long vlo_ioctl_adddev(struct vlo_owner *o, void __user *uarg)
 	dev->vdev.config = &vlo_config_ops;
 	dev->vdev.dev.parent = vlo_root;
 	dev->vdev.dev.release = vlo_vdev_release;
+
+	if (dev->sync_config) {
+		struct vlo_dev *other;
+
+		err = 0;
+		dev->cfg_wbuf = kzalloc(max_t(u32, info.config_size, 1), GFP_KERNEL);
+		if (!dev->cfg_wbuf) {
+			err = -ENOMEM;
+			goto out_dev;
+		}
+		/* The config eventfd names the device (CFG_GET/CFG_ACK): one per device. */
+		spin_lock(&o->idr_lock);
+		list_for_each_entry(other, &o->sync_devs, sync_node) {
+			if (other->config_kick == dev->config_kick) {
+				err = -EBUSY;
+				break;
+			}
+		}
+		if (!err)
+			list_add_tail(&dev->sync_node, &o->sync_devs);
+		spin_unlock(&o->idr_lock);
+		if (err)
+			goto out_dev;
+	}
 
 	queue_work(vlo_wq, &dev->register_work);
 	left = wait_event_interruptible_timeout(dev->wait, vlo_probe_settled(dev),
@@ -1112,6 +1249,72 @@ static long vlo_ioctl_conf(struct vlo_owner *o, void __user *uarg, bool write)
 		if (copy_to_user((void __user *)c.config, tmp, c.len))
 			err = -EFAULT;
 	}
+	kfree(tmp);
+out:
+	vlo_dev_put(dev);
+	return err;
+}
+
+static long vlo_ioctl_cfgwrite(struct vlo_owner *o, void __user *uarg, bool ack)
+{
+	struct virtio_lo_cfgwrite w;
+	struct vlo_dev *dev;
+	unsigned long flags;
+	u32 n = 0;
+	u8 *tmp;
+	long err = 0;
+
+	if (copy_from_user(&w, uarg, sizeof(w)))
+		return -EFAULT;
+	dev = vlo_find_sync(o, w.fd);
+	if (IS_ERR(dev))
+		return PTR_ERR(dev);
+	tmp = kmalloc(max_t(u32, dev->config_size, 1), GFP_KERNEL);
+	if (!tmp) {
+		err = -ENOMEM;
+		goto out;
+	}
+	if (ack) {
+		if (w.offset > dev->config_size || w.len > dev->config_size - w.offset) {
+			err = -EINVAL;
+			goto out_free;
+		}
+		if (w.len && copy_from_user(tmp, u64_to_user_ptr(w.data), w.len)) {
+			err = -EFAULT;
+			goto out_free;
+		}
+		spin_lock_irqsave(&dev->cfg_lock, flags);
+		if (dev->cfg_seq == dev->cfg_acked || w.seq != dev->cfg_seq) {
+			err = -ESTALE;
+		} else {
+			if (w.len && memcmp(dev->config + w.offset, tmp, w.len)) {
+				memcpy(dev->config + w.offset, tmp, w.len);
+				dev->generation++;
+			}
+			WRITE_ONCE(dev->cfg_acked, w.seq);
+		}
+		spin_unlock_irqrestore(&dev->cfg_lock, flags);
+		if (!err)
+			wake_up_all(&dev->wait);
+		goto out_free;
+	}
+	spin_lock_irqsave(&dev->cfg_lock, flags);
+	if (dev->cfg_seq != dev->cfg_acked) {
+		w.seq = dev->cfg_seq;
+		w.offset = dev->cfg_off;
+		n = min(w.len, dev->cfg_len);
+		w.len = dev->cfg_len;
+		memcpy(tmp, dev->cfg_wbuf, n);
+	} else {
+		w.seq = 0;
+		w.offset = 0;
+		w.len = 0;
+	}
+	spin_unlock_irqrestore(&dev->cfg_lock, flags);
+	if ((n && copy_to_user(u64_to_user_ptr(w.data), tmp, n)) ||
+	    copy_to_user(uarg, &w, sizeof(w)))
+		err = -EFAULT;
+out_free:
 	kfree(tmp);
 out:
 	vlo_dev_put(dev);
@@ -1310,6 +1513,7 @@ static long vlo_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 			.extensions = VIRTIO_LO_EXT_IRQFD | VIRTIO_LO_EXT_RAMLIST |
 				      VIRTIO_LO_EXT_DEVSTATUS | VIRTIO_LO_EXT_GETQUEUE |
 				      VIRTIO_LO_EXT_ABORT_INFLIGHT | VIRTIO_LO_EXT_KICK_ALL |
+				      VIRTIO_LO_EXT_SYNC_CONFIG |
 				      (mmap_ram_only ? VIRTIO_LO_EXT_MMAP_RAM_ONLY : 0),
 		};
 		return copy_to_user(uarg, &e, sizeof(e)) ? -EFAULT : 0;
@@ -1322,6 +1526,10 @@ static long vlo_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return vlo_ioctl_devstatus(o, uarg);
 	case VIRTIO_LO_GET_QUEUE:
 		return vlo_ioctl_getqueue(o, uarg);
+	case VIRTIO_LO_CFG_GET:
+		return vlo_ioctl_cfgwrite(o, uarg, false);
+	case VIRTIO_LO_CFG_ACK:
+		return vlo_ioctl_cfgwrite(o, uarg, true);
 	}
 	return -ENOTTY;
 }
@@ -1389,6 +1597,7 @@ static int vlo_open(struct inode *inode, struct file *file)
 		return -ENOMEM;
 	spin_lock_init(&o->idr_lock);
 	idr_init(&o->devs);
+	INIT_LIST_HEAD(&o->sync_devs);
 	spin_lock_init(&o->grave_lock);
 	INIT_LIST_HEAD(&o->grave);
 	file->private_data = o;
@@ -1444,6 +1653,9 @@ static int __init vlo_init(void)
 	BUILD_BUG_ON(sizeof(struct virtio_lo_qinfo) != 32);
 	BUILD_BUG_ON(sizeof(struct virtio_lo_config) != 24);
 	BUILD_BUG_ON(sizeof(struct virtio_lo_kick) != 8);
+	BUILD_BUG_ON(sizeof(struct virtio_lo_cfgwrite) != 24);
+	BUILD_BUG_ON(VIRTIO_LO_CFG_GET != 0xC0185045);
+	BUILD_BUG_ON(VIRTIO_LO_CFG_ACK != 0x40185046);
 	BUILD_BUG_ON(VIRTIO_LO_ADDDEV != 0xC0385001);
 	BUILD_BUG_ON(VIRTIO_LO_DELDEV != 0x40045002);
 	BUILD_BUG_ON(VIRTIO_LO_GCONF != 0x80185014);

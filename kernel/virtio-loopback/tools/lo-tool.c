@@ -15,8 +15,20 @@
  *   lo-tool upstream     check the upstream virtio-lo ABI surface (module
  *                        loaded with upstream_abi=1): every extension ioctl
  *                        fails with EINVAL, other ioctl types with ENOTTY
+ *   lo-tool syncconf [answer|silent|timeout|kill]
+ *                        a minimal virtio-input device added with
+ *                        VIRTIO_LO_DEV_F_SYNC_CONFIG (needs virtio_input):
+ *                        answer: a second thread answers the driver's
+ *                        select/subsel writes (CFG_GET/CFG_ACK) while ADDDEV
+ *                        blocks; the input device gets our name and ids.
+ *                        silent: nobody answers: ADDDEV must fail (probe
+ *                        timeout), not hang.  timeout: nobody answers and
+ *                        sync_config_timeout_ms is short: the driver goes on
+ *                        with the module's copy (ADDDEV succeeds).
+ *                        kill: a child that ADDDEVs
+ *                        without answering is SIGKILLed; it must go at once.
  *
- * Build: gcc -static -O2 -Wall -I.. -o lo-tool lo-tool.c
+ * Build: gcc -static -O2 -Wall -I.. -o lo-tool lo-tool.c -lpthread
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -31,6 +43,9 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
+#include <pthread.h>
+#include <time.h>
 #include "uapi/virtio_lo.h"
 
 #define MAXDEV 16
@@ -471,6 +486,73 @@ static int cmd_bad(void)
 	}
 	expect_fail("unknown ioctl", ioctl(lofd, _IO('P', 0x7f), 0), ENOTTY);
 
+	{
+		/*
+		 * SYNC_CONFIG: flags, the eventfd as device name, ack rules.  Before the
+		 * long-lived rng device below: an unserved rng device keeps the hwrng
+		 * core's reading mutex, so a second rng device's registration (and its
+		 * teardown) would wait for it.
+		 */
+		int sfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+		struct virtio_lo_qinfo q = { .kickfd = -1, .size = 64 };
+		struct virtio_lo_devinfo info = {
+			.device_id = 4, .vendor_id = 0x1af4, .nqueues = 1, .features = F_VERSION_1,
+			.config_size = 16, .config_kick = sfd, .flags = 2, .qinfo = &q,
+		};
+		struct virtio_lo_cfgwrite w = { .fd = -1, .len = sizeof(buf), .data = (uint64_t)(uintptr_t)buf };
+		int sidx;
+
+		expect_fail("ADDDEV unknown flag", ioctl(lofd, VIRTIO_LO_ADDDEV, &info), EINVAL);
+		info.flags = VIRTIO_LO_DEV_F_SYNC_CONFIG;
+		info.config_kick = -1;
+		expect_fail("ADDDEV SYNC_CONFIG without config_kick", ioctl(lofd, VIRTIO_LO_ADDDEV, &info), EINVAL);
+		expect_fail("CFG_GET fd -1", ioctl(lofd, VIRTIO_LO_CFG_GET, &w), EBADF);
+		w.fd = 987;
+		expect_fail("CFG_GET bad fd", ioctl(lofd, VIRTIO_LO_CFG_GET, &w), EBADF);
+		w.fd = notefd;
+		expect_fail("CFG_GET not eventfd", ioctl(lofd, VIRTIO_LO_CFG_GET, &w), EINVAL);
+		w.fd = efd;
+		expect_fail("CFG_GET eventfd of no SYNC device", ioctl(lofd, VIRTIO_LO_CFG_GET, &w), ENODEV);
+		expect_fail("CFG_ACK eventfd of no SYNC device", ioctl(lofd, VIRTIO_LO_CFG_ACK, &w), ENODEV);
+		info.config_kick = sfd;
+		if (ioctl(lofd, VIRTIO_LO_ADDDEV, &info) < 0) {
+			printf("BAD ADDDEV SYNC_CONFIG rng: %s\n", strerror(errno));
+			failures++;
+		} else {
+			sidx = info.idx;
+			expect_fail("ADDDEV second SYNC_CONFIG device, same eventfd", ioctl(lofd, VIRTIO_LO_ADDDEV, &info), EBUSY);
+			w.fd = sfd;
+			w.len = sizeof(buf);
+			if (ioctl(lofd, VIRTIO_LO_CFG_GET, &w) < 0 || w.seq != 0) {
+				printf("BAD CFG_GET idle: %s seq %u\n", strerror(errno), w.seq);
+				failures++;
+			}
+			w.seq = 1;
+			w.offset = 0;
+			w.len = 4;
+			expect_fail("CFG_ACK nothing pending", ioctl(lofd, VIRTIO_LO_CFG_ACK, &w), ESTALE);
+			w.offset = 12;
+			w.len = 8;
+			expect_fail("CFG_ACK past end", ioctl(lofd, VIRTIO_LO_CFG_ACK, &w), EINVAL);
+			w.offset = 0xfffffff0;
+			w.len = 0x20;
+			expect_fail("CFG_ACK offset wrap", ioctl(lofd, VIRTIO_LO_CFG_ACK, &w), EINVAL);
+			w.offset = 0;
+			w.len = 4;
+			w.data = 16;
+			expect_fail("CFG_ACK bad pointer", ioctl(lofd, VIRTIO_LO_CFG_ACK, &w), EFAULT);
+			expect_fail("CFG_GET bad arg pointer", ioctl(lofd, VIRTIO_LO_CFG_GET, (void *)16), EFAULT);
+			w.data = (uint64_t)(uintptr_t)buf;
+			if (ioctl(lofd, VIRTIO_LO_DELDEV, sidx) < 0) {
+				printf("BAD DELDEV SYNC_CONFIG: %s\n", strerror(errno));
+				failures++;
+			}
+			expect_fail("CFG_GET after DELDEV", ioctl(lofd, VIRTIO_LO_CFG_GET, &w), ENODEV);
+		}
+		close(sfd);
+	}
+
+
 	/* A live rng device (ADDDEV returns at DRIVER_OK, nobody serves it). */
 	int idx = try_add(4, 1, 64, 16, efd, -1);
 	if (idx < 0) {
@@ -638,9 +720,216 @@ static int cmd_upstream(void)
 	expect_fail("GET_RAM", ioctl(lofd, VIRTIO_LO_GET_RAM, &l), EINVAL);
 	expect_fail("DEVSTATUS", ioctl(lofd, VIRTIO_LO_DEVSTATUS, &s), EINVAL);
 	expect_fail("GET_QUEUE", ioctl(lofd, VIRTIO_LO_GET_QUEUE, &q), EINVAL);
+	{
+		struct virtio_lo_cfgwrite w = { .fd = -1 };
+
+		expect_fail("CFG_GET", ioctl(lofd, VIRTIO_LO_CFG_GET, &w), EINVAL);
+		expect_fail("CFG_ACK", ioctl(lofd, VIRTIO_LO_CFG_ACK, &w), EINVAL);
+	}
 	expect_fail("unknown 'P' ioctl", ioctl(lofd, _IO('P', 0x7f), 0), EINVAL);
 	expect_fail("other ioctl type", ioctl(lofd, _IO('Q', 1), 0), ENOTTY);
 	printf("upstream %s\n", failures ? "FAILED" : "ok");
+	return failures ? 1 : 0;
+}
+
+/* ---- SYNC_CONFIG with the real virtio_input driver ---- */
+
+#define VIRTIO_ID_INPUT 18
+#define VI_ID_NAME 0x01
+#define VI_ID_DEVIDS 0x03
+#define VI_EV_BITS 0x11
+#define SC_NAME "lo-tool sync input"
+
+struct vi_config {		/* struct virtio_input_config, 136 bytes */
+	uint8_t select, subsel, size, reserved[5];
+	uint8_t u[128];
+};
+
+static struct vi_config vi_cfg;
+static int vi_kick = -1;
+static volatile int vi_stop;
+static int vi_writes, vi_acks;
+
+/* The device's answer to select/subsel, like a virtio-input device computes it. */
+static void vi_answer(void)
+{
+	memset(vi_cfg.u, 0, sizeof(vi_cfg.u));
+	vi_cfg.size = 0;
+	if (vi_cfg.select == VI_ID_NAME) {
+		vi_cfg.size = strlen(SC_NAME);
+		memcpy(vi_cfg.u, SC_NAME, vi_cfg.size);
+	} else if (vi_cfg.select == VI_ID_DEVIDS) {
+		uint16_t ids[4] = { 0x06, 0x1234, 0x5678, 0x0001 };
+
+		memcpy(vi_cfg.u, ids, sizeof(ids));
+		vi_cfg.size = sizeof(ids);
+	} else if (vi_cfg.select == VI_EV_BITS && vi_cfg.subsel == 1) {
+		vi_cfg.u[30 / 8] |= 1 << (30 % 8);	/* EV_KEY: KEY_A */
+		vi_cfg.size = 4;
+	}
+}
+
+static void *vi_loop(void *arg)
+{
+	(void)arg;
+	while (!vi_stop) {
+		struct pollfd p = { .fd = vi_kick, .events = POLLIN };
+		uint8_t data[sizeof(vi_cfg)];
+		struct virtio_lo_cfgwrite w = { .fd = vi_kick, .len = sizeof(data), .data = (uint64_t)(uintptr_t)data };
+		uint64_t cnt;
+
+		if (poll(&p, 1, 100) <= 0)
+			continue;
+		if (read(vi_kick, &cnt, sizeof(cnt)) < 0 && errno != EAGAIN)
+			break;
+		if (ioctl(lofd, VIRTIO_LO_CFG_GET, &w) < 0) {
+			if (errno == ENODEV)
+				continue;	/* not yet / no longer a SYNC device */
+			perror("CFG_GET");
+			break;
+		}
+		if (!w.seq)
+			continue;
+		vi_writes++;
+		if (w.offset < sizeof(vi_cfg) && w.len <= sizeof(vi_cfg) - w.offset) {
+			memcpy((uint8_t *)&vi_cfg + w.offset, data, w.len);
+			if (w.offset <= 1)	/* select or subsel */
+				vi_answer();
+		}
+		w.offset = 0;
+		w.len = sizeof(vi_cfg);
+		w.data = (uint64_t)(uintptr_t)&vi_cfg;
+		if (ioctl(lofd, VIRTIO_LO_CFG_ACK, &w) < 0)
+			fprintf(stderr, "CFG_ACK seq %u: %s\n", w.seq, strerror(errno));
+		else
+			vi_acks++;
+	}
+	return NULL;
+}
+
+static int vi_adddev(void)
+{
+	struct virtio_lo_qinfo q[2] = {
+		{ .kickfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK), .size = 64 },
+		{ .kickfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK), .size = 64 },
+	};
+	struct virtio_lo_devinfo info = {
+		.device_id = VIRTIO_ID_INPUT, .vendor_id = 0x1af4, .nqueues = 2, .features = F_VERSION_1,
+		.config_size = sizeof(vi_cfg), .config_kick = vi_kick, .flags = VIRTIO_LO_DEV_F_SYNC_CONFIG,
+		.config = (uint8_t *)&vi_cfg, .qinfo = q,
+	};
+	int r = ioctl(lofd, VIRTIO_LO_ADDDEV, &info);
+
+	return r < 0 ? r : (int)info.idx;
+}
+
+static double now_s(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+/* The input device's name under /sys/devices/virtio-lo (first match). */
+static int vi_sysfs_name(char *out, size_t n)
+{
+	char cmd[] = "cat /sys/devices/virtio-lo/virtio*/input/input*/name 2>/dev/null";
+	FILE *f = popen(cmd, "r");
+	int ok = 0;
+
+	if (!f)
+		return 0;
+	if (fgets(out, n, f)) {
+		out[strcspn(out, "\n")] = 0;
+		ok = 1;
+	}
+	pclose(f);
+	return ok;
+}
+
+static int cmd_syncconf(const char *mode)
+{
+	struct virtio_lo_ext e;
+	pthread_t th;
+	double t0;
+	int idx;
+
+	if (ioctl(lofd, VIRTIO_LO_GETEXT, &e) < 0 || !(e.extensions & VIRTIO_LO_EXT_SYNC_CONFIG)) {
+		printf("BAD no SYNC_CONFIG extension\n");
+		return 1;
+	}
+	vi_kick = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (!strcmp(mode, "answer")) {
+		char name[128] = "";
+
+		pthread_create(&th, NULL, vi_loop, NULL);
+		t0 = now_s();
+		idx = vi_adddev();
+		if (idx < 0) {
+			printf("BAD ADDDEV input SYNC_CONFIG: %s (writes %d acks %d)\n", strerror(errno), vi_writes, vi_acks);
+			return 1;
+		}
+		printf("ADDDEV returned in %.3fs after %d config writes, %d acked\n", now_s() - t0, vi_writes, vi_acks);
+		for (int i = 0; i < 50 && !vi_sysfs_name(name, sizeof(name)); i++)
+			usleep(100000);
+		if (strcmp(name, SC_NAME)) {
+			printf("BAD input name '%s', wanted '%s'\n", name, SC_NAME);
+			failures++;
+		} else {
+			printf("ok input name '%s'\n", name);
+		}
+		if (vi_writes < 4 || vi_acks != vi_writes) {
+			printf("BAD writes %d acks %d\n", vi_writes, vi_acks);
+			failures++;
+		}
+		if (ioctl(lofd, VIRTIO_LO_DELDEV, idx) < 0) {
+			printf("BAD DELDEV: %s\n", strerror(errno));
+			failures++;
+		}
+		vi_stop = 1;
+		pthread_join(th, NULL);
+	} else if (!strcmp(mode, "silent")) {
+		t0 = now_s();
+		idx = vi_adddev();
+		printf("ADDDEV without answers: %s after %.3fs\n", idx < 0 ? strerror(errno) : "ok", now_s() - t0);
+		if (idx >= 0 || errno != ENOENT) {
+			printf("BAD ADDDEV without answers must fail with ENOENT\n");
+			failures++;
+		}
+	} else if (!strcmp(mode, "timeout")) {
+		t0 = now_s();
+		idx = vi_adddev();
+		printf("ADDDEV without answers (short timeout): %s after %.3fs\n", idx < 0 ? strerror(errno) : "ok", now_s() - t0);
+		if (idx < 0) {
+			printf("BAD the driver must go on with the module's copy after the timeouts\n");
+			failures++;
+		} else if (ioctl(lofd, VIRTIO_LO_DELDEV, idx) < 0) {
+			printf("BAD DELDEV: %s\n", strerror(errno));
+			failures++;
+		}
+	} else if (!strcmp(mode, "kill")) {
+		int st;
+		pid_t c = fork();
+
+		if (c == 0) {
+			vi_adddev();
+			_exit(0);
+		}
+		usleep(500000);
+		t0 = now_s();
+		kill(c, SIGKILL);
+		waitpid(c, &st, 0);
+		printf("child SIGKILLed during ADDDEV, gone after %.3fs\n", now_s() - t0);
+		if (now_s() - t0 > 2.0) {
+			printf("BAD SIGKILL took too long\n");
+			failures++;
+		}
+	} else {
+		fprintf(stderr, "syncconf answer|silent|timeout|kill\n");
+		return 2;
+	}
+	printf("syncconf %s %s\n", mode, failures ? "FAILED" : "ok");
 	return failures ? 1 : 0;
 }
 
@@ -649,7 +938,7 @@ int main(int argc, char **argv)
 	const char *node = getenv("VIRTIO_LO_NODE") ? getenv("VIRTIO_LO_NODE") : VIRTIO_LO_DEVICE_NODE;
 
 	if (argc < 2) {
-		fprintf(stderr, "usage: lo-tool serve|ext|bad|adddel|upstream ...\n");
+		fprintf(stderr, "usage: lo-tool serve|ext|bad|adddel|upstream|syncconf ...\n");
 		return 2;
 	}
 	lofd = open(node, O_RDWR | O_CLOEXEC);
@@ -666,6 +955,8 @@ int main(int argc, char **argv)
 		return cmd_adddel(argc > 2 ? atoi(argv[2]) : 10);
 	if (!strcmp(argv[1], "upstream"))
 		return cmd_upstream();
+	if (!strcmp(argv[1], "syncconf"))
+		return cmd_syncconf(argc > 2 ? argv[2] : "answer");
 	fprintf(stderr, "unknown command %s\n", argv[1]);
 	return 2;
 }

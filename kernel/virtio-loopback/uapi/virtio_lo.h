@@ -67,6 +67,11 @@ struct virtio_lo_qinfo {
  *  config_kick  IN   eventfd signalled when the driver writes config space
  *                    (and, extension DEVSTATUS, when the driver status
  *                    changes: reset, DRIVER_OK, FAILED); -1 = none.
+ *  flags        IN   extension SYNC_CONFIG: VIRTIO_LO_DEV_F_* (below);
+ *                    unknown bits are rejected with EINVAL.  Upstream calls
+ *                    this field "padding" and ignores it (so does this module
+ *                    with upstream_abi=1): set it only after GETEXT reported
+ *                    VIRTIO_LO_EXT_SYNC_CONFIG, and zero it otherwise.
  *  config       IN   initial config (config_size bytes, NULL = zeros);
  *               OUT  config after the driver probed.
  *  qinfo        IN/OUT  array of nqueues struct virtio_lo_qinfo.
@@ -81,7 +86,7 @@ struct virtio_lo_devinfo {
 	__u64 features;
 	__u32 config_size;
 	__s32 config_kick;
-	__u32 padding;
+	__u32 flags;            /* upstream: padding */
 	__u32 __hole;
 	__u8 *config;
 	struct virtio_lo_qinfo *qinfo;
@@ -132,6 +137,8 @@ struct virtio_lo_kick {
 #define VIRTIO_LO_EXT_ABORT_INFLIGHT (1ULL << 5)
 /* KICK with qidx == -1 interrupts every queue */
 #define VIRTIO_LO_EXT_KICK_ALL       (1ULL << 6)
+/* ADDDEV flag VIRTIO_LO_DEV_F_SYNC_CONFIG, VIRTIO_LO_CFG_GET, VIRTIO_LO_CFG_ACK */
+#define VIRTIO_LO_EXT_SYNC_CONFIG    (1ULL << 7)
 
 /* VIRTIO_LO_GETEXT (24 bytes, all OUT). */
 struct virtio_lo_ext {
@@ -219,5 +226,58 @@ struct virtio_lo_queue {
 	__u64 used;
 };
 #define VIRTIO_LO_GET_QUEUE _IOWR('P', 0x44, struct virtio_lo_queue) /* 0xC0285044 */
+
+/*
+ * Synchronous config writes (extension SYNC_CONFIG), for devices whose config
+ * reads depend on config writes (virtio-input: the driver writes select and
+ * subsel, then reads size and the union at once).
+ *
+ * A device added with VIRTIO_LO_DEV_F_SYNC_CONFIG (which needs a config_kick
+ * eventfd, not shared with another such device of the same open file) handles
+ * each driver config write like this: the module applies it to its config
+ * copy, records it (sequence number, offset, bytes), signals config_kick and
+ * waits until user space acks that sequence number with VIRTIO_LO_CFG_ACK,
+ * which also stores the device's resulting config into the module's copy; the
+ * driver's next config read sees it.  The wait is killable and bounded by the
+ * module parameter sync_config_timeout_ms (default 1000): on timeout the driver
+ * goes on with the module's copy (logged once per device) and the write stays
+ * pending until user space fetches it or the driver's next write replaces it.
+ * It ends at once when the device is removed or its owner goes (DELDEV,
+ * close, process killed).  Writes from atomic context (a driver's
+ * config_changed callback runs under a spinlock) and writes while the device
+ * is being removed stay asynchronous: the config copy is updated and
+ * config_kick signalled, nothing is recorded (user space sees them with GCONF,
+ * as without the flag).
+ *
+ * Both ioctls name the device by its config_kick eventfd (fd), not by idx:
+ * the driver's probe writes config while ADDDEV is still blocked (it returns
+ * at DRIVER_OK), before user space knows idx.
+ *
+ * VIRTIO_LO_CFG_GET (24 bytes, IN/OUT): the pending write.
+ *  fd      IN   the device's config_kick eventfd.
+ *  seq     OUT  its sequence number (never 0); 0 = no write pending.
+ *  offset  OUT  config offset written.
+ *  len     IN   capacity of *data;  OUT  bytes written by the driver (if
+ *               larger than the capacity, only the capacity is copied: call
+ *               again with a buffer of config_size bytes).
+ *  data    IN   user pointer (as integer) receiving the written bytes.
+ * VIRTIO_LO_CFG_ACK (24 bytes, IN): the write seq is applied to the device;
+ * config[offset, offset+len) := *data (the device's config after the write;
+ * len 0 = unchanged), then the driver resumes.  Does not raise a config
+ * interrupt.
+ * Errors: EBADF (fd), EINVAL (not an eventfd, range outside config_size),
+ * ENODEV (no live SYNC_CONFIG device of this open file has this eventfd),
+ * ESTALE (ACK: seq is not the pending write; nothing stored), EFAULT.
+ */
+#define VIRTIO_LO_DEV_F_SYNC_CONFIG (1U << 0)
+struct virtio_lo_cfgwrite {
+	__s32 fd;
+	__u32 seq;
+	__u32 offset;
+	__u32 len;
+	__u64 data;             /* (__u8 *) as integer */
+};
+#define VIRTIO_LO_CFG_GET _IOWR('P', 0x45, struct virtio_lo_cfgwrite) /* 0xC0185045 */
+#define VIRTIO_LO_CFG_ACK _IOW('P', 0x46, struct virtio_lo_cfgwrite)  /* 0x40185046 */
 
 #endif /* _UAPI_LINUX_VIRTIO_LO_H */
