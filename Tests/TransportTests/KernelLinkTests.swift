@@ -1,6 +1,7 @@
 import XCTest
 import Glibc
 @testable import Transport
+import CLinux
 
 /// The parts of the kernel link that run without the module (the module itself is tested in the guest suite).
 final class KernelLinkTests: XCTestCase {
@@ -160,5 +161,41 @@ final class KernelLinkTests: XCTestCase {
             }
             _ = VirtioLoLink.ramListCount(returned: UInt32(truncatingIfNeeded: pick()), total: UInt32(truncatingIfNeeded: pick()), capacity: 64)
         }
+    }
+
+    // MARK: SYNC_CONFIG
+
+    /// CFG_GET's (offset, length) is applied only if it lies inside the config space and the buffer; anything else
+    /// (empty, past the end, wrapping, larger than the buffer) is refused, and the caller acks without applying.
+    func testConfigWriteRangeCheck() {
+        XCTAssertEqual(VirtioLoLink.checkConfigWrite(offset: 0, length: 1, capacity: 136, configSize: 136), 0..<1)
+        XCTAssertEqual(VirtioLoLink.checkConfigWrite(offset: 1, length: 1, capacity: 136, configSize: 136), 1..<2)
+        XCTAssertEqual(VirtioLoLink.checkConfigWrite(offset: 128, length: 8, capacity: 136, configSize: 136), 128..<136)
+        XCTAssertNil(VirtioLoLink.checkConfigWrite(offset: 0, length: 0, capacity: 136, configSize: 136))
+        XCTAssertNil(VirtioLoLink.checkConfigWrite(offset: 130, length: 8, capacity: 136, configSize: 136))
+        XCTAssertNil(VirtioLoLink.checkConfigWrite(offset: 137, length: 1, capacity: 136, configSize: 136))
+        XCTAssertNil(VirtioLoLink.checkConfigWrite(offset: UInt32.max, length: UInt32.max, capacity: 136, configSize: 136))
+        XCTAssertNil(VirtioLoLink.checkConfigWrite(offset: 0, length: 8, capacity: 4, configSize: 136))
+        XCTAssertNil(VirtioLoLink.checkConfigWrite(offset: 0, length: 1, capacity: 1, configSize: 0))
+        var x: UInt64 = 0x1234_5678_9ABC_DEF1
+        for _ in 0..<10_000 {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17
+            let off = UInt32(truncatingIfNeeded: x), len = UInt32(truncatingIfNeeded: x >> 32) >> (x % 32)
+            let size = Int(x % 4097), cap = Int((x >> 12) % 4097)
+            if let r = VirtioLoLink.checkConfigWrite(offset: off, length: len, capacity: cap, configSize: size) {
+                XCTAssertTrue(r.lowerBound >= 0 && r.upperBound <= size && r.count <= cap && !r.isEmpty)
+            }
+        }
+    }
+
+    /// Only devices that ask for it are added with SYNC_CONFIG: the protocol's default is false.
+    func testConfigReadsDependOnWritesDefaultsToFalse() {
+        XCTAssertFalse(EchoDevice().configReadsDependOnWrites)
+        // The ABI constants the link uses are the header's (the single source of truth).
+        XCTAssertEqual(lb_vlo_cfg_get(), 0xC018_5045)
+        XCTAssertEqual(lb_vlo_cfg_ack(), 0x4018_5046)
+        XCTAssertEqual(MemoryLayout<virtio_lo_cfgwrite>.size, 24)
+        XCTAssertEqual(MemoryLayout<virtio_lo_devinfo>.size, 56)
+        XCTAssertEqual(UInt64(VIRTIO_LO_EXT_SYNC_CONFIG), 1 << 7)
     }
 }

@@ -18,6 +18,8 @@ static inline unsigned long lb_vlo_set_irqfd(void) { return VIRTIO_LO_SET_IRQFD;
 static inline unsigned long lb_vlo_get_ram(void) { return VIRTIO_LO_GET_RAM; }
 static inline unsigned long lb_vlo_devstatus(void) { return VIRTIO_LO_DEVSTATUS; }
 static inline unsigned long lb_vlo_get_queue(void) { return VIRTIO_LO_GET_QUEUE; }
+static inline unsigned long lb_vlo_cfg_get(void) { return VIRTIO_LO_CFG_GET; }
+static inline unsigned long lb_vlo_cfg_ack(void) { return VIRTIO_LO_CFG_ACK; }
 
 // eventfd(2), memfd_create(2), getrandom(2); always CLOEXEC.
 int lb_eventfd(unsigned int initval, int nonblock);

@@ -15,6 +15,7 @@ public final class InputDevice: VirtioDevice, InputSink {
     public let queueMaxSizes: [UInt16]
     public let offeredFeatures: VirtioFeatures = [.version1, .eventIdx, .indirectDesc]
     public let configSize = VirtioInput.configSize
+    public var configReadsDependOnWrites: Bool { true }   // select/subsel, then size and the union
     public let source: InputSource
     public let caps: InputCapabilities
 

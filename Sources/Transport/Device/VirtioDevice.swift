@@ -81,6 +81,11 @@ public protocol VirtioDevice: AnyObject {
     func stopQueue(_ index: Int)
     /// Queue `index` (in the context's queue array) was rebuilt and runs again.
     func startQueue(_ index: Int)
+    /// True if what the driver reads from the config space depends on what it wrote just before (virtio-input:
+    /// select/subsel, then size and the union). A driver side that keeps its own copy of the config space (the
+    /// kernel module) must then pass each config write to the device and wait for the answer (the module's
+    /// SYNC_CONFIG extension) instead of answering reads from its copy.
+    var configReadsDependOnWrites: Bool { get }
 }
 
 extension VirtioDevice {
@@ -91,4 +96,5 @@ extension VirtioDevice {
     /// Devices that complete every request inside `queueNotified` have nothing in flight.
     public func quiesce() {}
     public var passthroughRings: Bool { false }
+    public var configReadsDependOnWrites: Bool { false }
 }

@@ -128,3 +128,14 @@ extension VirtioLoLink {
     /// The most RAM ranges loopbackd asks the module for (the module's own limit is 1024).
     public static let maxRAMListEntries = 1024
 }
+
+extension VirtioLoLink {
+    /// A pending driver config write as CFG_GET reports it (SYNC_CONFIG): the bytes copied are
+    /// `[offset, offset+length)` of a config space of `configSize` bytes, `length` at most the buffer's `capacity`.
+    /// nil for anything else (the caller acks without applying: the driver must not wait for nothing).
+    public static func checkConfigWrite(offset: UInt32, length: UInt32, capacity: Int, configSize: Int) -> Range<Int>? {
+        let off = Int(offset), len = Int(length)   // UInt32 always fits Int on 64-bit
+        guard configSize >= 0, len > 0, len <= capacity, off <= configSize, len <= configSize - off else { return nil }
+        return off..<(off + len)
+    }
+}

@@ -10,7 +10,10 @@ import CLinux
 /// a per-request mmap. Kicks arrive on per-queue eventfds watched by the event loop; interrupts go out with the
 /// KICK ioctl (vring_interrupt runs synchronously in our context). With the module's extensions (probed with
 /// GETEXT; the upstream unified-hmi driver answers EINVAL, ENOTTY is accepted too) loopbackd also learns driver
-/// resets and can set NEEDS_RESET. On upstream, shutdown never uses DELDEV (it removes the device under a
+/// resets and can set NEEDS_RESET. A device whose config reads depend on its config writes (virtio-input) is added
+/// with the SYNC_CONFIG flag: the module then holds each driver config write until the loop has applied it to the
+/// device and stored the resulting config (CFG_GET/CFG_ACK, named by the config eventfd, since the driver's probe
+/// writes while ADDDEV is still blocked on another thread). On upstream, shutdown never uses DELDEV (it removes the device under a
 /// spinlock there: kernel BUG, then a hang): loopbackd unmaps RAM and closes the fd, which removes every device.
 ///
 /// Every value from the module, an ioctl or /proc/iomem is decoded by the pure functions in KernelLinkDecode.swift.
@@ -29,6 +32,12 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         let name: String
         var kernelIndex: UInt32 = 0
         var added = false
+        /// ADDDEV failed: nothing of the device is left in the kernel; the slot stays (tokens are slot numbers).
+        var failed = false
+        /// Added with VIRTIO_LO_DEV_F_SYNC_CONFIG: config writes are answered on the loop (`answerConfigWrite`).
+        var syncConfig = false
+        var configSize = 0
+        var badWriteLogged = false
         /// Our own copies of the kick eventfds given to the kernel (the host gets dups it may close).
         var kicks: [Int32] = []
         var configKick: Int32 = -1
@@ -71,6 +80,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
 
     public var hasDeviceStatus: Bool { extensions & UInt64(VIRTIO_LO_EXT_DEVSTATUS) != 0 }
     public var hasIRQFD: Bool { extensions & UInt64(VIRTIO_LO_EXT_IRQFD) != 0 }
+    public var hasSyncConfig: Bool { extensions & UInt64(VIRTIO_LO_EXT_SYNC_CONFIG) != 0 }
 
     // MARK: memory
 
@@ -147,6 +157,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         let host = self.host
         let name = host.loop.executeAndWait { host.name(index) }
         let info = host.loop.executeAndWait { host.info(index) }
+        let wantsSync = host.loop.executeAndWait { host.device(index).configReadsDependOnWrites }
         let d = Linked(hostIndex: index, name: name)
         let n = info.queueMaxSizes.count
         guard n > 0, n <= Int(VIRTIO_LO_MAX_QUEUES) else { throw DeviceError("\(name): \(n) queues, the module allows 1...\(VIRTIO_LO_MAX_QUEUES)") }
@@ -168,6 +179,25 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         dev.features = info.features.rawValue
         dev.config_size = configSize
         dev.config_kick = d.configKick
+        if wantsSync {
+            if hasSyncConfig {
+                dev.flags = UInt32(VIRTIO_LO_DEV_F_SYNC_CONFIG)
+                d.syncConfig = true
+            } else {
+                Log.warning("\(name): its config reads depend on config writes, but \(path) has no synchronous config " +
+                            "writes (SYNC_CONFIG): the driver reads the module's copy and may see an empty device")
+            }
+        }
+        d.configSize = info.configSize
+        // Listed (and, with SYNC_CONFIG, its config eventfd watched) before ADDDEV: the driver's probe writes config
+        // while ADDDEV blocks this thread, and the loop answers.
+        let listed = host.loop.executeAndWait { () -> DeviceError? in
+            self.devices.append(d)
+            guard d.syncConfig else { return nil }
+            do throws(DeviceError) { try self.watchConfigKick(d) } catch { return error }
+            return nil
+        }
+        if let listed { host.loop.executeAndWait { self.forget(d) }; throw listed }
         let r = config.withUnsafeMutableBufferPointer { cb in
             qinfo.withUnsafeMutableBufferPointer { qb -> Int32 in
                 dev.config = cb.baseAddress
@@ -177,14 +207,16 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         }
         guard r == 0 else {
             let e = Errno.current
-            closeAll(d)
+            host.loop.executeAndWait { self.forget(d) }
             throw DeviceError("\(name): ADDDEV: \(e)" + (e.rawValue == ENOENT ? " (no driver bound: is the virtio driver for device id \(info.deviceID) loaded?)" : ""))
         }
-        d.kernelIndex = dev.idx
-        d.added = true
-        d.config = config
-        d.offered = info.queueMaxSizes
-        host.loop.executeAndWait { self.devices.append(d) }   // the loop reads `devices` (config fd events)
+        let added = dev
+        host.loop.executeAndWait {
+            d.kernelIndex = added.idx
+            d.added = true
+            d.config = config
+            d.offered = info.queueMaxSizes
+        }
         Log.info("\(name): added as virtio-lo device \(dev.idx), driver features 0x\(String(dev.features, radix: 16))")
         let features = VirtioFeatures(rawValue: dev.features)
         let queues: [QueueConfig]
@@ -227,14 +259,29 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         d.queueCount = active.count
         try host.activate(i, queues: active, kickFDs: kicks, interrupts: irqs,
                           configInterrupt: .eventfd(d.configChanged), memory: memory)
-        if d.registrations.isEmpty {
+        try watchConfigKick(d)
+        if !d.registrations.contains(where: { $0.fd == d.configChanged }) {
             let slot = UInt32(devices.firstIndex { $0 === d } ?? 0)
-            do {
-                d.registrations.append((d.configKick, try host.loop.register(fd: d.configKick, handler: self, token: slot << 1)))
-                d.registrations.append((d.configChanged, try host.loop.register(fd: d.configChanged, handler: self, token: slot << 1 | 1)))
-            } catch { throw DeviceError("\(d.name): cannot watch config eventfds: \(error)") }
+            do { d.registrations.append((d.configChanged, try host.loop.register(fd: d.configChanged, handler: self, token: slot << 1 | 1))) }
+            catch { throw DeviceError("\(d.name): cannot watch config eventfds: \(error)") }
         }
         host.observer = self
+    }
+
+    /// On the loop: watch the config eventfd (driver config writes and status changes), once.
+    private func watchConfigKick(_ d: Linked) throws(DeviceError) {
+        guard !d.registrations.contains(where: { $0.fd == d.configKick }) else { return }
+        let slot = UInt32(devices.firstIndex { $0 === d } ?? 0)
+        do { d.registrations.append((d.configKick, try host.loop.register(fd: d.configKick, handler: self, token: slot << 1))) }
+        catch { throw DeviceError("\(d.name): cannot watch config eventfds: \(error)") }
+    }
+
+    /// On the loop: a device whose ADDDEV failed (the kernel removed it): stop watching, close, keep the slot.
+    private func forget(_ d: Linked) {
+        for (f, r) in d.registrations { host.loop.unregister(fd: f, registration: r) }
+        d.registrations = []
+        d.failed = true
+        closeAll(d)
     }
 
     // MARK: events (loop thread)
@@ -243,7 +290,57 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         let slot = Int(token >> 1)
         guard slot < devices.count else { return }
         let d = devices[slot]
-        if token & 1 == 0 { _ = FD.drain(d.configKick); driverChanged(d) } else { _ = FD.drain(d.configChanged); deviceConfigChanged(d) }
+        guard !d.failed else { return }
+        if token & 1 == 0 {
+            _ = FD.drain(d.configKick)
+            // Before ADDDEV returned (SYNC_CONFIG devices only) there is no device index for anything else. Status
+            // first: a driver reset (re-probe) signalled together with the probe's first config write must reset
+            // the device before that write is applied, not after (it would forget virtio-input's select).
+            if d.added { driverChanged(d) }
+            if d.syncConfig { answerConfigWrite(d) }
+        } else { _ = FD.drain(d.configChanged); deviceConfigChanged(d) }
+    }
+
+    /// SYNC_CONFIG: the driver is waiting in a config write. Apply it to the device, read the device's config back
+    /// and store it in the module's copy with the ack; the driver's next read sees the device's answer. The
+    /// module keeps one pending write (the driver's writes are serialised), so one CFG_GET per signal suffices; an
+    /// ack that comes too late (the module's timeout, a newer write) fails with ESTALE and is dropped.
+    private func answerConfigWrite(_ d: Linked) {
+        var buf = [UInt8](repeating: 0, count: max(d.configSize, 1))
+        var w = virtio_lo_cfgwrite()
+        w.fd = d.configKick
+        w.len = UInt32(truncatingIfNeeded: d.configSize)   // <= VIRTIO_LO_MAX_CONFIG_SIZE, checked at ADDDEV
+        var r = buf.withUnsafeMutableBufferPointer { b -> Int32 in
+            w.data = UInt64(UInt(bitPattern: b.baseAddress))
+            return lb_ioctl_ptr(fd, lb_vlo_cfg_get(), &w)
+        }
+        guard r == 0 else {
+            // ENODEV: the device is gone (ADDDEV failed, DELDEV): nothing is waiting.
+            let e = Errno.current
+            if e.rawValue != ENODEV { Log.warning("\(d.name): CFG_GET: \(e)") }
+            return
+        }
+        guard w.seq != 0 else { return }
+        let seq = w.seq
+        if let range = VirtioLoLink.checkConfigWrite(offset: w.offset, length: w.len, capacity: buf.count, configSize: d.configSize) {
+            _ = buf.withUnsafeBytes { b in host.writeConfig(d.hostIndex, offset: range.lowerBound, from: UnsafeRawBufferPointer(rebasing: b[0..<range.count])) }
+        } else if !d.badWriteLogged {
+            d.badWriteLogged = true
+            Log.warning("\(d.name): CFG_GET: config write offset \(w.offset) length \(w.len) outside \(d.configSize) bytes; acked without applying (logged once)")
+        }
+        var now = [UInt8](repeating: 0, count: d.configSize)
+        _ = now.withUnsafeMutableBytes { host.readConfig(d.hostIndex, offset: 0, into: $0) }
+        var ack = virtio_lo_cfgwrite()
+        ack.fd = d.configKick
+        ack.seq = seq
+        ack.offset = 0
+        ack.len = UInt32(truncatingIfNeeded: now.count)
+        r = now.withUnsafeMutableBufferPointer { b -> Int32 in
+            ack.data = UInt64(UInt(bitPattern: b.baseAddress))
+            return lb_ioctl_ptr(fd, lb_vlo_cfg_ack(), &ack)
+        }
+        if r == 0 { d.config = now }
+        else if Errno.current.rawValue != ESTALE && Errno.current.rawValue != ENODEV { Log.warning("\(d.name): CFG_ACK: \(Errno.current)") }
     }
 
     /// The driver wrote config or (extension) changed status: forward config writes; follow resets.
@@ -322,7 +419,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
     public func removeAll() {
         let host = self.host
         host.loop.executeAndWait {
-            for d in self.devices where d.added {   // a removed device's host index may belong to another now
+            for d in self.devices where !d.failed && d.added {   // a removed device's host index may belong to another now
                 for (f, r) in d.registrations { host.loop.unregister(fd: f, registration: r) }
                 d.registrations = []
                 host.device(d.hostIndex).flush()
