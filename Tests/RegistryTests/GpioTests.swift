@@ -292,6 +292,12 @@ final class GpioTests: XCTestCase {
         print("gpio: \(n) SET_VALUE+GET_VALUE+interrupt round trips in \(String(format: "%.3f", dt)) s: \(Int(Double(n) / dt)) interrupts/s (debug build, fake chip)")
         XCTAssertEqual(loop.executeAndWait { self.dev.interrupts }, UInt64(n + 200))
         XCTAssertEqual(loop.executeAndWait { self.dev.badRequests + self.dev.badEvents }, 0)
+        // bench and ab start the requestq only: value round trips then.
+        drv.reset()
+        try drv.start(queueCount: 1)
+        let v = try XCTUnwrap(GpioWorkload(drv, verify: false))
+        XCTAssertTrue(v.requestKind.contains("requestq only"))
+        for k in 0..<200 { XCTAssertTrue(v.runOne(spinNs: 0), "value round trip \(k)") }
     }
 
     func testConfigErrorsNameFileLineAndKey() throws {
