@@ -13,7 +13,7 @@ public final class BlkWorkload: Workload {
     let verify: Bool
     var rng: UInt64 = 0x9E37_79B9_7F4A_7C15
     public let bytesPerRequest = 4096
-    public var requestKind: String { verify ? "verified 4 KiB write+read pairs" : "4 KiB random reads" }
+    public var requestKind: String { verify ? "verified write+read pairs (4 KiB)" : "4 KiB random reads" }
     /// Requests that returned wrong data (verify mode).
     public var mismatches = 0
     private(set) var recoveries = 0
