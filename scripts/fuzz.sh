@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/opt/swift/usr/bin:$PATH
 root=$PWD
-targets_all=(split-ring vhost-user-decode vhost-user-server config kernel-link)
+targets_all=(split-ring vhost-user-decode vhost-user-server config kernel-link gpio-request)
 what=${1:-all}
 seconds=${2:-60}
 B=${FUZZ_BUILD_DIR:-$root/.build-fuzz}
@@ -31,14 +31,15 @@ CFLAGS=(-O1 -g -D_GNU_SOURCE -fsanitize=address,fuzzer-no-link)
 # newer OUT FILES...: true if OUT is missing or older than any input.
 stale() { local out=$1; shift; [ -e "$out" ] || return 0; [ -n "$(find "$@" -newer "$out" -print -quit 2>/dev/null)" ]; }
 
-build_c() {   # the C shims, as SwiftPM wires them (CLinux: _GNU_SOURCE; CURing links liburing)
+build_c() {   # the C shims, as SwiftPM wires them (CLinux: _GNU_SOURCE; CURing links liburing, CGpiod libgpiod)
     cat > "$B/include/module.modulemap.new" <<EOF
 module CLinux { header "$root/Sources/CLinux/include/clinux.h" export * }
 module CURing { header "$root/Sources/CURing/include/curing.h" export * }
+module CGpiod { header "$root/Sources/CGpiod/include/cgpiod.h" export * }
 EOF
     cmp -s "$B/include/module.modulemap.new" "$B/include/module.modulemap" || mv "$B/include/module.modulemap.new" "$B/include/module.modulemap"
     rm -f "$B/include/module.modulemap.new"
-    for m in CLinux CURing; do   # every .c file of the shim, into one relocatable object per module
+    for m in CLinux CURing CGpiod; do   # every .c file of the shim, into one relocatable object per module
         local lc; lc=$(echo $m | tr A-Z a-z)
         if stale "$B/obj/$lc.o" Sources/$m; then
             local objs=() c
@@ -72,10 +73,10 @@ build_lib() {   # build_lib MODULE: Sources/MODULE/**/*.swift as a static librar
 build_target() {
     local t=$1 exe=$B/bin/$1 libs=("$B/obj/libTransport.a") extra=()
     build_lib Transport || return 1
-    if [ "$t" = config ]; then
+    if [ "$t" = config ] || [ "$t" = gpio-request ]; then
         build_lib Registry "$B/obj/libTransport.a" || return 1
         libs=("$B/obj/libRegistry.a" "$B/obj/libTransport.a")
-        extra=("$B/obj/curing.o" -luring)
+        extra=("$B/obj/curing.o" -luring "$B/obj/cgpiod.o" -lgpiod)
     fi
     if stale "$exe" Fuzz/$t Fuzz/Common "${libs[@]}"; then
         echo "fuzz: building $t"

@@ -37,7 +37,7 @@ public final class GpiodChip: GpioChip, EventHandler {
         path = chip
         var buf = [CChar](repeating: 0, count: 64)
         _ = lb_gpio_label(h, &buf, 64)
-        label = String(cString: buf)
+        label = GpiodChip.string(buf)
         let n = Int(lb_gpio_num_lines(h))
         hostLineCount = n
         for o in lines where Int(o) >= n {
@@ -56,7 +56,7 @@ public final class GpiodChip: GpioChip, EventHandler {
                     lb_gpio_close(h)
                     throw DeviceError("\(chip): line \(o): \(GpiodChip.explain(k))")
                 }
-                ns.append(String(cString: buf))
+                ns.append(GpiodChip.string(buf))
             }
             lineNames = ns
         }
@@ -68,6 +68,10 @@ public final class GpiodChip: GpioChip, EventHandler {
         stop()
         lb_gpio_close(handle)
         types.deallocate()
+    }
+
+    static func string(_ b: [CChar]) -> String {
+        String(decoding: b.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     /// errno text, with what EINVAL/ENOTTY from a line ioctl means on a kernel without the v1 ABI.

@@ -1,0 +1,191 @@
+// libFuzzer target: the virtio-gpio request and event decoder (Sources/Registry/GPIO/GpioDevice.swift) on the fake
+// chip, driven by a fuzzed sequence of driver operations: requestq chains (fuzzed segment counts and lengths, split
+// anywhere, request fields mostly near the valid values), eventq buffers, edges on the chip's lines, quiesce, queue
+// stop, reset and re-activation.
+//
+// The driver's memory is one 64 KiB region followed by a PROT_NONE guard page, so a device write one byte past it
+// faults. Oracles: no trap; every used element names a head < queue size with a length the response format allows
+// (requestq: 0, 1, 2 or 1 + gpio_names_size; eventq: 0 or 1); an eventq status byte is INVALID or VALID; the device
+// never holds more event buffers than it has lines; nothing latches NEEDS_RESET for a well-formed ring.
+import Glibc
+import CLinux
+import Transport
+@testable import Registry
+
+private let page = 4096
+private let regionBytes = 64 * 1024
+private let qsize: UInt16 = 16
+private let guestBase: UInt64 = 0x1000_0000
+
+private struct Setup {
+    let host: UnsafeMutableRawPointer
+    let loop: EventLoop
+    init() {
+        guard let p = mmap(nil, regionBytes + page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+              p != MAP_FAILED, mprotect(p, regionBytes, PROT_READ | PROT_WRITE) == 0 else { abort() }
+        host = p
+        guard let l = try? EventLoop() else { abort() }
+        loop = l
+    }
+}
+nonisolated(unsafe) private var setup: Setup?
+
+// Ring layout for queue k (size 16): desc at 4 KiB * (2k), avail at + 256, used at + 512; buffers from 16 KiB on.
+private func ringBase(_ k: Int) -> UInt64 { UInt64(2 * k * page) }
+
+@_cdecl("LLVMFuzzerTestOneInput")
+public func gpioRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
+    if setup == nil { setup = Setup(); Log.level = .error }
+    let s = setup!
+    var f = FuzzInput(data, size)
+    memset(s.host, 0, regionBytes)
+    let info = RegionInfo(guestBase: guestBase, size: UInt64(regionBytes), host: s.host, fd: -1, fdOffset: 0,
+                          userAddr: UInt64(UInt(bitPattern: s.host)))
+    guard let memory = try? GuestMemory(regions: [info], mappings: [], fds: []) else { return 0 }
+
+    let lines = 1 + f.below(12)
+    let named = f.bool()
+    let chip = FakeGpioChip(lines: lines, names: named ? (0..<lines).map { $0 % 3 == 0 ? "" : "line\($0)" } : [String](repeating: "", count: lines),
+                            loopback: f.bool())
+    let dev = GpioDevice(chip: chip, queueSize: qsize)
+    var features: VirtioFeatures = [.version1]
+    if f.bool() { features.insert(.eventIdx) }
+    if f.bool() { features.insert(.indirectDesc) }
+    if f.bool() { features.insert(VirtioGpio.fIRQ) }
+    dev.ackFeatures(features)
+    let queues = UnsafeMutablePointer<SplitQueue>.allocate(capacity: 2)
+    var live = false
+    func activate() {
+        for k in 0..<2 {
+            let b = ringBase(k)
+            memset(s.host + Int(b), 0, 2 * page)
+            let c = QueueConfig(size: qsize, desc: guestBase + b, avail: guestBase + b + 256, used: guestBase + b + 512)
+            guard let q = try? SplitQueue(config: c, maxSize: qsize, memory: memory.view, features: features, interrupt: .none) else { abort() }
+            (queues + k).initialize(to: q)
+        }
+        live = true
+        let ctx = DeviceContext(queues: queues, queueCount: 2, memory: memory.view, loop: s.loop, configInterrupt: .none,
+                                features: features)
+        do { try dev.activate(ctx) } catch { abort() }
+    }
+    func deactivate() {
+        guard live else { return }
+        dev.reset()
+        (queues + 0).deinitialize(count: 2)
+        live = false
+    }
+    defer { deactivate(); queues.deallocate() }
+    activate()
+
+    var availIdx: [UInt16] = [0, 0], usedSeen: [UInt16] = [0, 0], nextDesc: [Int] = [0, 0]
+    let bufBase = 4 * page
+    var bufNext = 0
+    func buffer(_ len: Int) -> UInt64 {
+        if bufNext + len > regionBytes - bufBase { bufNext = 0 }
+        defer { bufNext += (len + 15) & ~15 }
+        return guestBase + UInt64(bufBase + bufNext)
+    }
+    func host(_ g: UInt64) -> UnsafeMutableRawPointer { s.host + Int(g - guestBase) }
+    let namesSize = dev.namesSize
+
+    /// Writes a chain of `segs` (guest address, length, writable) to queue k and makes it available.
+    func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) {
+        guard !segs.isEmpty else { return }
+        let b = ringBase(k)
+        let desc = host(guestBase + b), avail = host(guestBase + b + 256)
+        var ids: [Int] = []
+        for _ in segs { ids.append(nextDesc[k] % Int(qsize)); nextDesc[k] += 1 }
+        for (i, seg) in segs.enumerated() {
+            let d = desc + 16 * ids[i]
+            d.storeBytes(of: seg.0.littleEndian, as: UInt64.self)
+            d.storeBytes(of: seg.1.littleEndian, toByteOffset: 8, as: UInt32.self)
+            let flags: UInt16 = (i + 1 < segs.count ? 1 : 0) | (seg.2 ? 2 : 0)
+            d.storeBytes(of: flags.littleEndian, toByteOffset: 12, as: UInt16.self)
+            d.storeBytes(of: UInt16(i + 1 < segs.count ? ids[i + 1] : 0).littleEndian, toByteOffset: 14, as: UInt16.self)
+        }
+        avail.storeBytes(of: UInt16(ids[0]).littleEndian, toByteOffset: 4 + 2 * Int(availIdx[k] % qsize), as: UInt16.self)
+        availIdx[k] &+= 1
+        avail.storeBytes(of: availIdx[k].littleEndian, toByteOffset: 2, as: UInt16.self)
+    }
+    /// Splits `total` bytes at `base` into 1-3 segments.
+    func pieces(_ base: UInt64, _ total: Int, writable: Bool) -> [(UInt64, UInt32, Bool)] {
+        guard total > 0 else { return [] }
+        let n = 1 + f.below(3)
+        var out: [(UInt64, UInt32, Bool)] = []
+        var off = 0
+        for i in 0..<n where off < total {
+            let len = i == n - 1 ? total - off : 1 + f.below(max(total - off, 1))
+            out.append((base + UInt64(off), UInt32(len), writable))
+            off += len
+        }
+        return out
+    }
+    func checkUsed() {
+        for k in 0..<2 where live {
+            let used = host(guestBase + ringBase(k) + 512)
+            let idx = used.load(fromByteOffset: 2, as: UInt16.self).littleEndian
+            while usedSeen[k] != idx {
+                let e = used + 4 + 8 * Int(usedSeen[k] % qsize)
+                let id = e.load(as: UInt32.self).littleEndian, len = e.load(fromByteOffset: 4, as: UInt32.self).littleEndian
+                fuzzCheck(id < UInt32(qsize), "used id \(id)")
+                if k == 0 { fuzzCheck(len <= 2 || len == UInt32(1 + namesSize), "requestq used length \(len)") }
+                else { fuzzCheck(len <= 1, "eventq used length \(len)") }
+                usedSeen[k] &+= 1
+            }
+        }
+    }
+
+    var ops = 0
+    while !f.isEmpty && ops < 64 {
+        ops += 1
+        switch f.u8() % 8 {
+        case 0, 1, 2:   // a request
+            var readable = 8
+            if f.u8() < 32 { readable = f.below(16) }
+            let room = f.u8() < 200 ? (f.bool() ? 2 : 1 + namesSize) : f.below(40)
+            let r = buffer(max(readable, 1)), w = buffer(max(room, 1))
+            let t = f.u8() < 240 ? UInt16(f.below(8)) : f.u16()
+            let line = f.u8() < 240 ? UInt16(f.below(lines + 2)) : f.u16()
+            let v = f.u8() < 240 ? UInt32(f.below(10)) : f.u32()
+            if readable >= 8 {
+                host(r).storeBytes(of: t.littleEndian, as: UInt16.self)
+                host(r).storeBytes(of: line.littleEndian, toByteOffset: 2, as: UInt16.self)
+                host(r).storeBytes(of: v.littleEndian, toByteOffset: 4, as: UInt32.self)
+            } else { f.fill(host(r), max(readable, 1)) }
+            submit(0, pieces(r, readable, writable: false) + pieces(w, room, writable: true))
+            if live { dev.queueNotified(0) }
+        case 3, 4:      // an event buffer
+            let readable = f.u8() < 32 ? f.below(5) : 2
+            let room = f.u8() < 32 ? f.below(3) : 1
+            let r = buffer(max(readable, 2)), w = buffer(max(room, 1))
+            host(r).storeBytes(of: UInt16(f.below(lines + 2)).littleEndian, as: UInt16.self)
+            host(w).storeBytes(of: 0xee, as: UInt8.self)
+            submit(1, pieces(r, readable, writable: false) + pieces(w, room, writable: true))
+            if live {
+                dev.queueNotified(1)
+                if room >= 1 {
+                    let st = host(w).load(as: UInt8.self)
+                    fuzzCheck(st == 0xee || st <= 1, "eventq status \(st)")
+                }
+            }
+        case 5:         // the outside world
+            chip.drive(f.below(lines), f.bool())
+        case 6:
+            switch f.u8() % 3 {
+            case 0: dev.quiesce()
+            case 1: dev.stopQueue(1)
+            default: dev.stopQueue(0)
+            }
+        default:        // driver reset and a new start
+            deactivate()
+            fuzzCheck(dev.held == 0, "reset left \(dev.held) held buffers")
+            fuzzCheck(chip.direction.allSatisfy { $0 == .none }, "reset left lines requested")
+            availIdx = [0, 0]; usedSeen = [0, 0]; nextDesc = [0, 0]
+            activate()
+        }
+        fuzzCheck(dev.held <= lines, "held \(dev.held) > \(lines) lines")
+        if live { fuzzCheck(!queues[0].isBroken && !queues[1].isBroken, "well-formed ring latched: \(String(describing: queues[0].fault)) \(String(describing: queues[1].fault))") }
+        checkUsed()
+    }
+    return 0
+}
