@@ -167,4 +167,75 @@ final class I2CTests: XCTestCase {
         fails("[device.i]\ntype = \"i2c\"\nmap = \"0x50\"\n", line: 3, "VADDR")
         fails("[device.i]\ntype = \"i2c\"\nbackend = \"vhost-user:/s\"\nmap = \"0x50=/dev/i2c-1\"\n", line: 4, "back-end")
     }
+
+    /// SMBus-only host adapters (i2c-stub, i801: no I2C_FUNC_I2C, I2C_RDWR refused): each transfer pattern the
+    /// kernel's i2c-virtio driver sends for i2cget/i2cset/i2cdetect becomes the SMBus operation with the same
+    /// bytes on the wire; patterns without one are refused, never split. Found with the real driver in the guest
+    /// (loopbackd-i2c): every transfer to an i2c-stub bus failed with EOPNOTSUPP before.
+    func testSMBusTranslation() {
+        let data = UnsafeMutableRawPointer.allocate(byteCount: SMBus.dataBytes, alignment: 8)
+        defer { data.deallocate() }
+        var bufs: [UnsafeMutableRawPointer] = []
+        defer { bufs.forEach { $0.deallocate() } }
+        func msg(_ read: Bool, _ bytes: [UInt8], len: Int? = nil, addr: UInt16 = 0x50) -> I2CMessage {
+            let n = len ?? bytes.count
+            let p = UnsafeMutableRawPointer.allocate(byteCount: max(n, 1), alignment: 1)
+            bufs.append(p)
+            for (k, b) in bytes.enumerated() { p.storeBytes(of: b, toByteOffset: k, as: UInt8.self) }
+            return I2CMessage(address: addr, read: read, buffer: n > 0 ? p : nil, length: n)
+        }
+        func encode(_ ms: [I2CMessage]) -> (SMBus.Op?, [UInt8]) {
+            var m = ms
+            let op = m.withUnsafeMutableBufferPointer { SMBus.encode($0, data: data) }
+            return (op, Array(UnsafeRawBufferPointer(start: data, count: 6)))
+        }
+        let W = SMBus.write, R = SMBus.read
+        // quick write / quick read (i2cdetect -q, zero-length requests)
+        XCTAssertEqual(encode([msg(false, [])]).0, .init(address: 0x50, readWrite: W, command: 0, size: SMBus.sizeQuick))
+        XCTAssertEqual(encode([msg(true, [], len: 0)]).0, .init(address: 0x50, readWrite: R, command: 0, size: SMBus.sizeQuick))
+        // send byte / receive byte (i2cdetect -r)
+        XCTAssertEqual(encode([msg(false, [0x42])]).0, .init(address: 0x50, readWrite: W, command: 0x42, size: SMBus.sizeByte))
+        XCTAssertEqual(encode([msg(true, [], len: 1)]).0, .init(address: 0x50, readWrite: R, command: 0, size: SMBus.sizeByte))
+        // write byte data, write word data (low byte first), I2C block write
+        var e = encode([msg(false, [0x10, 0xa5])])
+        XCTAssertEqual(e.0, .init(address: 0x50, readWrite: W, command: 0x10, size: SMBus.sizeByteData)); XCTAssertEqual(e.1[0], 0xa5)
+        e = encode([msg(false, [0x20, 0x34, 0x12])])
+        XCTAssertEqual(e.0, .init(address: 0x50, readWrite: W, command: 0x20, size: SMBus.sizeWordData)); XCTAssertEqual(Array(e.1[0..<2]), [0x34, 0x12])
+        e = encode([msg(false, [0x30, 1, 2, 3, 4])])
+        XCTAssertEqual(e.0, .init(address: 0x50, readWrite: W, command: 0x30, size: SMBus.sizeI2CBlock)); XCTAssertEqual(Array(e.1[0..<5]), [4, 1, 2, 3, 4])
+        XCTAssertNotNil(encode([msg(false, [UInt8](repeating: 7, count: 33))]).0, "command + 32 bytes")
+        XCTAssertNil(encode([msg(false, [UInt8](repeating: 7, count: 34))]).0, "33 data bytes: no SMBus form")
+        // combined: read byte data, read word data, I2C block read, process call
+        XCTAssertEqual(encode([msg(false, [0x10]), msg(true, [], len: 1)]).0, .init(address: 0x50, readWrite: R, command: 0x10, size: SMBus.sizeByteData))
+        XCTAssertEqual(encode([msg(false, [0x20]), msg(true, [], len: 2)]).0, .init(address: 0x50, readWrite: R, command: 0x20, size: SMBus.sizeWordData))
+        e = encode([msg(false, [0x30]), msg(true, [], len: 8)])
+        XCTAssertEqual(e.0, .init(address: 0x50, readWrite: R, command: 0x30, size: SMBus.sizeI2CBlock)); XCTAssertEqual(e.1[0], 8)
+        e = encode([msg(false, [0x40, 0xcd, 0xab]), msg(true, [], len: 2)])
+        XCTAssertEqual(e.0, .init(address: 0x50, readWrite: W, command: 0x40, size: SMBus.sizeProcCall)); XCTAssertEqual(Array(e.1[0..<2]), [0xcd, 0xab])
+        // no SMBus form: a multi-byte read without a command, 33 bytes read, two addresses, read first, 3 messages
+        XCTAssertNil(encode([msg(true, [], len: 2)]).0)
+        XCTAssertNil(encode([msg(false, [0x30]), msg(true, [], len: 33)]).0)
+        XCTAssertNil(encode([msg(false, [0x30]), msg(true, [], len: 1, addr: 0x51)]).0)
+        XCTAssertNil(encode([msg(true, [], len: 1), msg(false, [0x30])]).0)
+        XCTAssertNil(encode([msg(false, [0x30, 1]), msg(true, [], len: 1)]).0)
+        XCTAssertNil(encode([msg(false, []), msg(true, [], len: 1)]).0)
+        XCTAssertNil(encode([msg(false, [1]), msg(false, [2]), msg(false, [3])]).0)
+
+        // decode: what the adapter returned lands in the read message
+        func decode(_ ms: [I2CMessage], _ union: [UInt8]) -> (Bool, [UInt8]) {
+            var m = ms
+            let op = m.withUnsafeMutableBufferPointer { SMBus.encode($0, data: data) }!
+            union.withUnsafeBytes { data.copyMemory(from: $0.baseAddress!, byteCount: union.count) }
+            let ok = m.withUnsafeMutableBufferPointer { SMBus.decode(op, $0, data: data) }
+            let r = m.last!
+            return (ok, r.length > 0 ? Array(UnsafeRawBufferPointer(start: r.buffer, count: r.length)) : [])
+        }
+        XCTAssertTrue(decode([msg(false, [0x10]), msg(true, [], len: 1)], [0x3c]) == (true, [0x3c]))
+        XCTAssertTrue(decode([msg(true, [], len: 1)], [0x77]) == (true, [0x77]))
+        XCTAssertTrue(decode([msg(false, [0x20]), msg(true, [], len: 2)], [0x34, 0x12]) == (true, [0x34, 0x12]))
+        XCTAssertTrue(decode([msg(false, [0x40, 1, 2]), msg(true, [], len: 2)], [9, 8]) == (true, [9, 8]))
+        XCTAssertTrue(decode([msg(false, [0x30]), msg(true, [], len: 3)], [3, 1, 2, 3]) == (true, [1, 2, 3]))
+        XCTAssertFalse(decode([msg(false, [0x30]), msg(true, [], len: 3)], [2, 1, 2, 0xee]).0, "short block: fails")
+        XCTAssertTrue(decode([msg(false, [0x10, 1])], [0]).0, "a write has nothing to copy back")
+    }
 }

@@ -189,6 +189,29 @@ final class KernelLinkTests: XCTestCase {
     }
 
     /// Only devices that ask for it are added with SYNC_CONFIG: the protocol's default is false.
+    /// A driver reload (rmmod/insmod of the virtio driver): the loop may see the reset and the new probe's
+    /// DRIVER_OK in separate wake-ups with the same reset count; the device must come back on the new rings.
+    func testDriverReloadSeenInTwoStepsReactivates() {
+        typealias S = (handled: Bool, stop: Bool, start: Bool, reprobing: Bool)
+        func eq(_ a: S, _ b: S, _ m: String, line: UInt = #line) {
+            XCTAssertTrue(a.handled == b.handled && a.stop == b.stop && a.start == b.start && a.reprobing == b.reprobing,
+                          "\(m): \(a) want \(b)", line: line)
+        }
+        // running, nothing changed: a config write
+        eq(VirtioLoLink.statusChange(driverOK: true, resetCount: 1, seen: 1, active: true, reprobing: false), (false, false, false, false), "steady")
+        // reset seen (status ACK after remove(), count +1): stop, wait for DRIVER_OK
+        eq(VirtioLoLink.statusChange(driverOK: false, resetCount: 2, seen: 1, active: true, reprobing: false), (true, true, false, true), "reset")
+        // the new probe's intermediate statuses: keep waiting
+        eq(VirtioLoLink.statusChange(driverOK: false, resetCount: 2, seen: 2, active: false, reprobing: true), (true, false, false, true), "probing")
+        // DRIVER_OK with the same count: start on the new rings (this was lost before: the device stayed stopped)
+        eq(VirtioLoLink.statusChange(driverOK: true, resetCount: 2, seen: 2, active: false, reprobing: true), (true, false, true, false), "driver ok")
+        // reset and DRIVER_OK in one wake-up: stop and start
+        eq(VirtioLoLink.statusChange(driverOK: true, resetCount: 3, seen: 2, active: true, reprobing: false), (true, true, true, false), "both")
+        // the first probe (ADDDEV; with SYNC_CONFIG the kick is watched during it): never started from here
+        eq(VirtioLoLink.statusChange(driverOK: false, resetCount: 0, seen: 0, active: false, reprobing: false), (true, false, false, false), "first probe")
+        eq(VirtioLoLink.statusChange(driverOK: true, resetCount: 0, seen: 0, active: false, reprobing: false), (false, false, false, false), "first DRIVER_OK")
+    }
+
     func testConfigReadsDependOnWritesDefaultsToFalse() {
         XCTAssertFalse(EchoDevice().configReadsDependOnWrites)
         // The ABI constants the link uses are the header's (the single source of truth).

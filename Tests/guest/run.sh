@@ -60,6 +60,9 @@ cp "$cache/odirect" "$root/bin/odirect"
 # inputtool (uinput/evdev, the input cases): built by setup.sh; a cache prepared before it existed lacks it and
 # the cases that need it fail with a message naming it
 if [ -x "$cache/inputtool" ]; then cp "$cache/inputtool" "$root/bin/inputtool"; fi
+# i2c cases: i2c-dev and i2c-stub from the kernel, i2c-virtio built by setup.sh; the cases insmod them themselves
+( img_stage_modules "$root" "$kver" i2c-dev i2c-stub ) || exit 2
+[ -f "$cache/i2c-virtio-$kver/i2c-virtio.ko" ] && cp "$cache/i2c-virtio-$kver/i2c-virtio.ko" "$root/lib/modules/"
 if [ -x "$loopbackd" ]; then cp "$loopbackd" "$root/bin/loopbackd"; fi
 if [ -n "${LOOPBACKD_CONF:-}" ]; then cp "$LOOPBACKD_CONF" "$root/etc/loopbackd.conf"; fi
 cp "$here/lib.sh" "$root/tests/lib.sh"

@@ -37,6 +37,10 @@ if [ -f "$cache/kver-6.1" ]; then
   ln -sfn "vmlinux-$(cat "$cache/kver-6.1")" "$cache/vmlinux"
 fi
 
+# The kernel's i2c-virtio driver (not built in Debian's kernels), per kernel: scripts/image-lib.sh img_i2c_virtio.
+. "$repo/scripts/image-lib.sh"
+for k in "${kernels[@]}"; do IMG_CACHE=$cache IMG_LOG_PREFIX=setup img_i2c_virtio "$(cat "$cache/kver-$k")" > /dev/null; done
+
 # Static tools (kernel-independent): lo-tool speaks the module's ioctls, odirect does O_DIRECT I/O and checks,
 # inputtool drives uinput and reads evdev nodes (the input cases).
 gcc -static -O2 -Wall -I"$repo/kernel/virtio-loopback" -o "$cache/lo-tool" "$repo/kernel/virtio-loopback/tools/lo-tool.c" -lpthread

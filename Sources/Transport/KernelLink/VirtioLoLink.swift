@@ -44,6 +44,9 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         var configChanged: Int32 = -1
         var registrations: [(fd: Int32, reg: Int)] = []
         var resetCount: UInt32 = 0
+        /// Stopped by a driver reset whose new probe had not reached DRIVER_OK yet (driver reload): follow the new
+        /// rings when it does.
+        var reprobing = false
         var config: [UInt8] = []
         /// The queue sizes offered at ADDDEV (the kernel must not report more).
         var offered: [UInt16] = []
@@ -350,11 +353,14 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
             st.idx = d.kernelIndex
             if lb_ioctl_ptr(fd, lb_vlo_devstatus(), &st) == 0 {
                 let driverOK = st.status & UInt32(DeviceStatus.driverOK) != 0
-                if st.reset_count != d.resetCount || !driverOK {
+                let act = VirtioLoLink.statusChange(driverOK: driverOK, resetCount: st.reset_count, seen: d.resetCount,
+                                                    active: host.isActive(d.hostIndex), reprobing: d.reprobing)
+                if act.handled {
                     // The driver reset the device (or is probing again): stop it, then follow the new rings.
                     d.resetCount = st.reset_count
-                    if host.isActive(d.hostIndex) { Log.info("\(d.name): driver reset"); host.reset(d.hostIndex) }
-                    if driverOK { reactivate(d, features: VirtioFeatures(rawValue: st.features)) }
+                    d.reprobing = act.reprobing
+                    if act.stop { Log.info("\(d.name): driver reset"); host.reset(d.hostIndex) }
+                    if act.start { reactivate(d, features: VirtioFeatures(rawValue: st.features)) }
                     return
                 }
             }
@@ -371,6 +377,22 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         let last = (0..<now.count).last { now[$0] != d.config[$0] } ?? first
         d.config = now
         _ = now[first...last].withUnsafeBytes { host.writeConfig(d.hostIndex, offset: first, from: $0) }
+    }
+
+    /// What a status change read with DEVSTATUS asks of a linked device: `stop` it (the driver reset it), `start`
+    /// it on the driver's new rings (DRIVER_OK after a reset), and whether it is now waiting for the new probe's
+    /// DRIVER_OK. A driver reload (rmmod/modprobe of the virtio driver) resets the device and probes it again;
+    /// the loop may see the reset (reset count changed, or DRIVER_OK gone) and the new DRIVER_OK in two separate
+    /// wake-ups with the same reset count, so the stop is remembered until DRIVER_OK comes back. `handled` false:
+    /// nothing changed, config writes are for the caller. Pure (unit-tested).
+    public static func statusChange(driverOK: Bool, resetCount: UInt32, seen: UInt32, active: Bool, reprobing: Bool)
+        -> (handled: Bool, stop: Bool, start: Bool, reprobing: Bool) {
+        if resetCount != seen || !driverOK {
+            let waiting = (reprobing || active) && !driverOK
+            return (true, active, driverOK, waiting)
+        }
+        if reprobing { return (true, false, true, false) }
+        return (false, false, false, false)
     }
 
     private func reactivate(_ d: Linked, features: VirtioFeatures) {
