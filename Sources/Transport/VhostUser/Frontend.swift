@@ -480,6 +480,9 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     /// The host neither watches the kick eventfds nor polls or writes the rings: direct mode hands the driver
     /// side's kick eventfds to the back-end; replay mode watches them on our loop (and pumps the shadow rings).
     public var passthroughRings: Bool { !relay }
+    /// virtio-input answers config reads from what was written just before (select/subsel): through the kernel
+    /// module its writes must reach the back-end before the driver reads (synchronous config writes).
+    public var configReadsDependOnWrites: Bool { deviceID == 18 }
     public let relay: Bool
     /// true: interrupts pass through loopbackd so the in-flight requests are known and a restarted back-end gets
     /// exactly those (`reconnect = "replay"`). false (`reconnect = "reset"`): the back-end signals the driver side's
