@@ -10,6 +10,12 @@ struct BlockExposure: KernelExposure {
         guard let disk = Sysfs.list("\(root)/\(v)/block").first(where: { $0.hasPrefix("vd") }),
               let s = Sysfs.read("\(root)/\(v)/block/\(disk)/size"), let sectors = UInt64(s), sectors > 0,
               access("/dev/\(disk)", F_OK) == 0 else { return nil }
+        // The node may still be the previous disk's of the same name (6.12 reuses vdX at once): opening it gives
+        // ENXIO until the new disk is live. Keep waiting then.
+        let probe = open("/dev/\(disk)", O_RDONLY | O_CLOEXEC)
+        if probe < 0 {
+            if errno == ENXIO || errno == ENOENT || errno == ENODEV { return nil }
+        } else { FD.close(probe) }
         return try KernelBlk(virtio: v, disk: disk, sectors: sectors)
     }
 }
