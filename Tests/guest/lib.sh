@@ -102,3 +102,16 @@ ab_check() {
   [ "${AB_RC:-1}" = 0 ] || { AB_WHY="exit status $AB_RC"; return 1; }
   return 0
 }
+
+# ---- i2c cases
+# i2c_bus_of PATTERN: N of the adapter i2c-N whose name matches the shell pattern (i2c-stub: '*stub*', the
+# kernel's i2c-virtio driver: 'i2c_virtio*')
+i2c_bus_of() {
+  for d in /sys/bus/i2c/devices/i2c-*; do
+    [ -f "$d/name" ] || continue
+    case "$(cat "$d/name")" in $1) echo "${d##*/i2c-}"; return 0;; esac
+  done
+  return 1
+}
+# i2c_detect BUS ARGS...: the addresses i2cdetect finds on BUS, space-separated
+i2c_detect() { b=$1; shift; i2cdetect -y "$@" "$b" | tail -n +2 | cut -c5- | tr ' ' '\n' | grep -E '^[0-9a-f]{2}$' | tr '\n' ' ' | sed 's/ $//'; }

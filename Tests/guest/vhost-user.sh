@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# vhost-user end-to-end tests: QEMU is the vhost-user FRONT-END (vhost-user-rng-pci, vhost-user-blk-pci), loopbackd
-# on the host is the BACK-END (transport "none", every device served on a Unix socket), and the guest is Debian's
-# kernel with its own virtio_pci, virtio-rng and virtio_blk drivers.
+# vhost-user end-to-end tests: QEMU is the vhost-user FRONT-END (vhost-user-rng-pci, vhost-user-blk-pci; the i2c
+# case adds vhost-user-i2c-pci), loopbackd on the host is the BACK-END (transport "none", every device served on a
+# Unix socket), and the guest is Debian's kernel with its own virtio_pci, virtio-rng, virtio_blk and (built by
+# setup.sh) i2c-virtio drivers.
 #
 #   Tests/guest/vhost-user.sh [CASE]...     CASE = a file name in Tests/guest/vhost/ without .sh (default: all)
 #
@@ -67,6 +68,9 @@ root=$work/root
 ( img_tree_init "$root" && img_add_modules "$root" "$kver" virtio_ring virtio virtio_pci virtio-rng virtio_blk ) || exit 2
 mkdir -p "$root/tests/param" "$root/etc/image"
 cp "$cache/odirect" "$root/bin/odirect"
+# the i2c case: i2c-dev from the kernel, i2c-virtio built by setup.sh; the case insmods them
+( img_stage_modules "$root" "$kver" i2c-dev ) || exit 2
+[ -f "$cache/i2c-virtio-$kver/i2c-virtio.ko" ] && cp "$cache/i2c-virtio-$kver/i2c-virtio.ko" "$root/lib/modules/"
 cp "$here/lib.sh" "$root/tests/lib.sh"
 img_write_init "$root"
 # The same runner runs on every boot (also after the reboot case's reboot -f); /init sources it after the modules.
@@ -89,6 +93,7 @@ img=$work/disk0.img
 truncate -s ${disk_mib}M "$img"
 rng_sock=$work/rng.sock
 blk_sock=$work/blk.sock
+i2c_sock=$work/i2c.sock
 conf=$work/loopbackd.conf
 cat > "$conf" <<CONF
 [daemon]
@@ -106,12 +111,17 @@ readonly = false
 queues = 1
 queue-size = 256
 serve = "$blk_sock"
+
+[device.i2c0]
+type = "i2c"
+simulated = true
+serve = "$i2c_sock"
 CONF
 lblog=$work/loopbackd.log
 "$loopbackd" -c "$conf" > "$lblog" 2>&1 &
 lbpid=$!
-for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
-if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ]; then
+for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && [ -S "$i2c_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
+if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ] || ! [ -S "$i2c_sock" ]; then
   echo "vhost-user.sh: loopbackd did not create its sockets:"; cat "$lblog"; echo "0 passed, 1 failed"; exit 1
 fi
 
@@ -160,12 +170,14 @@ for c in "${cases[@]}"; do
   log=$cdir/console.log
   s0=$(date +%s.%N)
   qmp_opt=(); [ "$c" = pause ] && qmp_opt=(-qmp unix:"$cdir/qmp.sock",server=on,wait=off)
+  # the i2c case adds QEMU's vhost-user-i2c-pci in front of loopbackd's i2c0
+  i2c_opt=(); [ "$c" = i2c ] && i2c_opt=(-chardev socket,id=c2,path="$i2c_sock" -device vhost-user-i2c-pci,chardev=c2)
   timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nodefaults -nographic \
     -serial stdio "${reboot_opt[@]}" "${qmp_opt[@]}" -kernel "$vmlinux" -initrd "$cdir/initramfs.gz" \
     -append 'console=ttyS0 quiet panic=-1' \
     -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
     -chardev socket,id=c0,path="$rng_sock" -device vhost-user-rng-pci,chardev=c0 \
-    -chardev socket,id=c1,path="$blk_sock" -device vhost-user-blk-pci,chardev=c1,num-queues=1 \
+    -chardev socket,id=c1,path="$blk_sock" -device vhost-user-blk-pci,chardev=c1,num-queues=1 "${i2c_opt[@]}" \
     < /dev/null > "$log" 2>&1 &
   qpid=$!
   pause_why=""

@@ -11,14 +11,7 @@ insmod /lib/modules/i2c-dev.ko || fail "insmod i2c-dev"
 insmod /lib/modules/i2c-stub.ko chip_addr=0x50,0x1c || fail "insmod i2c-stub"
 insmod /lib/modules/i2c-virtio.ko || fail "insmod i2c-virtio"
 load_lo
-# bus_of PATTERN: N of the adapter i2c-N whose name matches
-bus_of() {
-  for d in /sys/bus/i2c/devices/i2c-*; do
-    [ -f "$d/name" ] || continue
-    case "$(cat "$d/name")" in $1) echo "${d##*/i2c-}"; return 0;; esac
-  done
-  return 1
-}
+bus_of() { i2c_bus_of "$@"; }
 vbus() { M=$(bus_of 'i2c_virtio*') && [ -c "/dev/i2c-$M" ]; }
 no_vbus() { ! bus_of 'i2c_virtio*' > /dev/null; }
 N=$(bus_of '*stub*') || fail "no i2c-stub adapter: $(cat /sys/bus/i2c/devices/i2c-*/name 2>/dev/null | tr '\n' '|')"
@@ -45,7 +38,7 @@ expect() {
 # nack WHAT COMMAND...: the command fails
 nack() { what=$1; shift; "$@" > /tmp/nack.out 2>&1 && lb_fail "$what: '$*' succeeded: $(cat /tmp/nack.out)"; return 0; }
 # detect ARGS...: the addresses i2cdetect finds on the virtio bus, space-separated
-detect() { i2cdetect -y "$@" "$M" | tail -n +2 | cut -c5- | tr ' ' '\n' | grep -E '^[0-9a-f]{2}$' | tr '\n' ' ' | sed 's/ $//'; }
+detect() { i2c_detect "$M" "$@"; }
 
 # all transfers, with the values a round must find; $1 = a tag for messages
 transfers() {
