@@ -19,9 +19,9 @@
  *    (avail entries seen minus used entries seen).  When a device is torn
  *    down (DELDEV, close, owner killed) the module becomes a failing device:
  *    it completes every outstanding request itself (len 0, virtio-blk status
- *    IOERR), on every later notify too, until the driver's remove() has
- *    reset the device.  So remove paths that wait for in-flight I/O (e.g.
- *    virtio_blk's del_gendisk) never hang.
+ *    IOERR, virtio-i2c status ERR), on every later notify too, until the
+ *    driver's remove() has reset the device.  So remove paths that wait for
+ *    in-flight I/O (e.g. virtio_blk's del_gendisk) never hang.
  *  - Used-buffer interrupts (KICK ioctl, irqfd work, teardown) are
  *    serialised per device by irq_lock and run with interrupts disabled,
  *    like a hard interrupt handler.
@@ -316,8 +316,26 @@ static bool vlo_phys_ok(u64 addr, u64 len)
 	return pfn_valid(PHYS_PFN(addr)) && pfn_valid(PHYS_PFN(addr + len - 1));
 }
 
-/* virtio-blk: the status byte is the last byte of the last device-writable buffer. */
-static void vlo_blk_fail(struct vlo_queue *q, u16 head)
+/*
+ * Devices whose request status is the last byte of the last device-writable buffer, and the value that fails a
+ * request there: virtio-blk (VIRTIO_BLK_S_IOERR) and virtio-i2c (VIRTIO_I2C_MSG_ERR). A request completed with
+ * len 0 and that byte untouched reads as done: i2c-virtio checks only the byte (zeroed by its kcalloc, i.e.
+ * VIRTIO_I2C_MSG_OK), so a read in flight when user space died returned zeroes as data. -1: none.
+ */
+#define VLO_VIRTIO_ID_I2C	34	/* VIRTIO_ID_I2C_ADAPTER */
+#define VLO_I2C_MSG_ERR		1	/* VIRTIO_I2C_MSG_ERR */
+static int vlo_fail_status(u32 device_id)
+{
+	switch (device_id) {
+	case VIRTIO_ID_BLOCK:
+		return VIRTIO_BLK_S_IOERR;
+	case VLO_VIRTIO_ID_I2C:
+		return VLO_I2C_MSG_ERR;
+	}
+	return -1;
+}
+
+static void vlo_status_fail(struct vlo_queue *q, u16 head, u8 status)
 {
 	struct virtio_device *vdev = &q->dev->vdev;
 	struct vring_desc *tbl = q->vr.desc;
@@ -352,7 +370,7 @@ static void vlo_blk_fail(struct vlo_queue *q, u16 head)
 		i = virtio16_to_cpu(vdev, tbl[i].next);
 	}
 	if (found && vlo_phys_ok(last, 1))
-		*(u8 *)phys_to_virt(last) = VIRTIO_BLK_S_IOERR;
+		*(u8 *)phys_to_virt(last) = status;
 }
 
 /* Complete every outstanding head with len 0.  irq_lock held. */
@@ -361,6 +379,7 @@ static void vlo_fail_inflight(struct vlo_queue *q)
 	struct vlo_dev *dev = q->dev;
 	struct virtio_device *vdev = &dev->vdev;
 	unsigned int num = q->num, h;
+	int status = vlo_fail_status(dev->vdev.id.device);
 	u16 ui;
 
 	spin_lock(&q->track_lock);
@@ -372,8 +391,8 @@ static void vlo_fail_inflight(struct vlo_queue *q)
 		if (q->inflight[h] > 0) {
 			struct vring_used_elem *e = &q->vr.used->ring[ui & (num - 1)];
 
-			if (dev->vdev.id.device == VIRTIO_ID_BLOCK)
-				vlo_blk_fail(q, h);
+			if (status >= 0)
+				vlo_status_fail(q, h, status);
 			e->id = cpu_to_virtio32(vdev, h);
 			e->len = cpu_to_virtio32(vdev, 0);
 			ui++;

@@ -88,6 +88,24 @@ expect "after reload" 0xa5 i2cget -y "$M" 0x50 0x10
 transfers reload
 info "driver reload ok (/dev/i2c-$M)"
 
+# A transfer in flight when loopbackd dies fails (it must not read back as a zero byte): loopbackd stopped, an
+# i2cget waits on the adapter, SIGKILL; the module completes the request itself with the status byte set to ERR.
+kill -STOP "$LBPID"
+i2cget -y "$M" 0x50 0x10 > /tmp/inflight.out 2>&1 &
+ip=$!
+usleep 500000
+kill -0 $ip 2>/dev/null || fail "i2cget finished while loopbackd was stopped: $(cat /tmp/inflight.out)"
+kill -9 "$LBPID"; wait "$LBPID" 2>/dev/null; LBPID=
+i=0; while kill -0 $ip 2>/dev/null && [ $i -lt 100 ]; do usleep 100000; i=$((i + 1)); done
+kill -0 $ip 2>/dev/null && fail "in-flight i2cget still blocked 10 s after SIGKILL"
+wait $ip && fail "in-flight i2cget succeeded after SIGKILL: '$(cat /tmp/inflight.out)'"
+info "in-flight transfer at SIGKILL: failed ($(cat /tmp/inflight.out | tr '\n' ' '))"
+wait_for 10 no_vbus || fail "virtio adapter still there after SIGKILL"
+loopbackd_start
+wait_for 20 vbus || lb_fail "no virtio adapter after restart"
+vbus
+expect "after in-flight SIGKILL" 0xa5 i2cget -y "$M" 0x50 0x10
+
 # SIGKILL while a reader loops on the adapter: the adapter goes away, nothing hangs; a restarted loopbackd
 # brings it back
 ( while [ ! -e /tmp/stop ]; do i2cget -y "$M" 0x50 0x10 > /dev/null 2>&1; i2cget -y "$M" 0x51 0 > /dev/null 2>&1; done ) &
