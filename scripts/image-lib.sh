@@ -124,30 +124,42 @@ img_module_build() {
   echo "$dir/virtio_loopback.ko"
 }
 
-# img_i2c_virtio KV: the kernel's i2c-virtio driver built out of tree against KV's headers (Debian's 6.1 and 6.12
-# kernels leave CONFIG_I2C_VIRTIO unset), from Debian's linux-source-SERIES package of the headers' version (the
-# archive's current one if that is gone). Only drivers/i2c/busses/i2c-virtio.c is extracted (tar stops at it:
-# about 5 s) and kept in IMG_CACHE/i2c-virtio-KV/; the package (140-150 MB) is deleted once read. The module is
-# built there (about 1.5 s) unless it is newer than its source. Prints the .ko path.
-img_i2c_virtio() {
-  local kv=$1 dir=$IMG_CACHE/i2c-virtio-$1 series pkg ver tmp deb f=drivers/i2c/busses/i2c-virtio.c
-  if [ ! -f "$dir/i2c-virtio.c" ]; then
-    series=$(echo "$kv" | grep -oE '^[0-9]+\.[0-9]+')
-    pkg=linux-source-$series
-    ver=$(dpkg-query -W -f='${Version}' "linux-headers-$kv" 2>/dev/null || true)
-    mkdir -p "$dir"
-    tmp=$(mktemp -d "$IMG_CACHE/.src.XXXXXX")
-    img_log "downloading $pkg${ver:+=$ver} for i2c-virtio.c"
-    (cd "$tmp" && { apt-get download -qq -o APT::Sandbox::User=root "$pkg${ver:+=$ver}" ||
-      apt-get download -qq -o APT::Sandbox::User=root "$pkg"; } >&2) || { rm -rf "$tmp"; img_die "apt-get download $pkg failed"; }
-    deb=$(ls "$tmp"/*.deb | head -1)
-    # the pipe's writers die of SIGPIPE once tar has its one file: judge by the file, not the status
-    (dpkg-deb --fsys-tarfile "$deb" | tar -xO --wildcards "./usr/src/$pkg.tar.xz" | xz -dc |
-      tar -x -C "$tmp" --occurrence=1 "$pkg/$f") 2>/dev/null || true
+# img_linux_sources KV: the driver sources the guest suites build out of tree for KV (Debian's 6.1 and 6.12 kernels
+# leave CONFIG_I2C_VIRTIO and CONFIG_GPIO_VIRTIO unset), extracted from Debian's linux-source-SERIES package of the
+# headers' version (the archive's current one if that is gone) into IMG_CACHE/i2c-virtio-KV/i2c-virtio.c and
+# IMG_CACHE/gpio-virtio-KV/gpio-virtio.c.orig. Only the missing files are extracted, all in one pass of one
+# download (tar stops at the last one: about 5 s); the package (140-150 MB) is deleted once read.
+img_linux_sources() {
+  local kv=$1 series pkg ver tmp deb f d out want=() have
+  local -A dest=([drivers/i2c/busses/i2c-virtio.c]=$IMG_CACHE/i2c-virtio-$1/i2c-virtio.c
+                 [drivers/gpio/gpio-virtio.c]=$IMG_CACHE/gpio-virtio-$1/gpio-virtio.c.orig)
+  for f in "${!dest[@]}"; do [ -f "${dest[$f]}" ] || want+=("$f"); done
+  [ ${#want[@]} -gt 0 ] || return 0
+  series=$(echo "$kv" | grep -oE '^[0-9]+\.[0-9]+')
+  pkg=linux-source-$series
+  ver=$(dpkg-query -W -f='${Version}' "linux-headers-$kv" 2>/dev/null || true)
+  tmp=$(mktemp -d "$IMG_CACHE/.src.XXXXXX")
+  img_log "downloading $pkg${ver:+=$ver} for ${want[*]##*/}"
+  (cd "$tmp" && { apt-get download -qq -o APT::Sandbox::User=root "$pkg${ver:+=$ver}" ||
+    apt-get download -qq -o APT::Sandbox::User=root "$pkg"; } >&2) || { rm -rf "$tmp"; img_die "apt-get download $pkg failed"; }
+  deb=$(ls "$tmp"/*.deb | head -1)
+  # the pipe's writers die of SIGPIPE once tar has its files: judge by the files, not the status
+  (dpkg-deb --fsys-tarfile "$deb" | tar -xO --wildcards "./usr/src/$pkg.tar.xz" | xz -dc |
+    tar -x -C "$tmp" --occurrence=1 "${want[@]/#/$pkg/}") 2>/dev/null || true
+  for f in "${want[@]}"; do
     [ -s "$tmp/$pkg/$f" ] || { rm -rf "$tmp"; img_die "$f not found in $pkg"; }
-    mv "$tmp/$pkg/$f" "$dir/i2c-virtio.c.tmp" && mv "$dir/i2c-virtio.c.tmp" "$dir/i2c-virtio.c"
-    rm -rf "$tmp"
-  fi
+    out=${dest[$f]}; mkdir -p "${out%/*}"
+    mv "$tmp/$pkg/$f" "$out.tmp" && mv "$out.tmp" "$out"
+  done
+  rm -rf "$tmp"
+}
+
+# img_i2c_virtio KV: the kernel's i2c-virtio driver built out of tree against KV's headers in
+# IMG_CACHE/i2c-virtio-KV/ (source: img_linux_sources), unless the module is newer than its source (about 1.5 s).
+# Prints the .ko path.
+img_i2c_virtio() {
+  local kv=$1 dir=$IMG_CACHE/i2c-virtio-$1
+  img_linux_sources "$kv"
   if [ ! "$dir/i2c-virtio.ko" -nt "$dir/i2c-virtio.c" ]; then
     echo 'obj-m := i2c-virtio.o' > "$dir/Kbuild"
     img_log "building i2c-virtio.ko for $kv"
@@ -156,6 +168,33 @@ img_i2c_virtio() {
     strip --strip-debug "$dir/i2c-virtio.ko"
   fi
   echo "$dir/i2c-virtio.ko"
+}
+
+# img_gpio_virtio KV: the kernel's gpio-virtio driver built out of tree against KV's headers in
+# IMG_CACHE/gpio-virtio-KV/ (source: img_linux_sources), with one change: 6.1's and 6.12's driver give every
+# instance the same static, writable vgpio_irq_chip, which gpiolib hooks per gpio_chip (irq_enable/irq_disable
+# saved and replaced), so with two virtio-gpio chips the second chip's first interrupt request calls a NULL
+# irq_enable (oops in request_threaded_irq from GPIO_GET_LINEEVENT_IOCTL). Each instance gets its own copy
+# (devm_kmemdup). Built unless the module is newer than its source (about 1.6 s). Prints the .ko path.
+img_gpio_virtio() {
+  local kv=$1 dir=$IMG_CACHE/gpio-virtio-$1
+  img_linux_sources "$kv"
+  if [ ! "$dir/gpio-virtio.c" -nt "$dir/gpio-virtio.c.orig" ]; then
+    grep -q '^\s*vgpio->gc\.irq\.chip\s*=\s*&vgpio_irq_chip;$' "$dir/gpio-virtio.c.orig" ||
+      img_die "gpio-virtio.c ($kv): the irq_chip assignment to patch is not there"
+    sed 's/^\(\s*\)vgpio->gc\.irq\.chip\s*=\s*&vgpio_irq_chip;$/\1\/* one irq_chip per instance: gpiolib hooks the chip it is given (loopbackd guest suites) *\/\
+\1vgpio->gc.irq.chip = devm_kmemdup(dev, \&vgpio_irq_chip, sizeof(vgpio_irq_chip), GFP_KERNEL);\
+\1if (!vgpio->gc.irq.chip)\
+\1\treturn -ENOMEM;/' "$dir/gpio-virtio.c.orig" > "$dir/gpio-virtio.c.tmp" && mv "$dir/gpio-virtio.c.tmp" "$dir/gpio-virtio.c"
+  fi
+  if [ ! "$dir/gpio-virtio.ko" -nt "$dir/gpio-virtio.c" ]; then
+    echo 'obj-m := gpio-virtio.o' > "$dir/Kbuild"
+    img_log "building gpio-virtio.ko for $kv"
+    make -s -C "/lib/modules/$kv/build" M="$dir" KCFLAGS="-ffile-prefix-map=$dir/=" modules >&2 ||
+      img_die "gpio-virtio build failed for $kv"
+    strip --strip-debug "$dir/gpio-virtio.ko"
+  fi
+  echo "$dir/gpio-virtio.ko"
 }
 
 # img_stage_modules ROOT KV NAME...: the named modules (and their dependencies) copied into ROOT/lib/modules

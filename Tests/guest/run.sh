@@ -63,6 +63,9 @@ if [ -x "$cache/inputtool" ]; then cp "$cache/inputtool" "$root/bin/inputtool"; 
 # i2c cases: i2c-dev and i2c-stub from the kernel, i2c-virtio built by setup.sh; the cases insmod them themselves
 ( img_stage_modules "$root" "$kver" i2c-dev i2c-stub ) || exit 2
 [ -f "$cache/i2c-virtio-$kver/i2c-virtio.ko" ] && cp "$cache/i2c-virtio-$kver/i2c-virtio.ko" "$root/lib/modules/"
+# gpio case: gpio-virtio and gpiotool built by setup.sh (a cache prepared before them lacks them: the case says so)
+[ -f "$cache/gpio-virtio-$kver/gpio-virtio.ko" ] && cp "$cache/gpio-virtio-$kver/gpio-virtio.ko" "$root/lib/modules/"
+[ -x "$cache/gpiotool" ] && cp "$cache/gpiotool" "$root/bin/gpiotool"
 if [ -x "$loopbackd" ]; then cp "$loopbackd" "$root/bin/loopbackd"; fi
 if [ -n "${LOOPBACKD_CONF:-}" ]; then cp "$LOOPBACKD_CONF" "$root/etc/loopbackd.conf"; fi
 cp "$here/lib.sh" "$root/tests/lib.sh"
@@ -77,7 +80,7 @@ cd /tmp
 sh /tests/case.sh
 echo GUEST-CASE-EXIT $?
 echo "GUEST-DMESG-BEGIN"
-dmesg | grep -iE 'virtio|loopback|blk|vd[a-z]|hwrng|rng' | tail -n 60
+dmesg | grep -iE 'virtio|loopback|blk|vd[a-z]|hwrng|rng|gpio' | tail -n 60
 echo "GUEST-DMESG-END"
 MAIN
 

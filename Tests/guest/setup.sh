@@ -7,7 +7,7 @@
 # (installed if missing, as root), Debian's kernel package downloaded once and unpacked into the cache dir, an
 # uncompressed vmlinux (fast PVH boot under TCG), kernel/virtio-loopback built against those headers in
 # <cache>/module-<kver>/ (<cache>/kver-<kernel> names the version). Then the static helper tools (lo-tool, odirect,
-# inputtool).
+# inputtool, gpiotool), the kernel's i2c-virtio and gpio-virtio drivers built out of tree.
 # Cache dir: $GUEST_CACHE, default <repo>/.build-guest. Run the suites on a kernel with GUEST_KERNEL=<kernel>.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -44,10 +44,18 @@ for k in "${kernels[@]}"; do
   ( IMG_CACHE=$cache IMG_LOG_PREFIX=setup img_i2c_virtio "$(cat "$cache/kver-$k")" > /dev/null ) ||
     log "i2c-virtio.ko for $k not built: the i2c cases will fail"
 done
+# gpio-virtio likewise, with a fix for two chips in one guest (scripts/image-lib.sh img_gpio_virtio); the one
+# linux-source download per kernel serves both.
+for k in "${kernels[@]}"; do
+  ( IMG_CACHE=$cache IMG_LOG_PREFIX=setup img_gpio_virtio "$(cat "$cache/kver-$k")" > /dev/null ) ||
+    log "gpio-virtio.ko for $k not built: the gpio cases will fail"
+done
 
 # Static tools (kernel-independent): lo-tool speaks the module's ioctls, odirect does O_DIRECT I/O and checks,
 # inputtool drives uinput and reads evdev nodes (the input cases).
 gcc -static -O2 -Wall -I"$repo/kernel/virtio-loopback" -o "$cache/lo-tool" "$repo/kernel/virtio-loopback/tools/lo-tool.c" -lpthread
 gcc -static -O2 -Wall -o "$cache/odirect" "$here/tools/odirect.c"
 gcc -static -O2 -Wall -o "$cache/inputtool" "$here/tools/inputtool.c"
+# gpiotool: the v1 GPIO character-device ioctls (the gpio case)
+gcc -static -O2 -Wall -o "$cache/gpiotool" "$here/tools/gpiotool.c"
 log "done (${kernels[*]})"

@@ -10,24 +10,16 @@
 # answers (in one process the loop would wait for itself). SIGKILL of B releases its line requests on chip A;
 # A keeps working; SIGTERM of A removes chip 0.
 #
-# Pending: what the harness needs (Tests/guest/setup.sh, run.sh, scripts/image-lib.sh; not changed here while the
-# i2c case's harness changes were in flight). Passed when run with a private copy of the harness so extended:
-# 6.1.0-57 PASS (5 s), 6.12.95+deb12 PASS (7 s), 50 edges through A and 50 through B on each.
-# 1. gpio-virtio.ko per kernel, built out of tree like img_i2c_virtio: drivers/gpio/gpio-virtio.c from
-#    linux-source-SERIES, `obj-m := gpio-virtio.o`, copied to /lib/modules/gpio-virtio.ko. One source change is
-#    needed for this case's two chips: 6.1's and 6.12's driver share one static, mutable `vgpio_irq_chip` between
-#    instances; gpiolib hooks it per gpio_chip, so the second chip's irq_enable is NULL and the first interrupt
-#    request on it oopses (seen on 6.1: RIP 0, request_threaded_irq from GPIO_GET_LINEEVENT_IOCTL). In
-#    virtio_gpio_probe replace `vgpio->gc.irq.chip = &vgpio_irq_chip;` with a per-instance copy:
-#      vgpio->gc.irq.chip = devm_kmemdup(dev, &vgpio_irq_chip, sizeof(vgpio_irq_chip), GFP_KERNEL);
-#      if (!vgpio->gc.irq.chip) return -ENOMEM;
-#    (one virtio-gpio chip per guest, the usual case, is not affected).
-# 2. Tests/guest/tools/gpiotool.c built static by setup.sh and copied to /bin/gpiotool.
-# 3. Move this file to Tests/guest/cases/.
+# Harness: setup.sh builds gpio-virtio.ko per kernel out of tree from Debian's linux-source-SERIES (neither kernel
+# sets CONFIG_GPIO_VIRTIO) with one fix this case's two chips need (scripts/image-lib.sh img_gpio_virtio: 6.1's and
+# 6.12's driver share one static, mutable vgpio_irq_chip between instances; gpiolib hooks it per gpio_chip, so
+# without a per-instance copy the second chip's first interrupt request oopses: RIP 0, request_threaded_irq from
+# GPIO_GET_LINEEVENT_IOCTL) and Tests/guest/tools/gpiotool.c (static); run.sh copies both into the image
+# (/lib/modules/gpio-virtio.ko, /bin/gpiotool). No gpio-sim: chip A's simulated lines are loopbackd's own.
 . /tests/lib.sh
 have_loopbackd
-[ -f /lib/modules/gpio-virtio.ko ] || fail "no gpio-virtio.ko in the image (harness: build it like img_i2c_virtio)"
-[ -x /bin/gpiotool ] || fail "no gpiotool in the image (harness: build Tests/guest/tools/gpiotool.c)"
+[ -f /lib/modules/gpio-virtio.ko ] || fail "no gpio-virtio.ko in the image (run Tests/guest/setup.sh)"
+[ -x /bin/gpiotool ] || fail "no gpiotool in the image (run Tests/guest/setup.sh)"
 load_lo
 insmod /lib/modules/gpio-virtio.ko || fail "insmod gpio-virtio"
 write_conf
