@@ -49,8 +49,9 @@ public struct DeviceRegistry {
             .input,
             .i2c,
             .gpio,
+            .vsock,
             // Forwarded to a vhost-user back-end (no in-process body in this build): Forwarded/ForwardedTypes.swift.
-            .console, .sound, .can, .vsock, .gpu, .scmi, .fs, .other,
+            .console, .sound, .can, .gpu, .scmi, .fs, .other,
         ])
     }
 
