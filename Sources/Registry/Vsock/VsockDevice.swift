@@ -186,7 +186,11 @@ public final class VsockDevice: VirtioDevice, VsockHostDelegate {
     public func writeConfig(offset: Int, from buffer: UnsafeRawBufferPointer) {}   // guest_cid is read-only
 
     public func activate(_ c: DeviceContext) throws(DeviceError) {
-        guard c.queueCount >= 3 else { throw DeviceError("vsock: the driver set up \(c.queueCount) queues, needs rx, tx and event") }
+        guard c.queueCount >= 3 else {
+            // Nothing works without rx, tx and event: the device stays idle (takes no chains) until a reset.
+            once(1 << 24, "the driver set up \(c.queueCount) queue(s), needs rx, tx and event: idle until reset")
+            return
+        }
         queues = c.queues
         queueCount = c.queueCount
         faults = c.faults
@@ -200,6 +204,8 @@ public final class VsockDevice: VirtioDevice, VsockHostDelegate {
     public func reset() {
         if connectionCount > 0 { transportResetPending = true }
         closeAll()
+        host.stop()
+        hostStarted = false
         queues = nil
         queueCount = 0
         rxHeld.removeAll()

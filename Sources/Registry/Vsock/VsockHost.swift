@@ -43,7 +43,7 @@ private let epollET: UInt32 = 1 << 31
 public final class UnixVsockHost: VsockHost, EventHandler {
     public let path: String
     public var description: String { "hybrid vsock \(path)" }
-    private let listener: FileRef
+    private var listener: FileRef?
     private var fds: [Int32]
     private var registrations: [Int]
     private weak var loop: EventLoop?
@@ -56,32 +56,42 @@ public final class UnixVsockHost: VsockHost, EventHandler {
     private static let listenToken: UInt32 = 0xffff_ffff
 
     public init(path: String, capacity: Int) throws(DeviceError) {
-        let fd = lb_unix_listen(path, 64, 0o600)
-        guard fd >= 0 else { throw DeviceError("vsock: cannot listen on \(path): \(Errno.current)") }
-        listener = FileRef(adopting: fd)
         self.path = path
         fds = Array(repeating: -1, count: capacity)
         registrations = Array(repeating: -1, count: capacity)
+        try listen()   // at start-up: a path in use is a configuration error now, not at the driver's DRIVER_OK
     }
-    deinit {
-        stop()
-        unlink(path)
+    deinit { stop() }
+
+    private func listen() throws(DeviceError) {
+        guard listener == nil else { return }
+        let fd = lb_unix_listen(path, 64, 0o600)
+        guard fd >= 0 else { throw DeviceError("vsock: cannot listen on \(path): \(Errno.current)") }
+        listener = FileRef(adopting: fd)
     }
 
+    /// Listens (again) and watches the listener; host programs are served while the driver runs the device.
     public func start(loop: EventLoop, delegate: VsockHostDelegate) throws(DeviceError) {
         guard self.loop == nil else { self.delegate = delegate; return }
+        try listen()
         self.loop = loop
         self.delegate = delegate
-        do { listenRegistration = try loop.register(fd: listener.raw, handler: self, token: Self.listenToken) } catch {
+        do { listenRegistration = try loop.register(fd: listener!.raw, handler: self, token: Self.listenToken) } catch {
             throw DeviceError("vsock: cannot watch \(path): \(error)")
         }
     }
 
+    /// Closes every connection and the listener (the socket file goes): a reset device takes no host programs.
     public func stop() {
         for c in 0..<fds.count where fds[c] >= 0 { close(c) }
         for p in pending { dropPending(p) }
         pending = []
-        if listenRegistration >= 0 { loop?.unregister(fd: listener.raw, registration: listenRegistration); listenRegistration = -1 }
+        if let l = listener {
+            if listenRegistration >= 0 { loop?.unregister(fd: l.raw, registration: listenRegistration) }
+            listenRegistration = -1
+            listener = nil
+            unlink(path)
+        }
         loop = nil
         delegate = nil
     }
@@ -167,7 +177,8 @@ public final class UnixVsockHost: VsockHost, EventHandler {
 
     private func acceptClients() {
         while true {
-            let fd = lb_unix_accept(listener.raw)
+            guard let l = listener else { return }
+            let fd = lb_unix_accept(l.raw)
             guard fd >= 0 else {
                 if errno != EAGAIN { Log.warning("vsock: accept on \(path): \(Errno.current)") }
                 return

@@ -33,6 +33,11 @@ public final class VsockWorkload: Workload {
             return nil
         }
         guestCID = cid
+        // bench starts drivers with one queue; vsock needs rx, tx and event.
+        if d.queues.count < 3 {
+            d.reset()
+            do { try d.start() } catch { Log.error("vsock workload: cannot start the driver: \(error)"); return nil }
+        }
         let listenPath = "\(path)_\(Self.hostPort)"
         let l = lb_unix_listen(listenPath, 1, 0o600)
         guard l >= 0 else { Log.error("vsock workload: cannot listen on \(listenPath): \(Errno.current)"); return nil }
