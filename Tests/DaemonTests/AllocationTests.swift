@@ -49,6 +49,15 @@ final class AllocationTests: XCTestCase {
         XCTAssertLessThan(n, 100)
     }
 
+    /// vsock ping-pong: RW out through the hybrid-vsock unix socket (writev), the host echo, RW back (readv into a
+    /// held receive buffer): the connection table, park pool and RST queue are preallocated.
+    func testVsockPathDoesNotAllocate() throws {
+        let uds = "/tmp/loopbackd-alloc-vsock-\(getpid()).sock"
+        let n = try run("vsock", { VsockDevice(guestCID: 3, host: try UnixVsockHost(path: uds, capacity: 64), queueSize: 64) })
+        print("allocations during 10,000 vsock round trips: \(n)")
+        XCTAssertLessThan(n, 100)
+    }
+
     func testPolledPathDoesNotAllocate() throws {
         let n = try run("rng", { RngDevice() }, pollUs: 50)
         print("allocations during 10,000 polled rng requests: \(n)")
