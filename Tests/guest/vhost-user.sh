@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # vhost-user end-to-end tests: QEMU is the vhost-user FRONT-END (vhost-user-rng-pci, vhost-user-blk-pci; the i2c
-# case adds vhost-user-i2c-pci), loopbackd on the host is the BACK-END (transport "none", every device served on a
-# Unix socket), and the guest is Debian's kernel with its own virtio_pci, virtio-rng, virtio_blk and (built by
-# setup.sh) i2c-virtio drivers.
+# case adds vhost-user-i2c-pci, the gpio case vhost-user-gpio-pci), loopbackd on the host is the BACK-END
+# (transport "none", every device served on a Unix socket), and the guest is Debian's kernel with its own
+# virtio_pci, virtio-rng, virtio_blk and (built by setup.sh) i2c-virtio and gpio-virtio drivers.
 #
 #   Tests/guest/vhost-user.sh [CASE]...     CASE = a file name in Tests/guest/vhost/ without .sh (default: all)
 #
@@ -71,6 +71,9 @@ cp "$cache/odirect" "$root/bin/odirect"
 # the i2c case: i2c-dev from the kernel, i2c-virtio built by setup.sh; the case insmods them
 ( img_stage_modules "$root" "$kver" i2c-dev ) || exit 2
 [ -f "$cache/i2c-virtio-$kver/i2c-virtio.ko" ] && cp "$cache/i2c-virtio-$kver/i2c-virtio.ko" "$root/lib/modules/"
+# the gpio case: gpio-virtio and gpiotool built by setup.sh; the case insmods the driver
+[ -f "$cache/gpio-virtio-$kver/gpio-virtio.ko" ] && cp "$cache/gpio-virtio-$kver/gpio-virtio.ko" "$root/lib/modules/"
+[ -x "$cache/gpiotool" ] && cp "$cache/gpiotool" "$root/bin/gpiotool"
 cp "$here/lib.sh" "$root/tests/lib.sh"
 img_write_init "$root"
 # The same runner runs on every boot (also after the reboot case's reboot -f); /init sources it after the modules.
@@ -94,6 +97,7 @@ truncate -s ${disk_mib}M "$img"
 rng_sock=$work/rng.sock
 blk_sock=$work/blk.sock
 i2c_sock=$work/i2c.sock
+gpio_sock=$work/gpio.sock
 conf=$work/loopbackd.conf
 cat > "$conf" <<CONF
 [daemon]
@@ -116,12 +120,19 @@ serve = "$blk_sock"
 type = "i2c"
 simulated = true
 serve = "$i2c_sock"
+
+[device.gpio0]
+type = "gpio"
+simulated = true
+names = ["v0", "v1", "v2", "v3", "v4", "v5", "v6", "v7"]
+queue-size = 256
+serve = "$gpio_sock"
 CONF
 lblog=$work/loopbackd.log
 "$loopbackd" -c "$conf" > "$lblog" 2>&1 &
 lbpid=$!
-for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && [ -S "$i2c_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
-if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ] || ! [ -S "$i2c_sock" ]; then
+for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && [ -S "$i2c_sock" ] && [ -S "$gpio_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
+if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ] || ! [ -S "$i2c_sock" ] || ! [ -S "$gpio_sock" ]; then
   echo "vhost-user.sh: loopbackd did not create its sockets:"; cat "$lblog"; echo "0 passed, 1 failed"; exit 1
 fi
 
@@ -172,6 +183,8 @@ for c in "${cases[@]}"; do
   qmp_opt=(); [ "$c" = pause ] && qmp_opt=(-qmp unix:"$cdir/qmp.sock",server=on,wait=off)
   # the i2c case adds QEMU's vhost-user-i2c-pci in front of loopbackd's i2c0
   i2c_opt=(); [ "$c" = i2c ] && i2c_opt=(-chardev socket,id=c2,path="$i2c_sock" -device vhost-user-i2c-pci,chardev=c2)
+  # the gpio case adds QEMU's vhost-user-gpio-pci in front of loopbackd's gpio0
+  [ "$c" = gpio ] && i2c_opt=(-chardev socket,id=c3,path="$gpio_sock" -device vhost-user-gpio-pci,chardev=c3)
   timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nodefaults -nographic \
     -serial stdio "${reboot_opt[@]}" "${qmp_opt[@]}" -kernel "$vmlinux" -initrd "$cdir/initramfs.gz" \
     -append 'console=ttyS0 quiet panic=-1' \

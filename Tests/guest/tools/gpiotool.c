@@ -3,6 +3,8 @@
 //   gpiotool info CHIP                     label, line count, then "N name flags" per line (flags: used, out)
 //   gpiotool loop CHIP OUT IN N            OUT an output, IN an input with both-edge events: N times set OUT to
 //                                          the other level, wait (5 s) for IN's edge of that direction, read IN
+//   gpiotool toggle CHIP OUT IN N          OUT an output, IN a plain input (no interrupts: requestq only): N times
+//                                          set OUT to the other level and read IN back
 //   gpiotool wait CHIP LINE RISING|FALLING MS   one edge within MS (exit 0), else exit 1
 //   gpiotool hold CHIP LINE VALUE MS       LINE an output at VALUE for MS (then released)
 // Exit 0 and "ok ..." on success, non-zero with a message otherwise.
@@ -86,12 +88,43 @@ static int loop(int fd, unsigned out, unsigned in, int n) {
     return 0;
 }
 
+static int handle(int fd, unsigned line, unsigned flags, const char *what) {
+    struct gpiohandle_request hr;
+    memset(&hr, 0, sizeof hr);
+    hr.lineoffsets[0] = line;
+    hr.lines = 1;
+    hr.flags = flags;
+    strcpy(hr.consumer_label, "gpiotool");
+    if (ioctl(fd, GPIO_GET_LINEHANDLE_IOCTL, &hr) < 0) return die(what), -1;
+    return hr.fd;
+}
+
+static int toggle(int fd, unsigned out, unsigned in, int n) {
+    int ofd = handle(fd, out, GPIOHANDLE_REQUEST_OUTPUT, "GPIO_GET_LINEHANDLE_IOCTL (output)");
+    if (ofd < 0) return 2;
+    int ifd = handle(fd, in, GPIOHANDLE_REQUEST_INPUT, "GPIO_GET_LINEHANDLE_IOCTL (input)");
+    if (ifd < 0) return 2;
+    int level = 0;
+    for (int k = 0; k < n; k++) {
+        level = !level;
+        struct gpiohandle_data d = { .values = { (unsigned char)level } };
+        if (ioctl(ofd, GPIOHANDLE_SET_LINE_VALUES_IOCTL, &d) < 0) return die("GPIOHANDLE_SET_LINE_VALUES_IOCTL");
+        struct gpiohandle_data v;
+        memset(&v, 0, sizeof v);
+        if (ioctl(ifd, GPIOHANDLE_GET_LINE_VALUES_IOCTL, &v) < 0) return die("GPIOHANDLE_GET_LINE_VALUES_IOCTL");
+        if (v.values[0] != level) { fprintf(stderr, "gpiotool: read %d after setting %d (round %d)\n", v.values[0], level, k); return 1; }
+    }
+    printf("ok %d toggles\n", n);
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    if (argc < 3) { fprintf(stderr, "usage: gpiotool info|loop|wait CHIP ...\n"); return 2; }
+    if (argc < 3) { fprintf(stderr, "usage: gpiotool info|loop|toggle|wait|hold CHIP ...\n"); return 2; }
     int fd = open(argv[2], O_RDWR | O_CLOEXEC);
     if (fd < 0) return die(argv[2]);
     if (!strcmp(argv[1], "info")) return info(fd);
     if (!strcmp(argv[1], "loop") && argc == 6) return loop(fd, atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
+    if (!strcmp(argv[1], "toggle") && argc == 6) return toggle(fd, atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
     if (!strcmp(argv[1], "wait") && argc == 6) {
         int efd = event_request(fd, atoi(argv[3]));
         if (efd < 0) return die("GPIO_GET_LINEEVENT_IOCTL");
