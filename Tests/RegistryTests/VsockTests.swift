@@ -401,4 +401,79 @@ final class VsockTests: XCTestCase {
         // The device still works.
         _ = try connect(5100)
     }
+
+    /// The real host side (hybrid vsock unix sockets, edge-triggered): 4 MiB each way between the driver and a
+    /// host program that reads in small bites with pauses (its socket buffer fills: writev would block, the chains
+    /// park until epoll says writable), byte-identical; then the host program closes and the driver hears SHUTDOWN.
+    func testFourMiBEachWayThroughRealUnixSockets() throws {
+        let dir = "/tmp/lb-vsock-u-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        mkdir(dir, 0o700)
+        let uds = "\(dir)/v.sock"
+        defer { unlink("\(uds)_1234"); unlink(uds); rmdir(dir) }
+        let listener = "\(uds)_1234".withCString { lb_unix_listen($0, 4, 0o600) }
+        XCTAssertGreaterThanOrEqual(listener, 0)
+        defer { close(listener) }
+        loop = try EventLoop()
+        host = DeviceHost(loop: loop)
+        dev = VsockDevice(guestCID: 3, host: try UnixVsockHost(path: uds, capacity: 64), queueSize: 256, bufAlloc: 128 << 10)
+        let i = host.add(name: "vsock0", device: dev)
+        loop.startThread()
+        drv = try SimDriver(host: host, index: i, ramSize: 32 << 20)
+        try drv.start()
+        d = try VsockTestDriver(drv, rxBuffers: 32, bufSize: 4096)
+        let driverBuf: UInt32 = 64 << 10
+        d.send(d.header(.request, src: 5000, dst: 1234, bufAlloc: driverBuf))
+        XCTAssertEqual(d.receiveControl()?.op, VirtioVsock.Op.response.rawValue)
+        XCTAssertGreaterThan(lb_poll_one(listener, 1, 2000), 0)
+        let hc = lb_unix_accept(listener)   // non-blocking
+        XCTAssertGreaterThanOrEqual(hc, 0)
+        defer { close(hc) }
+        var small: Int32 = 4096
+        setsockopt(hc, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+        let total = 4 << 20
+        let out = pattern(total, seed: 5), inn = pattern(total, seed: 6)
+        var sent = 0, fed = 0, written: [UInt8] = [], received: [UInt8] = []
+        var deviceFwd: UInt32 = 0, consumed: UInt32 = 0, lastTold: UInt32 = 0, peakParked = 0, turns = 0
+        var buf = [UInt8](repeating: 0, count: 8192)
+        let deadline = lb_now_ns() + 120_000_000_000
+        while (written.count < total || received.count < total) && lb_now_ns() < deadline {
+            turns += 1
+            while sent < total {
+                let n = min(total - sent, 4000, Int(dev.bufAlloc) - (sent - Int(deviceFwd)))
+                guard n > 0, d.txFree.count > 1 else { break }
+                guard d.post(d.header(.rw, src: 5000, dst: 1234, len: UInt32(n), bufAlloc: driverBuf, fwdCnt: consumed),
+                             Array(out[sent..<sent + n])) != nil else { break }
+                lastTold = consumed
+                sent += n
+            }
+            d.reapTX()
+            // The host program: writes what the socket takes, reads a small bite every few turns.
+            if fed < total {
+                let k = inn[fed..<min(total, fed + 65536)].withUnsafeBytes { lb_send_nowait(hc, $0.baseAddress, $0.count) }
+                if k > 0 { fed += k }
+            }
+            if turns % 3 == 0 {
+                let k = buf.withUnsafeMutableBytes { recv(hc, $0.baseAddress, 2048, Int32(MSG_DONTWAIT)) }
+                if k > 0 { written += buf[0..<k] }
+            }
+            peakParked = max(peakParked, onLoop { self.dev.connection(hostPort: 1234, driverPort: 5000)?.parked ?? 0 })
+            while let (h, p) = d.receive(timeoutMs: 0) {
+                if h.op == VirtioVsock.Op.rw.rawValue { received += p; consumed &+= UInt32(p.count) }
+                XCTAssertNotEqual(h.op, VirtioVsock.Op.rst.rawValue)
+                deviceFwd = max(deviceFwd, h.fwdCnt)
+            }
+            if consumed &- lastTold >= driverBuf / 4 {
+                d.send(d.header(.creditUpdate, src: 5000, dst: 1234, bufAlloc: driverBuf, fwdCnt: consumed))
+                lastTold = consumed
+            }
+            if sent == total && received.count == total { usleep(100) }
+        }
+        XCTAssertTrue(written == out, "driver → host: \(written.count) of \(total) bytes, or different")
+        XCTAssertTrue(received == inn, "host → driver: \(received.count) of \(total) bytes, or different")
+        XCTAssertGreaterThan(peakParked, 0, "the host socket never pushed back")
+        // The host program closes: SHUTDOWN to the driver.
+        Glibc.shutdown(hc, Int32(SHUT_RDWR))
+        XCTAssertEqual(d.receiveControl()?.op, VirtioVsock.Op.shutdown.rawValue)
+        XCTAssertEqual(onLoop { self.dev.stats.badPackets }, 0)
+    }
 }
