@@ -12,6 +12,7 @@
 #   LOOPBACKD_CONF  optional file installed as /etc/loopbackd.conf
 #   GUEST_TIMEOUT per-case timeout in seconds (default 150)
 #   GUEST_KEEP=1  keep the work dir (logs, initramfs, disk images)
+# A case file may hold a line "# guest-smp: N": its guest gets N vCPUs (default 1).
 # Output: one line per case, then exactly "N passed, N failed".  Exit status
 # is non-zero on any failure, missing result, timeout, or kernel
 # Oops/BUG/WARNING/hung task in the console log.
@@ -52,7 +53,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/guest.XXXXXX")
 
 # ---- base initramfs tree (shared by all cases)
 root=$work/root
-( img_tree_init "$root" && img_add_modules "$root" "$kver" virtio_ring virtio virtio-rng virtio_blk evdev uinput virtio_input ahci sd_mod ) || exit 2
+( img_tree_init "$root" && img_add_modules "$root" "$kver" virtio_ring virtio virtio-rng virtio_blk evdev uinput virtio_input virtio_console ahci sd_mod ) || exit 2
 mkdir -p "$root/tests" "$root/etc/image"
 cp "$ko" "$root/lib/modules/virtio_loopback.ko"
 cp "$lotool" "$root/bin/lo-tool"
@@ -94,8 +95,10 @@ for c in "${cases[@]}"; do
   # A non-virtio disk (AHCI) the guest can copy images to; read back here.
   truncate -s 64M "$cdir/disk.img"
   log=$cdir/console.log
+  # vCPUs: 1 unless the case asks for more with a "# guest-smp: N" line
+  smp=$(sed -n 's/^# guest-smp: *\([0-9][0-9]*\).*/\1/p' "$here/cases/$c.sh" | head -n 1)
   s0=$(date +%s)
-  timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nodefaults -nographic \
+  timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp "${smp:-1}" -nodefaults -nographic \
     -serial stdio -no-reboot -kernel "$vmlinux" -initrd "$cdir/initramfs.gz" \
     -append 'console=ttyS0 quiet panic=-1' \
     -drive if=none,id=d0,file="$cdir/disk.img",format=raw -device ahci,id=ahci0 -device ide-hd,drive=d0,bus=ahci0.0 \

@@ -46,6 +46,9 @@ final class ConsolePort {
     var connected: Bool
     /// Output is parked on the endpoint (wait for writable) or on a missing client (wait for a connection).
     var stalled = false
+    /// Host input was left unread because output of this hvc port is outstanding (`ConsoleDevice.holdsInput`):
+    /// read it when the output completes.
+    var rxDeferred = false
     var size: (cols: UInt16, rows: UInt16) = (0, 0)
     init(_ c: ConsolePortConfig, queueSize: Int) {
         id = c.id
@@ -263,6 +266,7 @@ public final class ConsoleDevice: VirtioDevice, ConsoleEndpointDelegate {
     /// host → driver: fill held receive buffers while the endpoint has data.
     private func pumpRX(_ p: ConsolePort) {
         guard let qs = queues, p.connected, p.guestOpen else { return }
+        if holdsInput(p) { return }
         let q = VirtioConsole.rxQueue(p.id)
         var filled = false
         while let (h, seg) = p.rx.oldest {
@@ -283,8 +287,32 @@ public final class ConsoleDevice: VirtioDevice, ConsoleEndpointDelegate {
     /// Output of `p` drops (console port without a client) rather than waits (named port).
     @inline(__always) private func drops(_ p: ConsolePort) -> Bool { p.isConsole || !multiport }
 
+    /// An hvc port (a console port, or port 0 without MULTIPORT) takes no host input while one of its transmit
+    /// chains is outstanding. Linux's hvc_write holds the hvc lock, interrupts off, while virtio_console's
+    /// put_chars spins until we complete the chain; the receive interrupt we would raise runs virtio_console's
+    /// in_intr → hvc_poll, which takes that same lock, and over virtio-loopback it runs synchronously in this
+    /// thread (the KICK ioctl): publishing input while the writer waits for us hangs both (the guest's writer
+    /// spins on us, we spin on its lock). So chains the driver made available go out first, and while one is
+    /// parked on a full endpoint the input stays unread (at the endpoint: no byte lost) until it completes.
+    private func holdsInput(_ p: ConsolePort) -> Bool {
+        guard drops(p), let qs = queues else { return false }
+        let tq = VirtioConsole.txQueue(p.id)
+        if p.tx.count == 0 && tq < queueCount && qs[tq].hasAvailable { pumpTXChains(p) }
+        if p.tx.count > 0 { p.rxDeferred = true; return true }
+        p.rxDeferred = false
+        return false
+    }
+
     /// driver → host: the parked chain first, then new chains until the endpoint blocks or the budget is spent.
     private func pumpTX(_ p: ConsolePort) {
+        pumpTXChains(p)
+        if p.rxDeferred && p.tx.count == 0 && !p.stalled {
+            p.rxDeferred = false
+            pumpRX(p)
+        }
+    }
+
+    private func pumpTXChains(_ p: ConsolePort) {
         guard let qs = queues else { return }
         let q = VirtioConsole.txQueue(p.id)
         guard q < queueCount else { return }
