@@ -98,6 +98,47 @@ final class ConsoleTests: XCTestCase {
         XCTAssertEqual(s.bytesToDriver, UInt64(inn.count))
     }
 
+    /// Linux's hvc writer waits for each transmit chain with the hvc lock held, and the receive interrupt (run
+    /// synchronously in the device's thread over virtio-loopback) takes that lock: while a console port's output
+    /// is parked on a full endpoint, no input is completed (it waits at the endpoint); when the output goes out,
+    /// the input follows, byte-identical.
+    func testConsoleInputWaitsWhileItsOutputIsParked() throws {
+        let fake = FakeConsoleEndpoint(writeRoom: 0)
+        try start([ConsolePortConfig(id: 0, isConsole: true, endpoint: fake)], multiport: false)
+        let rxq = drv.queues[0], txq = drv.queues[1]
+        let b = drv.alloc(4096)
+        let rh = try XCTUnwrap(rxq.addChain(readable: [], writable: [(b, 4096)]))
+        rxq.submit(rh)
+        // One put_chars: the endpoint is full, the chain parks.
+        let out = pattern(300, seed: 3), inn = pattern(200, seed: 4)
+        let t = drv.alloc(300)
+        out.withUnsafeBytes { drv.host(t).copyMemory(from: $0.baseAddress!, byteCount: 300) }
+        let th = try XCTUnwrap(txq.addChain(readable: [(t, 300)], writable: []))
+        txq.submit(th)
+        XCTAssertTrue(wait { self.onLoop { self.dev.portState(0)!.heldTx } == 1 })
+        _ = onLoop { fake.feed(inn) }
+        usleep(50_000)
+        XCTAssertNil(rxq.reap(), "input completed while the console's output was parked")
+        XCTAssertEqual(onLoop { fake.pendingInput }, 200)
+        // Room: the output goes, then the input.
+        onLoop { fake.setRoom(Int.max) }
+        var tu = txq.reap()
+        XCTAssertTrue(wait { tu = tu ?? txq.reap(); return tu != nil })
+        XCTAssertEqual(tu?.id, th)
+        XCTAssertEqual(onLoop { fake.takeOutput() }, out)
+        var u = rxq.reap()
+        let deadline = lb_now_ns() + 5_000_000_000
+        while u == nil && lb_now_ns() < deadline { usleep(1000); u = rxq.reap() }
+        let ru = try XCTUnwrap(u)
+        XCTAssertEqual(ru.id, rh)
+        XCTAssertEqual(bytes(b, Int(ru.len)), inn)
+    }
+    func wait(_ f: () -> Bool) -> Bool {
+        let deadline = lb_now_ns() + 5_000_000_000
+        while !f() { if lb_now_ns() > deadline { return false }; usleep(1000) }
+        return true
+    }
+
     /// Echo endpoint: what the driver writes comes back in its receive buffer, request after request, in order.
     func testEchoRoundTrips() throws {
         try start([ConsolePortConfig(id: 0, isConsole: true, endpoint: FakeConsoleEndpoint(echo: true))], multiport: false)
