@@ -703,7 +703,11 @@ public final class VsockDevice: VirtioDevice, VsockHostDelegate {
         guard freeCount > 0 else { return nil }
         freeCount -= 1
         let s = Int(freeSlots[freeCount])
+        // A slot freed while on the ready list is still there: keep the mark (the entry serves the new connection),
+        // so each slot is on the list at most once and the list never overflows.
+        let onReadyList = conns[s].inReady
         conns[s] = VsockConn()
+        conns[s].inReady = onReadyList
         conns[s].localPort = local
         conns[s].peerPort = peer
         insert(local, peer, Int32(s))

@@ -1,0 +1,265 @@
+// libFuzzer target: the virtio-vsock packet decoder and connection state machine (Sources/Registry/Vsock/
+// VsockDevice.swift) on the fake host side, driven by a fuzzed sequence of driver and host operations: transmit
+// packets (header fields mostly near valid values: ops, a few ports, CIDs 3 → 2, STREAM, len around the payload;
+// split anywhere), receive and event buffers of fuzzed sizes, host data, slow host readers, host closes,
+// host-initiated connects, quiesce, queue stops, reset and re-activation. A small table (8 connections) and small
+// credit (512 bytes) reach the table-full and credit-violation paths.
+//
+// Oracles: no trap; every used element names a head < queue size; a receive completion is 0 bytes or a header
+// whose len plus 44 is the completion's length, within the buffer, from CID 2 to CID 3; an RW payload never exceeds
+// the credit the driver gave for that connection; the device never holds more connections than its table; nothing
+// latches NEEDS_RESET for a well-formed ring; a reset leaves no connection open on the host side.
+import Glibc
+import CLinux
+import Transport
+@testable import Registry
+
+private let page = 4096
+private let regionBytes = 64 * 1024
+private let qsize: UInt16 = 16
+private let guestBase: UInt64 = 0x1000_0000
+private let hdr = VirtioVsock.headerSize
+
+private struct Setup {
+    let host: UnsafeMutableRawPointer
+    let loop: EventLoop
+    init() {
+        guard let p = mmap(nil, regionBytes + page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+              p != MAP_FAILED, mprotect(p, regionBytes, PROT_READ | PROT_WRITE) == 0 else { abort() }
+        host = p
+        guard let l = try? EventLoop() else { abort() }
+        loop = l
+    }
+}
+nonisolated(unsafe) private var setup: Setup?
+
+// Queue k: desc at 8 KiB * k, avail + 256, used + 512; buffers from 24 KiB on.
+private func ringBase(_ k: Int) -> UInt64 { UInt64(2 * k * page) }
+
+@_cdecl("LLVMFuzzerTestOneInput")
+public func vsockPacketFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
+    if setup == nil { setup = Setup(); Log.level = .error }
+    let s = setup!
+    var f = FuzzInput(data, size)
+    memset(s.host, 0, regionBytes)
+    let info = RegionInfo(guestBase: guestBase, size: UInt64(regionBytes), host: s.host, fd: -1, fdOffset: 0,
+                          userAddr: UInt64(UInt(bitPattern: s.host)))
+    guard let memory = try? GuestMemory(regions: [info], mappings: [], fds: []) else { return 0 }
+    let fake = FakeVsockHost(listening: [1, 2], capacity: 4096)
+    let dev = VsockDevice(guestCID: 3, host: fake, queueSize: qsize, bufAlloc: 512, maxConnections: 8)
+    var features: VirtioFeatures = [.version1]
+    if f.bool() { features.insert(.eventIdx) }
+    if f.bool() { features.insert(.indirectDesc) }
+    dev.ackFeatures(features)
+    let queues = UnsafeMutablePointer<SplitQueue>.allocate(capacity: 3)
+    var live = false
+    func activate() {
+        for k in 0..<3 {
+            let b = ringBase(k)
+            memset(s.host + Int(b), 0, 2 * page)
+            let c = QueueConfig(size: qsize, desc: guestBase + b, avail: guestBase + b + 256, used: guestBase + b + 512)
+            guard let q = try? SplitQueue(config: c, maxSize: qsize, memory: memory.view, features: features, interrupt: .none) else { abort() }
+            (queues + k).initialize(to: q)
+        }
+        live = true
+        let ctx = DeviceContext(queues: queues, queueCount: 3, memory: memory.view, loop: s.loop, configInterrupt: .none,
+                                features: features)
+        do { try dev.activate(ctx) } catch { abort() }
+    }
+    func deactivate() {
+        guard live else { return }
+        dev.reset()
+        (queues + 0).deinitialize(count: 3)
+        live = false
+    }
+    defer { deactivate(); queues.deallocate() }
+    activate()
+
+    var availIdx: [UInt16] = [0, 0, 0], usedSeen: [UInt16] = [0, 0, 0], nextDesc: [Int] = [0, 0, 0]
+    var room: [[Int]] = Array(repeating: Array(repeating: 0, count: Int(qsize)), count: 3)
+    var firstAddr: [[UInt64]] = Array(repeating: Array(repeating: 0, count: Int(qsize)), count: 3)
+    /// The credit the driver gave per (host port, driver port): its buf_alloc and fwd_cnt; what it received.
+    var credit: [UInt64: (alloc: UInt32, fwd: UInt32, got: UInt32)] = [:]
+    // Receive buffers: one 256-byte slot each at 24 KiB (at most 16 in flight), so a later buffer never overlaps
+    // one the device still holds (its header is checked at completion); other buffers from 28 KiB on.
+    let rxSlotBase = 6 * page
+    var rxSlotUsed = [Bool](repeating: false, count: Int(qsize))
+    var rxSlotOfHead = [Int](repeating: -1, count: Int(qsize))
+    let bufBase = 7 * page
+    var bufNext = 0
+    func buffer(_ len: Int) -> UInt64 {
+        if bufNext + len > regionBytes - bufBase { bufNext = 0 }
+        defer { bufNext += (len + 15) & ~15 }
+        return guestBase + UInt64(bufBase + bufNext)
+    }
+    func host(_ g: UInt64) -> UnsafeMutableRawPointer { s.host + Int(g - guestBase) }
+
+    /// Descriptors the device holds (a well-formed driver never reuses one before its used entry): per queue,
+    /// the chain's ids by head.
+    var inUse: [[Bool]] = Array(repeating: Array(repeating: false, count: Int(qsize)), count: 3)
+    var chainIDs: [[[Int]]] = Array(repeating: Array(repeating: [], count: Int(qsize)), count: 3)
+    func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) {
+        guard !segs.isEmpty else { return }
+        let b = ringBase(k)
+        let desc = host(guestBase + b), avail = host(guestBase + b + 256)
+        var ids: [Int] = []
+        var tries = 0
+        while ids.count < segs.count && tries < Int(qsize) {
+            let i = nextDesc[k] % Int(qsize)
+            nextDesc[k] += 1
+            tries += 1
+            if !inUse[k][i] { ids.append(i) }
+        }
+        guard ids.count == segs.count else { return }   // ring full: the driver waits
+        for i in ids { inUse[k][i] = true }
+        chainIDs[k][ids[0]] = ids
+        for (i, seg) in segs.enumerated() {
+            let d = desc + 16 * ids[i]
+            d.storeBytes(of: seg.0.littleEndian, as: UInt64.self)
+            d.storeBytes(of: seg.1.littleEndian, toByteOffset: 8, as: UInt32.self)
+            let flags: UInt16 = (i + 1 < segs.count ? 1 : 0) | (seg.2 ? 2 : 0)
+            d.storeBytes(of: flags.littleEndian, toByteOffset: 12, as: UInt16.self)
+            d.storeBytes(of: UInt16(i + 1 < segs.count ? ids[i + 1] : 0).littleEndian, toByteOffset: 14, as: UInt16.self)
+        }
+        room[k][ids[0]] = segs.filter { $0.2 }.reduce(0) { $0 + Int($1.1) }
+        firstAddr[k][ids[0]] = segs[0].0
+        avail.storeBytes(of: UInt16(ids[0]).littleEndian, toByteOffset: 4 + 2 * Int(availIdx[k] % qsize), as: UInt16.self)
+        availIdx[k] &+= 1
+        avail.storeBytes(of: availIdx[k].littleEndian, toByteOffset: 2, as: UInt16.self)
+    }
+    /// `total` bytes at `base` as one contiguous buffer cut into 1-3 segments.
+    func pieces(_ base: UInt64, _ total: Int, writable: Bool) -> [(UInt64, UInt32, Bool)] {
+        guard total > 0 else { return [] }
+        let n = 1 + f.below(3)
+        var out: [(UInt64, UInt32, Bool)] = []
+        var off = 0
+        for i in 0..<n where off < total {
+            let len = i == n - 1 ? total - off : 1 + f.below(max(total - off, 1))
+            out.append((base + UInt64(off), UInt32(len), writable))
+            off += len
+        }
+        return out
+    }
+    func checkUsed() {
+        for k in 0..<3 where live {
+            let used = host(guestBase + ringBase(k) + 512)
+            let idx = used.load(fromByteOffset: 2, as: UInt16.self).littleEndian
+            while usedSeen[k] != idx {
+                let e = used + 4 + 8 * Int(usedSeen[k] % qsize)
+                let id = e.load(as: UInt32.self).littleEndian, len = e.load(fromByteOffset: 4, as: UInt32.self).littleEndian
+                fuzzCheck(id < UInt32(qsize), "used id \(id)")
+                if id < UInt32(qsize) {
+                    fuzzCheck(!chainIDs[k][Int(id)].isEmpty, "queue \(k): used id \(id) not in flight")
+                    for i in chainIDs[k][Int(id)] { inUse[k][i] = false }
+                }
+                if id < UInt32(qsize) { fuzzCheck(Int(len) <= room[k][Int(id)], "queue \(k) used length \(len) > \(room[k][Int(id)])") }
+                if k == 0 && len > 0 && id < UInt32(qsize) {
+                    // Receive buffers are contiguous (cut into pieces): the header is at the first address.
+                    let h = VsockHeader(from: host(firstAddr[0][Int(id)]))
+                    fuzzCheck(Int(len) == hdr + Int(h.len), "rx len \(len) vs header len \(h.len)")
+                    fuzzCheck(h.srcCID == 2 && h.dstCID == 3 && h.type == VirtioVsock.typeStream, "rx addressing")
+                    if h.op == VirtioVsock.Op.rw.rawValue {
+                        let key = UInt64(h.srcPort) << 32 | UInt64(h.dstPort)
+                        if var c = credit[key] {
+                            c.got &+= h.len
+                            fuzzCheck(c.got &- c.fwd <= c.alloc, "RW beyond the driver's credit: got \(c.got) fwd \(c.fwd) alloc \(c.alloc)")
+                            credit[key] = c
+                        }
+                    }
+                }
+                if k == 2 { fuzzCheck(len == 0 || len == 4, "event length \(len)") }
+                if id < UInt32(qsize) { chainIDs[k][Int(id)] = [] }
+                if k == 0 && id < UInt32(qsize) && rxSlotOfHead[Int(id)] >= 0 {
+                    rxSlotUsed[rxSlotOfHead[Int(id)]] = false
+                    rxSlotOfHead[Int(id)] = -1
+                }
+                usedSeen[k] &+= 1
+            }
+        }
+    }
+
+    var ops = 0
+    while !f.isEmpty && ops < 96 {
+        ops += 1
+        switch f.u8() % 12 {
+        case 0, 1, 2, 3:   // a transmit packet
+            let payload = f.u8() < 200 ? f.below(64) : f.below(600)
+            let short = f.u8() < 16
+            let readable = short ? f.below(hdr) : hdr + payload
+            let b = buffer(max(readable, 1))
+            let opRaw: UInt16 = f.u8() < 240 ? UInt16(1 + f.below(7)) : f.u16()
+            let src = f.u8() < 240 ? UInt32(100 + f.below(4)) : f.u32()
+            let dst = f.u8() < 240 ? UInt32(1 + f.below(3)) : f.u32()
+            var h = VsockHeader(srcCID: f.u8() < 248 ? 3 : f.u64(), dstCID: f.u8() < 248 ? 2 : f.u64(), srcPort: src, dstPort: dst,
+                                len: opRaw == VirtioVsock.Op.rw.rawValue ? UInt32(payload) : 0, op: .rw,
+                                flags: UInt32(f.below(4)), bufAlloc: f.u8() < 200 ? 256 : f.u32(), fwdCnt: f.u32() % 2048)
+            h.op = opRaw
+            if f.u8() < 16 { h.len = f.u32() % 1024 }
+            if f.u8() < 8 { h.type = f.u16() }
+            if readable >= hdr {
+                h.store(to: host(b))
+                f.fill(host(b) + hdr, payload)
+                if h.srcCID == 3 && h.dstCID == 2 && h.type == VirtioVsock.typeStream {
+                    let key = UInt64(dst) << 32 | UInt64(src)
+                    if opRaw == VirtioVsock.Op.request.rawValue || opRaw == VirtioVsock.Op.response.rawValue {
+                        credit[key] = (h.bufAlloc, h.fwdCnt, 0)
+                    } else if var c = credit[key] { c.alloc = h.bufAlloc; c.fwd = h.fwdCnt; credit[key] = c }
+                }
+            } else { f.fill(host(b), max(readable, 1)) }
+            submit(1, pieces(b, readable, writable: false))
+            if live { dev.queueNotified(1) }
+        case 4, 5, 6:      // receive buffers
+            for _ in 0..<(1 + f.below(3)) {
+                let n = f.u8() < 224 ? hdr + 1 + f.below(128) : f.below(hdr + 2)
+                guard n > 0, let slot = rxSlotUsed.firstIndex(of: false) else { continue }
+                let b = guestBase + UInt64(rxSlotBase + 256 * slot)
+                memset(host(b), 0xee, n)
+                let before = availIdx[0]
+                submit(0, pieces(b, n, writable: true))
+                if availIdx[0] != before {
+                    let head = Int(host(guestBase + ringBase(0) + 256).load(fromByteOffset: 4 + 2 * Int(before % qsize), as: UInt16.self).littleEndian)
+                    rxSlotUsed[slot] = true
+                    rxSlotOfHead[head] = slot
+                }
+            }
+            if live { dev.queueNotified(0) }
+        case 7:            // an event buffer
+            let n = f.u8() < 224 ? 4 + f.below(8) : f.below(4)
+            submit(2, pieces(buffer(max(n, 1)), n, writable: true))
+            if live { dev.queueNotified(2) }
+        case 8:            // the host side
+            let conns = Array(fake.conns.keys).sorted()
+            switch f.u8() % 4 {
+            case 0: if !conns.isEmpty { fake.feed(conns[f.below(conns.count)], Array(f.bytes(f.below(300)))) }
+            case 1: if !conns.isEmpty { fake.setRoom(conns[f.below(conns.count)], f.below(200)) }
+            case 2: if !conns.isEmpty { fake.hostClose(conns[f.below(conns.count)]) }
+            default: _ = fake.connect(toDriverPort: UInt32(100 + f.below(4)))
+            }
+        case 9:
+            switch f.u8() % 5 {
+            case 0: dev.quiesce()
+            case 1: dev.stopQueue(0); dev.startQueue(0)
+            case 2: dev.stopQueue(1); dev.startQueue(1)
+            case 3: dev.stopQueue(2); dev.startQueue(2)
+            default: dev.transportReset()
+            }
+        case 10:           // driver reset and a new start
+            deactivate()
+            fuzzCheck(dev.connectionCount == 0, "reset left \(dev.connectionCount) connections")
+            fuzzCheck(fake.conns.isEmpty, "reset left \(fake.conns.count) host connections open")
+            availIdx = [0, 0, 0]; usedSeen = [0, 0, 0]; nextDesc = [0, 0, 0]
+            credit = [:]
+            inUse = Array(repeating: Array(repeating: false, count: Int(qsize)), count: 3)
+            rxSlotUsed = [Bool](repeating: false, count: Int(qsize)); rxSlotOfHead = [Int](repeating: -1, count: Int(qsize))
+            chainIDs = Array(repeating: Array(repeating: [], count: Int(qsize)), count: 3)
+            activate()
+        default:
+            if live { dev.queueNotified(f.below(3)) }
+        }
+        fuzzCheck(dev.connectionCount <= dev.maxConnections, "connections \(dev.connectionCount)")
+        fuzzCheck(dev.connectionCount == fake.conns.count, "device has \(dev.connectionCount) connections, host side \(fake.conns.count)")
+        if live { fuzzCheck((0..<3).allSatisfy { !queues[$0].isBroken }, "well-formed ring latched") }
+        checkUsed()
+    }
+    return 0
+}
