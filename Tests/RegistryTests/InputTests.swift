@@ -240,6 +240,19 @@ final class InputTests: XCTestCase {
         XCTAssertEqual(drv.status & DeviceStatus.needsReset, 0)
     }
 
+    func testReplayHookAnswersAnLedOnWithTheKnownSequence() throws {
+        try start()
+        loop.executeAndWait { self.fake.replayOnLed = true }
+        let bufs = try post(16)
+        // LED off: written back, no replay; LED on: the 14-event sequence, in order.
+        XCTAssertEqual(try status([(statusBuffer(InputEvent(type: VirtioInput.evLed, code: 0, value: 0)), 8)]), 0)
+        settle()
+        XCTAssertNil(drv.queues[0].reap())
+        XCTAssertEqual(try status([(statusBuffer(InputEvent(type: VirtioInput.evLed, code: 1, value: 1)), 8)]), 0)
+        XCTAssertEqual(try reap(14, bufs), FakeInputSource.replaySequence)
+        XCTAssertEqual(loop.executeAndWait { self.fake.replays }, 1)
+    }
+
     // MARK: hostile event buffers
 
     func testHostileEventBuffers() throws {
@@ -372,6 +385,8 @@ final class InputTests: XCTestCase {
         expect("simulated = true\ngrab = 1\n", line: 4, "boolean")
         expect("backend = \"vhost-user:/s.sock\"\npath = \"/dev/input/event0\"\n", line: 4, "forwarded")
         expect("simulated = true\nfoo = 1\n", line: 4, "unknown key")
+        expect("path = \"/dev/input/event0\"\nsimulated-replay = true\n", line: 4, "needs simulated = true")
+        XCTAssertNoThrow(try parse("simulated = true\nsimulated-replay = true\n"))
         let c = try parse("simulated = true\nqueue-size = 32\n")
         XCTAssertEqual(c.devices[0].shape, DeviceShape(deviceID: 18, queueSizes: [32, 32], configSize: 136))
         let f = try parse("backend = \"vhost-user:/s.sock\"\n")

@@ -58,4 +58,16 @@ gcc -static -O2 -Wall -o "$cache/odirect" "$here/tools/odirect.c"
 gcc -static -O2 -Wall -o "$cache/inputtool" "$here/tools/inputtool.c"
 # gpiotool: the v1 GPIO character-device ioctls (the gpio case)
 gcc -static -O2 -Wall -o "$cache/gpiotool" "$here/tools/gpiotool.c"
+# QEMU 10 from bookworm-backports for the vhost-input case (Debian 12's QEMU 7.2 refuses vhost-user-input without
+# KVM): qemu-system-x86 only, downloaded and unpacked into <cache>/qemu10, never installed (every other case runs
+# 7.2). Its libraries are all in bookworm (ldd) and it uses 7.2's firmware under /usr/share/qemu; a guest run
+# loads no module (only `-device help` tries 7.2's modules and aborts). About 1.5 s, once.
+if [ ! -x "$cache/qemu10/usr/bin/qemu-system-x86_64" ]; then
+  mkdir -p "$cache/debs" && rm -rf "$cache/qemu10.tmp" &&
+  ( cd "$cache/debs" && rm -f qemu-system-x86_*bpo12* && apt-get download -qq qemu-system-x86/bookworm-backports 2>/dev/null ) &&
+  dpkg -x "$cache"/debs/qemu-system-x86_*bpo12*.deb "$cache/qemu10.tmp" &&
+  "$cache/qemu10.tmp/usr/bin/qemu-system-x86_64" --version | grep -q 'version 1[0-9]\.' &&
+  mv "$cache/qemu10.tmp" "$cache/qemu10" ||
+    log "QEMU 10 (bookworm-backports qemu-system-x86) not unpacked: the vhost-input case will fail"
+fi
 log "done (${kernels[*]})"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # vhost-user end-to-end tests: QEMU is the vhost-user FRONT-END (vhost-user-rng-pci, vhost-user-blk-pci; the i2c
-# case adds vhost-user-i2c-pci, the gpio case vhost-user-gpio-pci), loopbackd on the host is the BACK-END
+# case adds vhost-user-i2c-pci, the gpio case vhost-user-gpio-pci, the input case vhost-user-input-pci on QEMU 10),
+# loopbackd on the host is the BACK-END
 # (transport "none", every device served on a Unix socket), and the guest is Debian's kernel with its own
-# virtio_pci, virtio-rng, virtio_blk and (built by setup.sh) i2c-virtio and gpio-virtio drivers.
+# virtio_pci, virtio-rng, virtio_blk, virtio_input and (built by setup.sh) i2c-virtio and gpio-virtio drivers.
 #
 #   Tests/guest/vhost-user.sh [CASE]...     CASE = a file name in Tests/guest/vhost/ without .sh (default: all)
 #
@@ -74,6 +75,9 @@ cp "$cache/odirect" "$root/bin/odirect"
 # the gpio case: gpio-virtio and gpiotool built by setup.sh; the case insmods the driver
 [ -f "$cache/gpio-virtio-$kver/gpio-virtio.ko" ] && cp "$cache/gpio-virtio-$kver/gpio-virtio.ko" "$root/lib/modules/"
 [ -x "$cache/gpiotool" ] && cp "$cache/gpiotool" "$root/bin/gpiotool"
+# the input case: evdev and virtio_input from the kernel (the case insmods them), inputtool built by setup.sh
+( img_stage_modules "$root" "$kver" evdev virtio_input ) || exit 2
+[ -x "$cache/inputtool" ] && cp "$cache/inputtool" "$root/bin/inputtool"
 cp "$here/lib.sh" "$root/tests/lib.sh"
 img_write_init "$root"
 # The same runner runs on every boot (also after the reboot case's reboot -f); /init sources it after the modules.
@@ -98,6 +102,7 @@ rng_sock=$work/rng.sock
 blk_sock=$work/blk.sock
 i2c_sock=$work/i2c.sock
 gpio_sock=$work/gpio.sock
+input_sock=$work/input.sock
 conf=$work/loopbackd.conf
 cat > "$conf" <<CONF
 [daemon]
@@ -127,12 +132,18 @@ simulated = true
 names = ["v0", "v1", "v2", "v3", "v4", "v5", "v6", "v7"]
 queue-size = 256
 serve = "$gpio_sock"
+
+[device.kbd0]
+type = "input"
+simulated = true
+simulated-replay = true
+serve = "$input_sock"
 CONF
 lblog=$work/loopbackd.log
 "$loopbackd" -c "$conf" > "$lblog" 2>&1 &
 lbpid=$!
-for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && [ -S "$i2c_sock" ] && [ -S "$gpio_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
-if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ] || ! [ -S "$i2c_sock" ] || ! [ -S "$gpio_sock" ]; then
+for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && [ -S "$i2c_sock" ] && [ -S "$gpio_sock" ] && [ -S "$input_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
+if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ] || ! [ -S "$i2c_sock" ] || ! [ -S "$gpio_sock" ] || ! [ -S "$input_sock" ]; then
   echo "vhost-user.sh: loopbackd did not create its sockets:"; cat "$lblog"; echo "0 passed, 1 failed"; exit 1
 fi
 
@@ -185,7 +196,15 @@ for c in "${cases[@]}"; do
   i2c_opt=(); [ "$c" = i2c ] && i2c_opt=(-chardev socket,id=c2,path="$i2c_sock" -device vhost-user-i2c-pci,chardev=c2)
   # the gpio case adds QEMU's vhost-user-gpio-pci in front of loopbackd's gpio0
   [ "$c" = gpio ] && i2c_opt=(-chardev socket,id=c3,path="$gpio_sock" -device vhost-user-gpio-pci,chardev=c3)
-  timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp 1 -nodefaults -nographic \
+  # the input case: QEMU 10 (setup.sh unpacks it from bookworm-backports; 7.2's vhost-user-input needs KVM) with
+  # vhost-user-input-pci in front of loopbackd's kbd0
+  qemu=(qemu-system-x86_64)
+  if [ "$c" = input ]; then
+    qemu=("$cache/qemu10/usr/bin/qemu-system-x86_64")
+    i2c_opt=(-chardev socket,id=c4,path="$input_sock" -device vhost-user-input-pci,chardev=c4)
+    [ -x "${qemu[0]}" ] || echo "vhost-user.sh: no QEMU 10 at ${qemu[0]} (Tests/guest/setup.sh unpacks it)" >&2
+  fi
+  timeout -k 5 "$timeout_s" "${qemu[@]}" -accel tcg -m 512 -smp 1 -nodefaults -nographic \
     -serial stdio "${reboot_opt[@]}" "${qmp_opt[@]}" -kernel "$vmlinux" -initrd "$cdir/initramfs.gz" \
     -append 'console=ttyS0 quiet panic=-1' \
     -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \

@@ -22,6 +22,23 @@ public final class FakeInputSource: InputSource, EventHandler {
     public let overruns = Atomic<Int>(0)
     /// false: `write` fails (a host device that refuses LED writes).
     public var acceptsWrites = true
+    /// Test hook (`simulated-replay = true`): every LED status write of value 1 from the driver makes the source
+    /// emit `replaySequence`, so a guest can trigger known events without the simulated workload.
+    public var replayOnLed = false
+    /// Replays emitted so far (loop thread).
+    public private(set) var replays = 0
+
+    /// The known sequence (the same as Tests/guest/tools/inputtool.c's uinput device emits): key A down, up;
+    /// touch down at (100, 200); touch up. 14 events in 4 SYN_REPORT groups.
+    public static let replaySequence: [InputEvent] = {
+        let k = VirtioInput.evKey, a = VirtioInput.evAbs
+        return [InputEvent(type: k, code: 30, value: 1), .synReport,
+                InputEvent(type: k, code: 30, value: 0), .synReport,
+                InputEvent(type: a, code: 0x39, value: 1), InputEvent(type: a, code: 0x35, value: 100),
+                InputEvent(type: a, code: 0x36, value: 200), InputEvent(type: k, code: 330, value: 1),
+                InputEvent(type: a, code: 0x00, value: 100), InputEvent(type: a, code: 0x01, value: 200), .synReport,
+                InputEvent(type: a, code: 0x39, value: -1), InputEvent(type: k, code: 330, value: 0), .synReport]
+    }()
 
     /// A keyboard with LEDs and a multi-touch screen: the capabilities the guest test's uinput device has.
     public static var keyboardAndTouch: InputCapabilities {
@@ -66,6 +83,10 @@ public final class FakeInputSource: InputSource, EventHandler {
     public func write(_ e: InputEvent) -> Bool {
         guard acceptsWrites else { return false }
         written.append(e)
+        if replayOnLed && e.type == VirtioInput.evLed && e.value == 1 {
+            replays += 1
+            inject(FakeInputSource.replaySequence)
+        }
         return true
     }
 

@@ -7,13 +7,15 @@ import Transport
 ///   name        or: the evdev device name (EVIOCGNAME), looked up under /dev/input (and again after a hot-unplug)
 ///   grab        bool, default false: exclusive grab (EVIOCGRAB): the host's own consumers no longer see events
 ///   simulated   bool, default false: no host device; a fake keyboard+touch screen fed by the simulated workload
+///   simulated-replay  bool, default false (only with simulated): test hook; each LED status write of value 1
+///               from the driver makes the fake source emit FakeInputSource.replaySequence (no workload needed)
 ///   queue-size  power of two 2-1024, default 64 (both queues)
 /// Forwarded (`backend = "vhost-user:…"`): the back-end has the host device; only `queue-size` applies.
 extension DeviceType {
     public static var input: DeviceType {
         // No kernel exposure for `ab --driver virtio-lo`: its socket path's back-end runs in a child process,
         // whose host side this process cannot inject events into.
-        DeviceType(name: "input", keys: ["path", "name", "grab", "simulated", "queue-size"], factory: makeInput,
+        DeviceType(name: "input", keys: ["path", "name", "grab", "simulated", "simulated-replay", "queue-size"], factory: makeInput,
                    workload: { d, _ in InputWorkload(d) })
     }
 
@@ -23,6 +25,8 @@ extension DeviceType {
         let evName = try r.string("name")
         let grab = try r.bool("grab") ?? false
         let simulated = try r.bool("simulated") ?? false
+        let replay = try r.bool("simulated-replay") ?? false
+        if replay && !simulated { throw r.error("simulated-replay", "needs simulated = true") }
         let qs = try r.int("queue-size", range: 2...1024) ?? 64
         if qs & (qs - 1) != 0 { throw r.error("queue-size", "must be a power of two, found \(qs)") }
         if let path, !path.hasPrefix("/") { throw r.error("path", "must be an absolute path (/dev/input/eventN)") }
@@ -43,7 +47,11 @@ extension DeviceType {
         let shape = DeviceShape(deviceID: VirtioInput.deviceID, queueSizes: [size, size], configSize: VirtioInput.configSize)
         return (shape, { () throws(DeviceError) -> VirtioDevice in
             let source: InputSource
-            if simulated { source = try FakeInputSource() } else {
+            if simulated {
+                let fake = try FakeInputSource()
+                fake.replayOnLed = replay
+                source = fake
+            } else {
                 do { source = try EvdevSource(path: path, name: evName, grab: grab) } catch {
                     throw DeviceError("\(name): \(error)")
                 }

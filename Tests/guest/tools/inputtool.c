@@ -5,6 +5,8 @@
 //                                            for 30 s, or until NEXTFILE exists (then destroy the device and exit)
 //   inputtool caps NODE                      print name, ids and every ABS axis range of an evdev node
 //   inputtool read NODE COUNT TIMEOUT_S      print COUNT events ("type code value", SYN_REPORT included) of NODE
+//   inputtool read NODE COUNT TIMEOUT_S noled   the same, not counting EV_LED events (the reader's own LED writes
+//                                            come back to it) nor a SYN_REPORT that closes a group left empty
 //   inputtool led NODE CODE VALUE            write EV_LED CODE VALUE + SYN_REPORT to NODE (the status path)
 //   inputtool find NAME                      print the /dev/input/eventN whose EVIOCGNAME is NAME
 #include <dirent.h>
@@ -117,15 +119,20 @@ static int cmd_caps(const char *node) {
     return 0;
 }
 
-static int cmd_read(const char *node, int count, int timeout_s) {
+static int cmd_read(const char *node, int count, int timeout_s, int noled) {
     int fd = openev(node, O_RDONLY | O_NONBLOCK);
     long long end = now_ms() + timeout_s * 1000LL;
-    int got = 0;
+    int got = 0, open = 0;
     while (got < count && now_ms() < end) {
         struct pollfd p = { .fd = fd, .events = POLLIN };
         if (poll(&p, 1, 100) <= 0) continue;
         struct input_event e;
-        while (got < count && read(fd, &e, sizeof e) == sizeof e) { printf("%d %d %d\n", e.type, e.code, e.value); got++; }
+        while (got < count && read(fd, &e, sizeof e) == sizeof e) {
+            int syn = e.type == EV_SYN && e.code == SYN_REPORT;
+            if (noled && (e.type == EV_LED || (syn && !open))) continue;
+            open = !syn;
+            printf("%d %d %d\n", e.type, e.code, e.value); got++;
+        }
         fflush(stdout);
     }
     return got == count ? 0 : 1;
@@ -157,7 +164,8 @@ static int cmd_find(const char *want) {
 int main(int argc, char **argv) {
     if (argc >= 4 && !strcmp(argv[1], "uinput")) return cmd_uinput(argv[2], argv[3], argc > 4 ? argv[4] : NULL);
     if (argc == 3 && !strcmp(argv[1], "caps")) return cmd_caps(argv[2]);
-    if (argc == 5 && !strcmp(argv[1], "read")) return cmd_read(argv[2], atoi(argv[3]), atoi(argv[4]));
+    if (argc == 5 && !strcmp(argv[1], "read")) return cmd_read(argv[2], atoi(argv[3]), atoi(argv[4]), 0);
+    if (argc == 6 && !strcmp(argv[1], "read") && !strcmp(argv[5], "noled")) return cmd_read(argv[2], atoi(argv[3]), atoi(argv[4]), 1);
     if (argc == 5 && !strcmp(argv[1], "led")) return cmd_led(argv[2], atoi(argv[3]), atoi(argv[4]));
     if (argc == 3 && !strcmp(argv[1], "find")) return cmd_find(argv[2]);
     fprintf(stderr, "usage: inputtool uinput NAME GOFILE [NEXTFILE] | caps NODE | read NODE COUNT TIMEOUT_S | led NODE CODE VALUE | find NAME\n");
