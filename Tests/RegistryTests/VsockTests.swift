@@ -476,4 +476,26 @@ final class VsockTests: XCTestCase {
         XCTAssertEqual(d.receiveControl()?.op, VirtioVsock.Op.shutdown.rawValue)
         XCTAssertEqual(onLoop { self.dev.stats.badPackets }, 0)
     }
+
+    /// Options: errors name the file, the line and the key; forwarded tables take only queue-size.
+    func testConfigErrorsNameFileLineAndKey() throws {
+        func parse(_ t: String) throws(ConfigError) -> DaemonConfig { try DaemonConfig.parse(TOML.parse(t, file: "v.conf")) }
+        func fails(_ text: String, line: Int, key: String, _ needle: String, file: StaticString = #filePath, l: UInt = #line) {
+            do { _ = try parse(text); XCTFail("accepted", file: file, line: l) } catch {
+                XCTAssertEqual(error.line, line, "\(error)", file: file, line: l)
+                XCTAssertTrue("\(error)".contains("v.conf") && "\(error)".contains(key) && "\(error)".contains(needle), "\(error)", file: file, line: l)
+            }
+        }
+        fails("[device.v]\ntype = \"vsock\"\nuds-path = \"/tmp/x\"\n", line: 1, key: "guest-cid", "needs guest-cid")
+        fails("[device.v]\ntype = \"vsock\"\nguest-cid = 3\n", line: 1, key: "uds-path", "needs uds-path")
+        fails("[device.v]\ntype = \"vsock\"\nguest-cid = 2\nuds-path = \"/tmp/x\"\n", line: 3, key: "guest-cid", "between 3")
+        fails("[device.v]\ntype = \"vsock\"\nguest-cid = 3\nuds-path = \"tmp/x\"\n", line: 4, key: "uds-path", "absolute")
+        fails("[device.v]\ntype = \"vsock\"\nguest-cid = 3\nuds-path = \"/tmp/x\"\nqueue-size = 100\n", line: 5, key: "queue-size", "power of two")
+        fails("[device.v]\ntype = \"vsock\"\nbackend = \"vhost-user:/run/v.sock\"\nguest-cid = 3\n", line: 4, key: "guest-cid", "back-end")
+        fails("[device.v]\ntype = \"vsock\"\nguest-cid = 3\nuds-path = \"/tmp/x\"\nqueues = 3\n", line: 5, key: "queues", "unknown key")
+        let c = try parse("[device.v]\ntype = \"vsock\"\nguest-cid = 42\nuds-path = \"/run/v.sock\"\nqueue-size = 64\n")
+        XCTAssertEqual(c.devices[0].shape, DeviceShape(deviceID: 19, queueSizes: [64, 64, 64], configSize: 8))
+        let f = try parse("[device.v]\ntype = \"vsock\"\nbackend = \"vhost-user:/run/v.sock\"\n")
+        XCTAssertEqual(f.devices[0].shape, DeviceShape(deviceID: 19, queueSizes: [256, 256, 256], configSize: 8))
+    }
 }
