@@ -199,14 +199,17 @@ public func vsockPacketFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             if readable >= hdr {
                 h.store(to: host(b))
                 f.fill(host(b) + hdr, payload)
-                if h.srcCID == 3 && h.dstCID == 2 && h.type == VirtioVsock.typeStream {
-                    let key = UInt64(dst) << 32 | UInt64(src)
-                    if opRaw == VirtioVsock.Op.request.rawValue || opRaw == VirtioVsock.Op.response.rawValue {
-                        credit[key] = (h.bufAlloc, h.fwdCnt, 0)
-                    } else if var c = credit[key] { c.alloc = h.bufAlloc; c.fwd = h.fwdCnt; credit[key] = c }
-                }
             } else { f.fill(host(b), max(readable, 1)) }
+            let before = availIdx[1]
             submit(1, pieces(b, readable, writable: false))
+            // The device takes the driver's credit from packets it accepts (a refused one changes nothing; one that
+            // found the ring full was never made available).
+            if availIdx[1] != before && readable >= hdr && validateVsockHeader(h, payload: payload, guestCID: 3) == nil {
+                let key = UInt64(dst) << 32 | UInt64(src)
+                if opRaw == VirtioVsock.Op.request.rawValue || opRaw == VirtioVsock.Op.response.rawValue {
+                    credit[key] = (h.bufAlloc, h.fwdCnt, 0)
+                } else if var c = credit[key] { c.alloc = h.bufAlloc; c.fwd = h.fwdCnt; credit[key] = c }
+            }
             if live { dev.queueNotified(1) }
         case 4, 5, 6:      // receive buffers
             for _ in 0..<(1 + f.below(3)) {

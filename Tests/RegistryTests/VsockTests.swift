@@ -290,12 +290,12 @@ final class VsockTests: XCTestCase {
         d.send(d.header(.shutdown, src: 5000, dst: 1234, flags: 3))
         XCTAssertEqual(d.receiveControl()?.op, VirtioVsock.Op.rst.rawValue)
         XCTAssertTrue(onLoop { conn.closed })
-        // The host closes: the driver hears SHUTDOWN (both), answers RST, the slot is free.
+        // The host closes: the driver hears SHUTDOWN (SEND: the host sends no more), answers RST, the slot is free.
         let s2 = try connect(5001)
         onLoop { self.fake.hostClose(s2) }
         let sd = try XCTUnwrap(d.receiveControl())
         XCTAssertEqual(sd.op, VirtioVsock.Op.shutdown.rawValue)
-        XCTAssertEqual(sd.flags, 3)
+        XCTAssertEqual(sd.flags, VirtioVsock.shutdownSend)
         d.send(d.header(.rst, src: 5001, dst: 1234))
         XCTAssertEqual(onLoop { self.dev.connectionCount }, 0)
     }

@@ -599,7 +599,10 @@ public final class VsockDevice: VirtioDevice, VsockHostDelegate {
                     case .closed:
                         conns[slot].hostReadable = false
                         conns[slot].hostEOF = true
-                        // Like vhost-device-vsock: the host side closed, the driver hears SHUTDOWN (both ways).
+                        // End of file: the host sends no more (SHUTDOWN with SEND only). It may still read (a
+                        // half-close): the driver's data keeps flowing until a write fails (then RST).
+                        // vhost-device-vsock sends both flags here, which makes Linux fail the guest's send() with
+                        // EPIPE after a host half-close (measured with the guest case).
                         conns[slot].pending |= VsockConn.Pending.shutdown
                     }
                 }
@@ -612,7 +615,7 @@ public final class VsockDevice: VirtioDevice, VsockHostDelegate {
         c = conns[slot]
         if c.pending & VsockConn.Pending.shutdown != 0 {
             conns[slot].state = .closing
-            return control(.shutdown, VsockConn.Pending.shutdown, flags: VirtioVsock.shutdownRcv | VirtioVsock.shutdownSend)
+            return control(.shutdown, VsockConn.Pending.shutdown, flags: VirtioVsock.shutdownSend)
         }
         if c.pending & VsockConn.Pending.credit != 0 {
             stats.creditUpdatesSent &+= 1

@@ -4,8 +4,9 @@
 #   - setup.sh: gcc -static -O2 -Wall -o "$cache/vsocktool" "$here/tools/vsocktool.c"
 #   - run.sh:   img_stage_modules "$root" "$kver" vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
 #               and [ -x "$cache/vsocktool" ] && cp "$cache/vsocktool" "$root/bin/vsocktool"
-# Then move this file to Tests/guest/cases/. Not run yet: the in-process body is tested by the simulated driver
-# (VsockTests, VsockPeerTests: the same exchange as vhost-device-vsock), not yet by Linux's driver.
+# Then move this file to Tests/guest/cases/. Run by hand on a private image (6.1, the same modules and tool):
+# 256 MiB each way and 64 connections pass; after the 64 connections close the device stops answering (the
+# closed-port RST and CONNECT P steps time out): an open bug in VsockDevice, to fix before this case moves.
 # Checks: 256 MiB each way on one connection with per-byte pattern checks both sides; 64 concurrent connections;
 # a connect to a port nobody listens on fails fast (RST); a host program reaches a driver-side listener with
 # CONNECT P; driver reload (rmmod/insmod the transport) and loopbackd SIGKILL + restart leave it usable.

@@ -28,8 +28,8 @@ static int exchange(int fd, uint64_t n, unsigned out_seed, unsigned in_seed) {
     static uint8_t buf[65536];
     uint64_t sent = 0, got = 0;
     int wdone = 0, eof = 0;
-    while (!eof) {
-        struct pollfd p = { fd, POLLIN | (wdone ? 0 : POLLOUT), 0 };
+    while (!eof || !wdone) {
+        struct pollfd p = { fd, (eof ? 0 : POLLIN) | (wdone ? 0 : POLLOUT), 0 };
         if (poll(&p, 1, 30000) <= 0) { fprintf(stderr, "timeout: sent %llu got %llu\n", (unsigned long long)sent, (unsigned long long)got); return 1; }
         if (!wdone && (p.revents & POLLOUT)) {
             size_t k = n - sent < sizeof buf ? (size_t)(n - sent) : sizeof buf;
@@ -39,7 +39,7 @@ static int exchange(int fd, uint64_t n, unsigned out_seed, unsigned in_seed) {
             if (w > 0) sent += (uint64_t)w;
             if (sent == n) { shutdown(fd, SHUT_WR); wdone = 1; }
         }
-        if (p.revents & (POLLIN | POLLHUP)) {
+        if (!eof && (p.revents & (POLLIN | POLLHUP))) {
             static uint8_t r[65536];
             ssize_t k = recv(fd, r, sizeof r, MSG_DONTWAIT);
             if (k < 0 && errno != EAGAIN) die("recv");
