@@ -5,22 +5,7 @@ import CLinux
 
 /// Regression tests for what a hostile vhost-user front-end did to the whole process (issue "Survive any peer"):
 /// each attack may cost the attacker its own connection, never the process, the loop or another device.
-final class HostilePeerTests: XCTestCase {
-    var loop: EventLoop!
-    var host: DeviceHost!
-
-    override func setUp() {
-        loop = try! EventLoop()
-        host = DeviceHost(loop: loop)
-        loop.startThread()
-    }
-    override func tearDown() { loop.stopAndJoin() }
-
-    private func startServer(_ device: VirtioDevice = VUEchoDevice()) throws -> VhostUserBackendServer {
-        let s = VhostUserBackendServer(socketPath: testSocketPath(), host: host, name: "echo", device: device)
-        try s.start()
-        return s
-    }
+final class HostilePeerTests: LoopTestCase {
 
     /// A fresh connection gets an answer within 2 s: the loop is alive and the server listens.
     private func assertServes(_ s: VhostUserBackendServer, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
@@ -335,24 +320,10 @@ final class HostilePeerTests: XCTestCase {
 }
 
 /// The fault paths of the server, made to happen with the syscall seam (`FaultInjection`, debug builds).
-final class FaultPathTests: XCTestCase {
-    var loop: EventLoop!
-    var host: DeviceHost!
-
-    override func setUp() {
-        loop = try! EventLoop()
-        host = DeviceHost(loop: loop)
-        loop.startThread()
-    }
+final class FaultPathTests: LoopTestCase {
     override func tearDown() {
         FaultInjection.clear()
-        loop.stopAndJoin()
-    }
-
-    private func startServer(_ device: VirtioDevice = VUEchoDevice()) throws -> VhostUserBackendServer {
-        let s = VhostUserBackendServer(socketPath: testSocketPath(), host: host, name: "echo", device: device)
-        try s.start()
-        return s
+        super.tearDown()
     }
 
     func testInjectedEINTRIsRetried() throws {
@@ -447,15 +418,7 @@ final class SealTests: XCTestCase {
 /// Queue-level stop/start in the vhost-user server (crosvm's start_queue/stop_queue): a front-end stopping or
 /// re-programming one ring of a device that supports it leaves the other rings (a vsock connection, a sound
 /// stream) running; a device that does not support it is restarted whole, as before.
-final class QueueRestartTests: XCTestCase {
-    var loop: EventLoop!
-    var host: DeviceHost!
-    override func setUp() {
-        loop = try! EventLoop()
-        host = DeviceHost(loop: loop)
-        loop.startThread()
-    }
-    override func tearDown() { loop.stopAndJoin() }
+final class QueueRestartTests: LoopTestCase {
 
     /// Returns the device and how often it was activated after both rings first ran.
     private func run(restartable: Bool) throws -> (VUEchoDevice, Int) {

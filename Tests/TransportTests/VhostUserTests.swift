@@ -177,7 +177,9 @@ private final class VUStuckBackend: @unchecked Sendable {
     }
 }
 
-final class VhostUserTests: XCTestCase {
+/// A test case with one started event loop and a device host on it, and a vhost-user server helper: the set-up the
+/// vhost-user, hostile-peer, fault-path and queue-restart suites share.
+class LoopTestCase: XCTestCase {
     var loop: EventLoop!
     var host: DeviceHost!
 
@@ -187,6 +189,16 @@ final class VhostUserTests: XCTestCase {
         loop.startThread()
     }
     override func tearDown() { loop.stopAndJoin() }
+
+    /// Serves `device` (an echo device by default) on a fresh socket path, listening.
+    func startServer(_ device: VirtioDevice = VUEchoDevice()) throws -> VhostUserBackendServer {
+        let s = VhostUserBackendServer(socketPath: testSocketPath(), host: host, name: "echo", device: device)
+        try s.start()
+        return s
+    }
+}
+
+final class VhostUserTests: LoopTestCase {
 
     // MARK: codec
 
@@ -229,12 +241,6 @@ final class VhostUserTests: XCTestCase {
     }
 
     // MARK: server: hostile front-ends
-
-    private func startServer(_ device: VirtioDevice = VUEchoDevice()) throws -> VhostUserBackendServer {
-        let s = VhostUserBackendServer(socketPath: testSocketPath(), host: host, name: "echo", device: device)
-        try s.start()
-        return s
-    }
 
     /// A fresh connection works (the server listens again after closing a bad one).
     private func assertServes(_ s: VhostUserBackendServer, file: StaticString = #filePath, line: UInt = #line) {
