@@ -175,7 +175,7 @@ while 'GUEST-TEST' not in console() and time.time() < end:
 print(n)
 PY
 }
-echo ${VHOST_PAUSE_ITERATIONS:-40} > "$root/tests/param/pause_iterations"
+echo ${VHOST_PAUSE_ITERATIONS:-120} > "$root/tests/param/pause_iterations"   # long enough for 3 QMP stop/cont cycles on a busy host
 
 passed=0; failed=0
 for c in "${cases[@]}"; do
