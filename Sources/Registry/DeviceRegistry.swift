@@ -50,8 +50,9 @@ public struct DeviceRegistry {
             .i2c,
             .gpio,
             .vsock,
+            .sound,
             // Forwarded to a vhost-user back-end (no in-process body in this build): Forwarded/ForwardedTypes.swift.
-            .console, .sound, .can, .gpu, .scmi, .fs, .other,
+            .console, .can, .gpu, .scmi, .fs, .other,
         ])
     }
 
