@@ -21,7 +21,9 @@
  *    it completes every outstanding request itself (len 0, virtio-blk status
  *    IOERR, virtio-i2c status ERR), on every later notify too, until the
  *    driver's remove() has reset the device.  So remove paths that wait for
- *    in-flight I/O (e.g. virtio_blk's del_gendisk) never hang.
+ *    in-flight I/O (e.g. virtio_blk's del_gendisk) never hang.  Receive
+ *    buffers (device-writable-only chains) stay with the driver: see
+ *    vlo_fail_inflight().
  *  - Used-buffer interrupts (KICK ioctl, irqfd work, teardown) are
  *    serialised per device by irq_lock and run with interrupts disabled,
  *    like a hard interrupt handler.
@@ -58,6 +60,7 @@
 #include <linux/virtio_blk.h>
 #include <linux/io.h>
 #include <linux/rcupdate.h>
+#include <linux/delay.h>
 
 #include "uapi/virtio_lo.h"
 
@@ -335,20 +338,25 @@ static int vlo_fail_status(u32 device_id)
 	return -1;
 }
 
-static void vlo_status_fail(struct vlo_queue *q, u16 head, u8 status)
+/*
+ * Walk the chain at head (bounded: at most one pass over its table, an indirect table checked like the driver's
+ * own): does it hold a device-readable descriptor, and where is the last byte of its last device-writable one.
+ * false if the chain cannot be walked (a bad indirect table).
+ */
+static bool vlo_walk_chain(struct vlo_queue *q, u16 head, bool *has_out, u64 *last_in)
 {
 	struct virtio_device *vdev = &q->dev->vdev;
 	struct vring_desc *tbl = q->vr.desc;
 	unsigned int n = q->num, i = head, steps;
-	u64 last = 0;
-	bool found = false;
 
+	*has_out = false;
+	*last_in = 0;
 	if (virtio16_to_cpu(vdev, tbl[i].flags) & VRING_DESC_F_INDIRECT) {
 		u64 addr = virtio64_to_cpu(vdev, tbl[i].addr);
 		u32 len = virtio32_to_cpu(vdev, tbl[i].len);
 
 		if (len < sizeof(*tbl) || len > 65536 || !vlo_phys_ok(addr, len))
-			return;
+			return false;
 		tbl = phys_to_virt(addr);
 		n = len / sizeof(*tbl);
 		i = 0;
@@ -360,43 +368,67 @@ static void vlo_status_fail(struct vlo_queue *q, u16 head, u8 status)
 			u64 addr = virtio64_to_cpu(vdev, tbl[i].addr);
 			u32 len = virtio32_to_cpu(vdev, tbl[i].len);
 
-			if (len && addr + len > addr) {
-				last = addr + len - 1;
-				found = true;
-			}
+			if (len && addr + len > addr)
+				*last_in = addr + len - 1;
+		} else {
+			*has_out = true;
 		}
 		if (!(fl & VRING_DESC_F_NEXT))
 			break;
 		i = virtio16_to_cpu(vdev, tbl[i].next);
 	}
-	if (found && vlo_phys_ok(last, 1))
-		*(u8 *)phys_to_virt(last) = status;
+	return true;
 }
 
-/* Complete every outstanding head with len 0.  irq_lock held. */
-static void vlo_fail_inflight(struct vlo_queue *q)
+/*
+ * Complete every outstanding request with len 0.  irq_lock held.
+ *
+ * Only requests: chains with a device-readable part (a block request, an output buffer, a control message the
+ * driver sent).  A chain that is device-writable only is a receive buffer the driver lent the device (console and
+ * control input, input events, vsock and CAN rx, rng): completing it would tell the driver data arrived, and some
+ * drivers act on the buffer without looking at the used length: virtio_console's control handler re-ran the stale
+ * PORT_ADD/PORT_REMOVE left in a control buffer while its remove() was unplugging the same ports (a kfree() panic
+ * under DELDEV, 6.12), virtio_input would re-inject stale events.  No remove path waits for a receive buffer: the
+ * driver takes them back with virtqueue_detach_unused_buf() after its reset (virtio_rng's remove completes its own
+ * wait first).  They stay counted as outstanding here.
+ *
+ * track_lock serialises the used-ring writes (with the notify path and the drain work); no interrupt is raised
+ * here, so it may run inside the driver's kick.  Returns the number of requests completed.
+ */
+static unsigned int vlo_fail_inflight(struct vlo_queue *q)
 {
 	struct vlo_dev *dev = q->dev;
 	struct virtio_device *vdev = &dev->vdev;
-	unsigned int num = q->num, h;
+	unsigned int num = q->num, h, done = 0;
 	int status = vlo_fail_status(dev->vdev.id.device);
+	unsigned long flags;
 	u16 ui;
 
-	spin_lock(&q->track_lock);
+	spin_lock_irqsave(&q->track_lock, flags);
 	if (!q->inflight)
 		goto out;
 	vlo_track_locked(q);
 	ui = q->used_seen;
 	for (h = 0; h < num; h++) {
-		if (q->inflight[h] > 0) {
-			struct vring_used_elem *e = &q->vr.used->ring[ui & (num - 1)];
+		struct vring_used_elem *e;
+		bool has_out;
+		u64 last_in;
 
-			if (status >= 0)
-				vlo_status_fail(q, h, status);
-			e->id = cpu_to_virtio32(vdev, h);
-			e->len = cpu_to_virtio32(vdev, 0);
-			ui++;
+		if (q->inflight[h] <= 0) {
+			q->inflight[h] = 0;
+			continue;
 		}
+		if (!vlo_walk_chain(q, h, &has_out, &last_in))
+			has_out = true;		/* unreadable chain: complete it, as before */
+		else if (!has_out)
+			continue;		/* a receive buffer: left with the driver */
+		if (status >= 0 && last_in && vlo_phys_ok(last_in, 1))
+			*(u8 *)phys_to_virt(last_in) = status;
+		e = &q->vr.used->ring[ui & (num - 1)];
+		e->id = cpu_to_virtio32(vdev, h);
+		e->len = cpu_to_virtio32(vdev, 0);
+		ui++;
+		done++;
 		q->inflight[h] = 0;
 	}
 	smp_wmb();
@@ -407,15 +439,15 @@ static void vlo_fail_inflight(struct vlo_queue *q)
 	vring_avail_event(&q->vr) = q->vr.avail->idx;
 	smp_mb();
 out:
-	spin_unlock(&q->track_lock);
+	spin_unlock_irqrestore(&q->track_lock, flags);
+	return done;
 }
 
-static void vlo_drain_work(struct work_struct *w)
+/* Fails every outstanding request of a dying device and interrupts the driver; returns the number failed. */
+static unsigned int vlo_drain(struct vlo_dev *dev, bool *again)
 {
-	struct vlo_dev *dev = container_of(to_delayed_work(w), struct vlo_dev, drain_work);
 	unsigned long flags;
-	unsigned int i;
-	bool again;
+	unsigned int i, done = 0;
 
 	spin_lock_irqsave(&dev->irq_lock, flags);
 	if (dev->user_broke && dev->vqs_live) {
@@ -429,12 +461,21 @@ static void vlo_drain_work(struct work_struct *w)
 
 			if (!q->vq)
 				continue;
-			vlo_fail_inflight(q);
+			done += vlo_fail_inflight(q);
 			vring_interrupt(0, q->vq);
 		}
 	}
-	again = dev->dying;
+	*again = dev->dying;
 	spin_unlock_irqrestore(&dev->irq_lock, flags);
+	return done;
+}
+
+static void vlo_drain_work(struct work_struct *w)
+{
+	struct vlo_dev *dev = container_of(to_delayed_work(w), struct vlo_dev, drain_work);
+	bool again;
+
+	vlo_drain(dev, &again);
 	/* Safety net for notifications we may not get. */
 	if (again)
 		queue_delayed_work(system_wq, &dev->drain_work, HZ / 10);
@@ -615,9 +656,15 @@ static bool vlo_notify(struct virtqueue *vq)
 	struct vlo_dev *dev = q->dev;
 
 	vlo_track(q);
-	if (READ_ONCE(dev->dying))
-		mod_delayed_work(system_wq, &dev->drain_work, 0);
-	else
+	if (READ_ONCE(dev->dying)) {
+		/*
+		 * Fail the request now, before the kick returns: a driver that spins for its completion
+		 * (virtio_console's control and hvc output) gets it at once.  The interrupt comes from the work
+		 * (a callback run from inside the driver's own kick could take a lock the kicker holds).
+		 */
+		if (vlo_fail_inflight(q))
+			mod_delayed_work(system_wq, &dev->drain_work, 0);
+	} else
 		vlo_signal(q->kick);
 	return true;
 }
@@ -945,9 +992,22 @@ static void vlo_dev_teardown(struct vlo_dev *dev)
 	}
 	mutex_unlock(&dev->irqfd_lock);
 
-	/* From here the module completes the driver's requests itself. */
-	mod_delayed_work(system_wq, &dev->drain_work, 0);
+	/*
+	 * From here the module completes the driver's requests itself: the ones outstanding now before the driver's
+	 * remove() starts (not from the work, which may run only when this thread sleeps inside remove()):
+	 * virtio_console's remove() frees what it finds outstanding on its queues as its own buffers, and a control
+	 * message in flight is not one (kfree() of the message's bytes: a panic under DELDEV, seen on 6.12).  A driver
+	 * spinning for such a completion (with a lock held, on another CPU) must also have taken it before remove()
+	 * looks: it is given a short, bounded moment, only when something was failed here.
+	 */
 	flush_work(&dev->register_work);
+	{
+		bool again;
+
+		if (vlo_drain(dev, &again))
+			msleep(20);
+	}
+	mod_delayed_work(system_wq, &dev->drain_work, 0);
 	if (dev->registered)
 		unregister_virtio_device(&dev->vdev);
 	cancel_delayed_work_sync(&dev->drain_work);
