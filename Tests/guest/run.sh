@@ -67,6 +67,9 @@ if [ -x "$cache/inputtool" ]; then cp "$cache/inputtool" "$root/bin/inputtool"; 
 # gpio case: gpio-virtio and gpiotool built by setup.sh (a cache prepared before them lacks them: the case says so)
 [ -f "$cache/gpio-virtio-$kver/gpio-virtio.ko" ] && cp "$cache/gpio-virtio-$kver/gpio-virtio.ko" "$root/lib/modules/"
 [ -x "$cache/gpiotool" ] && cp "$cache/gpiotool" "$root/bin/gpiotool"
+# vsock case: the kernel's virtio transport for AF_VSOCK (modules in Debian's kernels) and vsocktool (setup.sh)
+( img_stage_modules "$root" "$kver" vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport ) || exit 2
+[ -x "$cache/vsocktool" ] && cp "$cache/vsocktool" "$root/bin/vsocktool"
 if [ -x "$loopbackd" ]; then cp "$loopbackd" "$root/bin/loopbackd"; fi
 if [ -n "${LOOPBACKD_CONF:-}" ]; then cp "$LOOPBACKD_CONF" "$root/etc/loopbackd.conf"; fi
 cp "$here/lib.sh" "$root/tests/lib.sh"

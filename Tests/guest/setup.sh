@@ -58,6 +58,8 @@ gcc -static -O2 -Wall -o "$cache/odirect" "$here/tools/odirect.c"
 gcc -static -O2 -Wall -o "$cache/inputtool" "$here/tools/inputtool.c"
 # gpiotool: the v1 GPIO character-device ioctls (the gpio case)
 gcc -static -O2 -Wall -o "$cache/gpiotool" "$here/tools/gpiotool.c"
+# vsocktool: AF_VSOCK and unix-socket ends of the vsock case (patterned data both ways, many connections, CONNECT P)
+gcc -static -O2 -Wall -o "$cache/vsocktool" "$here/tools/vsocktool.c" -lpthread
 # QEMU 10 from bookworm-backports for the vhost-input case (Debian 12's QEMU 7.2 refuses vhost-user-input without
 # KVM): qemu-system-x86 only, downloaded and unpacked into <cache>/qemu10, never installed (every other case runs
 # 7.2). Its libraries are all in bookworm (ldd) and it uses 7.2's firmware under /usr/share/qemu; a guest run
