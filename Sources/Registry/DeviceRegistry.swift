@@ -51,8 +51,9 @@ public struct DeviceRegistry {
             .gpio,
             .vsock,
             .sound,
+            .can,
             // Forwarded to a vhost-user back-end (no in-process body in this build): Forwarded/ForwardedTypes.swift.
-            .console, .can, .gpu, .scmi, .fs, .other,
+            .console, .gpu, .scmi, .fs, .other,
         ])
     }
 

@@ -53,7 +53,6 @@ extension DeviceType {
     // status), §5.7 gpu (control, cursor; events_read, events_clear,
     // num_scanouts, num_capsets), §5.17 scmi (cmdq, eventq; none), §5.11 fs (hiprio + 1 request queue; tag[36],
     // num_request_queues).
-    public static var can: DeviceType { ForwardedType(name: "can", deviceID: 36, queues: 3, configSize: 2, what: "virtio-can").type }
     public static var gpu: DeviceType { ForwardedType(name: "gpu", deviceID: 16, queues: 2, configSize: 16, what: "virtio-gpu").type }
     public static var scmi: DeviceType { ForwardedType(name: "scmi", deviceID: 32, queues: 2, configSize: 0, what: "virtio-scmi").type }
     public static var fs: DeviceType { ForwardedType(name: "fs", deviceID: 26, queues: 2, configSize: 40, what: "virtio-fs").type }
