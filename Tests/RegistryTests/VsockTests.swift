@@ -333,6 +333,29 @@ final class VsockTests: XCTestCase {
         }
     }
 
+    /// The transmit queue stops at its per-turn budget exactly as the ring runs empty: kicks must be re-armed, or a
+    /// driver with EVENT_IDX never kicks again (Linux's vsock stalled like this after 64 busy connections: new
+    /// connections were neither accepted nor refused). The chains are made available while the loop is held, so
+    /// one turn finds exactly `chainBudget` of them.
+    func testTransmitBudgetSpentOnAnEmptyRingRearmsKicks() throws {
+        try start()
+        XCTAssertTrue(drv.features.contains(.eventIdx))
+        let n = SplitQueue.chainBudget
+        let b = drv.alloc(VirtioVsock.headerSize)
+        d.header(.rst, src: 7000, dst: 7001).store(to: drv.host(b))   // a RST for nothing: not answered
+        let heads: [UInt16] = onLoop {
+            var hs: [UInt16] = []
+            for _ in 0..<n { if let h = self.d.tx.addChain(readable: [(b, UInt32(VirtioVsock.headerSize))], writable: []) { self.d.tx.submit(h); hs.append(h) } }
+            return hs
+        }
+        XCTAssertEqual(heads.count, n)
+        var done = 0
+        while done < n { guard let u = d.tx.waitUsed(timeoutMs: 5000) else { return XCTFail("\(done) of \(n) completed") }; d.tx.recycle(u.id); done += 1 }
+        // The next packet must be taken: a REQUEST to a closed port is answered with RST.
+        d.send(d.header(.request, src: 5000, dst: 4321))
+        XCTAssertEqual(d.receiveControl(timeoutMs: 2000)?.op, VirtioVsock.Op.rst.rawValue)
+    }
+
     /// A driver reset closes every host connection; the device tells the driver TRANSPORT_RESET when it runs again.
     func testResetClosesConnectionsAndSendsTransportReset() throws {
         try start()

@@ -80,6 +80,8 @@ final class ConsolePort {
 /// counted, once-logged warning), chains on queues of ports not added, chains longer than the device holds.
 public final class ConsoleDevice: VirtioDevice, ConsoleEndpointDelegate {
     public let deviceID = VirtioID.console
+    /// hvc writers spin under the hvc lock that our receive interrupt takes: interrupts via the module's irqfd.
+    public var interruptsMayWaitForDevice: Bool { true }
     public let queueMaxSizes: [UInt16]
     public let offeredFeatures: VirtioFeatures
     public let configSize = VirtioConsole.configSize
@@ -294,6 +296,9 @@ public final class ConsoleDevice: VirtioDevice, ConsoleEndpointDelegate {
     /// thread (the KICK ioctl): publishing input while the writer waits for us hangs both (the guest's writer
     /// spins on us, we spin on its lock). So chains the driver made available go out first, and while one is
     /// parked on a full endpoint the input stays unread (at the endpoint: no byte lost) until it completes.
+    /// This only narrows the window (a writer can start right after the check: a soft lockup in one guest run of
+    /// six); the kernel link therefore raises this device's interrupts from a kernel worker
+    /// (`interruptsMayWaitForDevice`), where waiting on the lock does not stop us completing the writer's chain.
     private func holdsInput(_ p: ConsolePort) -> Bool {
         guard drops(p), let qs = queues else { return false }
         let tq = VirtioConsole.txQueue(p.id)
@@ -359,7 +364,7 @@ public final class ConsoleDevice: VirtioDevice, ConsoleEndpointDelegate {
                 qs[q].addUsed(head: c.head, written: 0)
                 completed = true
                 if chains >= SplitQueue.chainBudget || bytes >= Int(SplitQueue.byteBudget) {
-                    if qs[q].hasAvailable { faults.again(queue: q) }
+                    if qs[q].budgetSpent() { faults.again(queue: q) }
                     break outer
                 }
             }

@@ -299,7 +299,7 @@ public final class VsockDevice: VirtioDevice, VsockHostDelegate {
                 if let w = transmitPacket(c) { qs[q].addUsed(head: c.head, written: w) }
                 chains += 1
                 if chains >= SplitQueue.chainBudget {
-                    if qs[q].hasAvailable { faults.again(queue: q) }
+                    if qs[q].budgetSpent() { faults.again(queue: q) }
                     break outer
                 }
             }

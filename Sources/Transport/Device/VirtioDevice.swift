@@ -86,6 +86,13 @@ public protocol VirtioDevice: AnyObject {
     /// kernel module) must then pass each config write to the device and wait for the answer (the module's
     /// SYNC_CONFIG extension) instead of answering reads from its copy.
     var configReadsDependOnWrites: Bool { get }
+    /// True if the driver's interrupt handler may wait for this device: a kernel driver side must then raise used
+    /// buffer interrupts from a kernel thread (the module's irqfd extension) rather than in the device thread (the
+    /// KICK ioctl). virtio_console: the receive interrupt runs hvc_poll, which takes the hvc lock that a writer
+    /// holds while it spins until we complete its chain. Raised in our thread, the loop spins in the kernel on that
+    /// lock and never completes the chain (a soft lockup; holding input back while output is outstanding narrows
+    /// the window but cannot close it: the writer can start right after the check).
+    var interruptsMayWaitForDevice: Bool { get }
 }
 
 extension VirtioDevice {
@@ -97,4 +104,5 @@ extension VirtioDevice {
     public func quiesce() {}
     public var passthroughRings: Bool { false }
     public var configReadsDependOnWrites: Bool { false }
+    public var interruptsMayWaitForDevice: Bool { false }
 }

@@ -246,8 +246,9 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
             kicks.append(k)
         }
         var irqs = (0..<active.count).map { Notifier.virtioLoKick(fd: fd, device: d.kernelIndex, queue: Int32($0)) }
-        if host.device(i).passthroughRings && hasIRQFD {
-            // A vhost-user backend signals these eventfds; the module turns them into vring interrupts itself.
+        if (host.device(i).passthroughRings || host.device(i).interruptsMayWaitForDevice) && hasIRQFD {
+            // A vhost-user backend (or the device, through its Notifier) signals these eventfds; the module turns
+            // them into vring interrupts itself, in a kernel worker (see `VirtioDevice.interruptsMayWaitForDevice`).
             if d.irqFDs.isEmpty {
                 for q in 0..<d.kicks.count {
                     guard let e = try? FD.eventfd().release() else { break }

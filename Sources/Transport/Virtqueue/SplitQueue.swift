@@ -359,6 +359,18 @@ public struct SplitQueue: ~Copyable {
         return atomic16(avail + 2).pointee.load(ordering: .acquiring) != lastAvail
     }
 
+    /// For a device's own pop loop that stopped at its per-turn budget: true when chains are left (kicks stay
+    /// disabled; the device asks for another turn with `FaultReporter.again`). Otherwise kicks are re-enabled and
+    /// re-checked like at the end of a drain, and true only if more arrived meanwhile. Stopping at the budget just as
+    /// the ring ran empty and returning without this left kicks disabled for good (with EVENT_IDX a stale
+    /// avail_event: the driver never kicks again): Linux's vsock transmit queue stalled that way after 64 busy
+    /// connections.
+    public mutating func budgetSpent() -> Bool {
+        if hasAvailable { return true }
+        if polling || fault != nil || stopped { return false }
+        return enableNotifications()
+    }
+
     /// Runs `handle` on the available chains with the no-lost-kick loop, then publishes once.
     /// `handle` returns the number of bytes written into the chain, or nil if it took the chain asynchronously
     /// (it will `addUsed` later). Stops at the per-turn budget with `yielded` set and kicks left disabled: the
