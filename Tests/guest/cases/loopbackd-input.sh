@@ -4,7 +4,8 @@
 # range; a known key + touch sequence arrives in order, grouped by SYN_REPORT, with the right codes and values; an
 # LED written on the virtio node reaches the uinput device (status queue → EV_LED write on the host node);
 # unplugging the uinput device leaves loopbackd and the virtio device up, and a new uinput device of that name is
-# picked up again (events flow); SIGTERM removes the virtio device.
+# picked up again (events flow); a driver reload and a SIGKILL + restart each give a working node again; SIGTERM
+# removes the virtio device.
 # Needs in the image: the modules evdev, uinput, virtio_input (loaded here if present in /lib/modules and not
 # loaded yet) and /bin/inputtool (Tests/guest/tools/inputtool.c, static).
 # The module's config space is a kernel-side copy: virtio_input's probe writes select/subsel and reads the answer
@@ -119,6 +120,26 @@ wait $r   # 10 events without an LED event: the read times out after 5 s, the co
 grep -v '^17 ' /tmp/events2.raw > /tmp/events2
 cmp -s /tmp/expect2 /tmp/events2 || fail "events after replug differ: got [$(tr '\n' '|' < /tmp/events2.raw)]"
 info "events flow again after unplug and replug"
+
+# Driver reload, then SIGKILL + restart: each time a new virtio node whose status path reaches the host device
+# (an LED the VT layer does not set: NUML, then SCROLLL, on).
+rmmod virtio_input || fail "rmmod virtio_input"
+wait_for 10 gone "$VNODE" || fail "$VNODE still there after rmmod"
+insmod /lib/modules/virtio_input.ko 2>/dev/null || modprobe virtio_input 2>/dev/null || fail "insmod virtio_input again"
+wait_for 20 vnode || lb_fail "no input node after driver reload"
+VNODE=$(vnode); wait_for 5 test -c "$VNODE" || fail "$VNODE not created"
+inputtool led "$VNODE" 0 1 || fail "LED write on $VNODE"
+wait_for 10 grep -q "^LED 0 1$" /tmp/uinput2.log || lb_fail "LED after driver reload did not reach the host device: $(tr '\n' '|' < /tmp/uinput2.log)"
+info "driver reload: $VNODE, status path ok"
+kill -9 "$LBPID"; wait "$LBPID" 2>/dev/null; LBPID=
+wait_for 10 gone "$VNODE" || fail "$VNODE still there after SIGKILL"
+no_d_state || fail "task in D state after SIGKILL"
+loopbackd_start
+wait_for 20 vnode || lb_fail "no input node after restart"
+VNODE=$(vnode); wait_for 5 test -c "$VNODE" || fail "$VNODE not created"
+inputtool led "$VNODE" 2 1 || fail "LED write on $VNODE"
+wait_for 10 grep -q "^LED 2 1$" /tmp/uinput2.log || lb_fail "LED after SIGKILL + restart did not reach the host device: $(tr '\n' '|' < /tmp/uinput2.log)"
+info "SIGKILL + restart: $VNODE, status path ok"
 
 loopbackd_stop TERM
 wait_for 10 gone "$VNODE" || fail "$VNODE still there after SIGTERM"

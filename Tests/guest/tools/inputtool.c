@@ -2,7 +2,7 @@
 //   inputtool uinput NAME GOFILE [NEXTFILE]  create a uinput keyboard + multi-touch screen named NAME (keys, LEDs,
 //                                            ABS_X/Y and ABS_MT_* axes), print READY, wait for GOFILE to exist, emit
 //                                            the known sequence, then print every EV_LED it receives ("LED code value")
-//                                            for 30 s, or until NEXTFILE exists (then destroy the device and exit)
+//                                            for 120 s, or until NEXTFILE exists (then destroy the device and exit)
 //   inputtool caps NODE                      print name, ids and every ABS axis range of an evdev node
 //   inputtool read NODE COUNT TIMEOUT_S      print COUNT events ("type code value", SYN_REPORT included) of NODE
 //   inputtool read NODE COUNT TIMEOUT_S noled   the same, not counting EV_LED events (the reader's own LED writes
@@ -77,7 +77,7 @@ static int cmd_uinput(const char *name, const char *go, const char *next) {
     emit(fd, EV_KEY, BTN_TOUCH, 1); emit(fd, EV_ABS, ABS_X, 100); emit(fd, EV_ABS, ABS_Y, 200); emit(fd, EV_SYN, SYN_REPORT, 0);
     emit(fd, EV_ABS, ABS_MT_TRACKING_ID, -1); emit(fd, EV_KEY, BTN_TOUCH, 0); emit(fd, EV_SYN, SYN_REPORT, 0);
     printf("EMITTED\n"); fflush(stdout);
-    end = now_ms() + 30000;
+    end = now_ms() + 120000;
     while (now_ms() < end && !(next && access(next, F_OK) == 0)) {
         struct pollfd p = { .fd = fd, .events = POLLIN };
         if (poll(&p, 1, 100) <= 0) continue;
