@@ -133,6 +133,13 @@ img_linux_sources() {
   local kv=$1 series pkg ver tmp deb f d out want=() have
   local -A dest=([drivers/i2c/busses/i2c-virtio.c]=$IMG_CACHE/i2c-virtio-$1/i2c-virtio.c
                  [drivers/gpio/gpio-virtio.c]=$IMG_CACHE/gpio-virtio-$1/gpio-virtio.c.orig)
+  # virtio_snd's sources only for a kernel that does not ship the module (6.1; 6.12 has it)
+  if ! img_kernel_has_module "$kv" virtio_snd; then
+    for f in virtio_card.c virtio_card.h virtio_chmap.c virtio_ctl_msg.c virtio_ctl_msg.h virtio_jack.c virtio_pcm.c \
+             virtio_pcm.h virtio_pcm_msg.c virtio_pcm_ops.c; do
+      dest[sound/virtio/$f]=$IMG_CACHE/snd-virtio-$1/$f
+    done
+  fi
   for f in "${!dest[@]}"; do [ -f "${dest[$f]}" ] || want+=("$f"); done
   [ ${#want[@]} -gt 0 ] || return 0
   series=$(echo "$kv" | grep -oE '^[0-9]+\.[0-9]+')
@@ -195,6 +202,29 @@ img_gpio_virtio() {
     strip --strip-debug "$dir/gpio-virtio.ko"
   fi
   echo "$dir/gpio-virtio.ko"
+}
+
+# img_kernel_has_module KV NAME: the unpacked kernel KV ships module NAME (modules.dep of IMG_CACHE/kernel-KV).
+img_kernel_has_module() {
+  grep -qE "(^|/)$2\.ko(\.xz|\.zst)?:" "$IMG_CACHE/kernel-$1/lib/modules/$1/modules.dep" 2>/dev/null
+}
+
+# img_snd_virtio KV: the kernel's virtio_snd driver for KV: nothing to build when the kernel ships it (6.12: the
+# runner stages it with its dependencies); otherwise (6.1, CONFIG_SND_VIRTIO unset) built out of tree from
+# linux-source's sound/virtio/ (img_linux_sources) in IMG_CACHE/snd-virtio-KV/ (about 4 s), unless the module is
+# newer than its sources. Prints the .ko path, or "kernel" when the kernel has the module.
+img_snd_virtio() {
+  local kv=$1 dir=$IMG_CACHE/snd-virtio-$1
+  if img_kernel_has_module "$kv" virtio_snd; then echo kernel; return 0; fi
+  img_linux_sources "$kv"
+  if [ ! "$dir/virtio_snd.ko" -nt "$dir/virtio_pcm_ops.c" ]; then
+    printf 'obj-m := virtio_snd.o\nvirtio_snd-objs := virtio_card.o virtio_chmap.o virtio_ctl_msg.o virtio_jack.o virtio_pcm_msg.o virtio_pcm.o virtio_pcm_ops.o\n' > "$dir/Kbuild"
+    img_log "building virtio_snd.ko for $kv"
+    make -s -C "/lib/modules/$kv/build" M="$dir" KCFLAGS="-ffile-prefix-map=$dir/=" modules >&2 ||
+      img_die "virtio_snd build failed for $kv"
+    strip --strip-debug "$dir/virtio_snd.ko"
+  fi
+  echo "$dir/virtio_snd.ko"
 }
 
 # img_stage_modules ROOT KV NAME...: the named modules (and their dependencies) copied into ROOT/lib/modules

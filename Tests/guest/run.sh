@@ -67,6 +67,11 @@ if [ -x "$cache/inputtool" ]; then cp "$cache/inputtool" "$root/bin/inputtool"; 
 # gpio case: gpio-virtio and gpiotool built by setup.sh (a cache prepared before them lacks them: the case says so)
 [ -f "$cache/gpio-virtio-$kver/gpio-virtio.ko" ] && cp "$cache/gpio-virtio-$kver/gpio-virtio.ko" "$root/lib/modules/"
 [ -x "$cache/gpiotool" ] && cp "$cache/gpiotool" "$root/bin/gpiotool"
+# sound cases: the ALSA core modules and snd-aloop, virtio_snd (the kernel's, or built by setup.sh for 6.1) and sndtool
+( img_stage_modules "$root" "$kver" snd-pcm snd-aloop ) || exit 2
+if img_kernel_has_module "$kver" virtio_snd; then ( img_stage_modules "$root" "$kver" virtio_snd ) || exit 2
+elif [ -f "$cache/snd-virtio-$kver/virtio_snd.ko" ]; then cp "$cache/snd-virtio-$kver/virtio_snd.ko" "$root/lib/modules/"; fi
+[ -x "$cache/sndtool" ] && cp "$cache/sndtool" "$root/bin/sndtool"
 # vsock case: the kernel's virtio transport for AF_VSOCK (modules in Debian's kernels) and vsocktool (setup.sh)
 ( img_stage_modules "$root" "$kver" vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport ) || exit 2
 [ -x "$cache/vsocktool" ] && cp "$cache/vsocktool" "$root/bin/vsocktool"

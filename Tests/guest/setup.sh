@@ -50,6 +50,11 @@ for k in "${kernels[@]}"; do
   ( IMG_CACHE=$cache IMG_LOG_PREFIX=setup img_gpio_virtio "$(cat "$cache/kver-$k")" > /dev/null ) ||
     log "gpio-virtio.ko for $k not built: the gpio cases will fail"
 done
+# virtio_snd likewise where the kernel does not ship it (6.1; scripts/image-lib.sh img_snd_virtio)
+for k in "${kernels[@]}"; do
+  ( IMG_CACHE=$cache IMG_LOG_PREFIX=setup img_snd_virtio "$(cat "$cache/kver-$k")" > /dev/null ) ||
+    log "virtio_snd.ko for $k not built: the sound case will fail"
+done
 
 # Static tools (kernel-independent): lo-tool speaks the module's ioctls, odirect does O_DIRECT I/O and checks,
 # inputtool drives uinput and reads evdev nodes (the input cases).
@@ -58,6 +63,8 @@ gcc -static -O2 -Wall -o "$cache/odirect" "$here/tools/odirect.c"
 gcc -static -O2 -Wall -o "$cache/inputtool" "$here/tools/inputtool.c"
 # gpiotool: the v1 GPIO character-device ioctls (the gpio case)
 gcc -static -O2 -Wall -o "$cache/gpiotool" "$here/tools/gpiotool.c"
+# sndtool: the PCM ioctls on /dev/snd/pcmC*D*[pc], WAV files and byte checks (the sound case)
+gcc -static -O2 -Wall -o "$cache/sndtool" "$here/tools/sndtool.c"
 # vsocktool: AF_VSOCK and unix-socket ends of the vsock case (patterned data both ways, many connections, CONNECT P)
 gcc -static -O2 -Wall -o "$cache/vsocktool" "$here/tools/vsocktool.c" -lpthread
 # QEMU 10 from bookworm-backports for the vhost-input case (Debian 12's QEMU 7.2 refuses vhost-user-input without

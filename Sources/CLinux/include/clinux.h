@@ -7,6 +7,8 @@
 #include <sys/types.h>
 // The kernel module's user-space ABI (a symlink to kernel/virtio-loopback/uapi/virtio_lo.h: one source of truth).
 #include "virtio_lo.h"
+// The ALSA PCM ioctls of the sound device's hw:CARD,DEV endpoint (alsapcm.c).
+#include "alsapcm.h"
 // The ioctl numbers, computed by the header's _IOWR macros (Swift does not import function-like macros).
 static inline unsigned long lb_vlo_adddev(void) { return VIRTIO_LO_ADDDEV; }
 static inline unsigned long lb_vlo_deldev(void) { return VIRTIO_LO_DELDEV; }

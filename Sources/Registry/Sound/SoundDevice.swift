@@ -94,7 +94,13 @@ public final class SoundDevice: VirtioDevice {
     private let request: UnsafeMutableRawPointer
     private let item: UnsafeMutableRawPointer
     private static let maxItemSize = 1024
-    public private(set) var stats = SoundStats()
+    private var counters = SoundStats()
+    /// The counters, with the xruns the endpoints recovered from themselves (hardware) added.
+    public var stats: SoundStats {
+        var s = counters
+        for k in 0..<streams.count { s.xruns &+= streams[k].endpoint.xruns }
+        return s
+    }
     private var logged: UInt32 = 0
 
     public init(streams configs: [SoundStreamConfig], queueSize: UInt16 = 64, xrunEvents: Bool = false) {
@@ -198,7 +204,7 @@ public final class SoundDevice: VirtioDevice {
         case VirtioSnd.eventQueue:
             qs[index].drain { c in
                 if c.writableBytes >= UInt32(VirtioSnd.eventSize) && eventBuffers.hold(c) { return nil }
-                stats.badIO &+= 1
+                counters.badIO &+= 1
                 once(2, "event buffer shorter than 8 bytes or too fragmented; completed empty")
                 return 0
             }
@@ -247,7 +253,7 @@ public final class SoundDevice: VirtioDevice {
     }
 
     private func badIO(_ c: Chain, _ why: String) -> UInt32 {
-        stats.badIO &+= 1
+        counters.badIO &+= 1
         once(4, "driver error: \(why); answered BAD_MSG")
         guard c.writableBytes >= UInt32(VirtioSnd.statusSize) else { return 0 }
         var st = (VirtioSnd.sBadMsg.littleEndian, UInt32(0))
@@ -256,7 +262,7 @@ public final class SoundDevice: VirtioDevice {
     }
 
     private func xrun(_ s: PcmStream) {
-        stats.xruns &+= 1
+        counters.xruns &+= 1
         once(8, "stream \(s.id): \(s.isPlayback ? "underrun" : "overrun"): the driver's buffers came late (counted in stats)")
         if let p = s.params, p.features & VirtioSnd.pcmFEvtXruns != 0 { sendEvent(VirtioSnd.evtPcmXrun, UInt32(s.id)) }
     }
@@ -267,11 +273,11 @@ public final class SoundDevice: VirtioDevice {
         guard let qs = queues, s.state == .running, let p = s.params else { return }
         let paced = s.endpoint.selfPaced
         let now = clock()
-        var budget = UInt64.max
-        if !paced {
-            let due = now > s.base ? p.bytes(inNs: now - s.base) : 0
-            budget = due > s.consumed ? due - s.consumed : 0
-        }
+        // What the stream clock says is due, plus what the endpoint may take ahead of it (a card whose queue
+        // runs low; capture from a card: whatever it has).
+        let due = now > s.base ? p.bytes(inNs: now - s.base) : 0
+        var budget: UInt64 = due > s.consumed ? due - s.consumed : 0
+        budget = budget &+ UInt64(max(0, s.endpoint.readAheadBytes))
         var completed = false
         while let (h, seg) = s.held.oldest {
             let size = s.isPlayback ? Int(h.readableBytes) - VirtioSnd.xferSize : Int(h.writableBytes) - VirtioSnd.statusSize
@@ -283,15 +289,15 @@ public final class SoundDevice: VirtioDevice {
                 let moved: Int
                 if s.isPlayback {
                     moved = s.held.forEachReadable(h, seg, from: VirtioSnd.xferSize + at, limit: want) { ptr, n, _ in ep.play(ptr, n) }
-                    stats.bytesPlayed &+= UInt64(moved)
+                    counters.bytesPlayed &+= UInt64(moved)
                 } else {
                     moved = s.held.forEachWritable(h, seg, from: at, limit: want) { ptr, n, _ in ep.capture(ptr, n) }
-                    stats.bytesCaptured &+= UInt64(moved)
+                    counters.bytesCaptured &+= UInt64(moved)
                 }
                 s.held.progress &+= UInt32(moved)
                 s.consumed &+= UInt64(moved)
                 s.heldBytes &-= UInt64(moved)
-                if budget != UInt64.max { budget &-= UInt64(moved) }
+                budget &-= UInt64(moved)
                 left -= moved
                 if moved > 0 { s.movedSinceStart = true }
                 if moved < want { break }   // the endpoint took less: it is full (hardware back-pressure)
@@ -328,7 +334,7 @@ public final class SoundDevice: VirtioDevice {
             }
         }
         qs[s.queue].addUsed(head: h.head, written: s.isPlayback ? UInt32(VirtioSnd.statusSize) : moved &+ UInt32(VirtioSnd.statusSize))
-        stats.messages &+= 1
+        counters.messages &+= 1
     }
 
     /// RELEASE (and SET_PARAMS over queued messages): every held message of `s` completes now, status OK;
@@ -351,7 +357,7 @@ public final class SoundDevice: VirtioDevice {
     /// written.
     private func control(_ c: Chain) -> UInt32 {
         guard c.writableBytes >= UInt32(VirtioSnd.hdrSize) else {
-            stats.badControl &+= 1
+            counters.badControl &+= 1
             once(16, "control request without room for a status; completed empty")
             return 0
         }
@@ -377,7 +383,7 @@ public final class SoundDevice: VirtioDevice {
             }
         }
         if status != VirtioSnd.sOK {
-            stats.badControl &+= 1
+            counters.badControl &+= 1
             once(32, "control request 0x\(String(u32(0), radix: 16)) answered 0x\(String(status, radix: 16))")
         }
         var st = status.littleEndian
@@ -509,7 +515,7 @@ public final class SoundDevice: VirtioDevice {
 
     private func sendEvent(_ code: UInt32, _ data: UInt32) {
         guard pendingCount < pendingCapacity else {
-            stats.eventsDropped &+= 1
+            counters.eventsDropped &+= 1
             once(64, "the driver gives no event buffers: events dropped")
             return
         }

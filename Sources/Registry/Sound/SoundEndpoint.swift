@@ -9,9 +9,12 @@ public protocol SoundEndpoint: AnyObject {
     var description: String { get }
     /// What PCM_INFO offers for this stream (formats, rates, channels).
     var capabilities: PcmCapabilities { get }
-    /// True if the endpoint runs on its own clock (hardware): the device hands it what it takes (back-pressure)
-    /// instead of what the device's clock says is due, and reads `delayBytes` for the latency it reports.
+    /// True if the endpoint runs on its own clock (hardware): the device pumps it every half period (not only when
+    /// a message is due), lets it take less than offered (back-pressure) and reads `delayBytes` for the latency.
     var selfPaced: Bool { get }
+    /// Bytes the device may move beyond what its clock says is due: 0 for clock-paced endpoints; a card asks for
+    /// some when its queue runs low (clock drift), and capture takes whatever the card has.
+    var readAheadBytes: Int { get }
     /// PREPARE with the stream's parameters (open or reconfigure); false fails the request (IO_ERR).
     func prepare(_ p: PcmParams) -> Bool
     /// START / STOP (pause) / RELEASE.
@@ -32,6 +35,7 @@ public protocol SoundEndpoint: AnyObject {
 
 extension SoundEndpoint {
     public var selfPaced: Bool { false }
+    public var readAheadBytes: Int { 0 }
     public var delayBytes: Int { 0 }
     public var xruns: UInt64 { 0 }
     public func start() {}
@@ -259,6 +263,8 @@ public final class MemorySoundEndpoint: SoundEndpoint {
     private var patternAt = 0
     public var room = Int.max
     public var delay = 0
+    /// Self-paced: take what the room allows, whatever the clock says.
+    public var readAheadBytes: Int { selfPaced ? 1 << 30 : 0 }
     public private(set) var events: [String] = []
     public init(capabilities: PcmCapabilities, selfPaced: Bool = false, capacity: Int = 1 << 20, pattern: [UInt8] = [0]) {
         self.capabilities = capabilities

@@ -95,8 +95,7 @@ public enum SoundEndpointSpec: Equatable, Sendable {
             if direction == VirtioSnd.dOutput { return WavSinkEndpoint(path: path, channelsMax: channels) }
             return try WavSourceEndpoint(path: path)
         case .hw(let card, let device):
-            _ = try AlsaPcmEndpoint(card: card, device: device, playback: direction == VirtioSnd.dOutput)
-            return NullSoundEndpoint()
+            return try AlsaPcmEndpoint(card: card, device: device, playback: direction == VirtioSnd.dOutput)
         }
     }
 }
