@@ -333,6 +333,39 @@ final class VsockTests: XCTestCase {
         }
     }
 
+    /// Two queues (rx, tx) are enough: QEMU's vhost-user-vsock keeps the event queue for itself, so the served
+    /// device sees only those (it used to stay idle: "needs rx, tx and event"). A reset with connections open then
+    /// has no event queue to report on.
+    func testRunsWithoutTheEventQueue() throws {
+        loop = try EventLoop()
+        host = DeviceHost(loop: loop)
+        fake = FakeVsockHost(listening: [1234])
+        dev = VsockDevice(guestCID: 3, host: fake, maxConnections: 16)
+        let i = host.add(name: "vsock0", device: dev)
+        loop.startThread()
+        drv = try SimDriver(host: host, index: i, ramSize: 8 << 20)
+        try drv.start(queueCount: 2)
+        let rx = drv.queues[0], tx = drv.queues[1]
+        let rb = drv.alloc(VirtioVsock.headerSize + 4096)
+        let rh = try XCTUnwrap(rx.addChain(readable: [], writable: [(rb, UInt32(VirtioVsock.headerSize + 4096))]))
+        rx.submit(rh)
+        let tb = drv.alloc(VirtioVsock.headerSize)
+        VsockHeader(srcCID: 3, dstCID: VirtioVsock.hostCID, srcPort: 5000, dstPort: 1234, len: 0, op: .request, flags: 0,
+                    bufAlloc: 1 << 20, fwdCnt: 0).store(to: drv.host(tb))
+        let th = try XCTUnwrap(tx.addChain(readable: [(tb, UInt32(VirtioVsock.headerSize))], writable: []))
+        tx.submit(th)
+        XCTAssertNotNil(tx.waitUsed(timeoutMs: 5000))
+        let u = try XCTUnwrap(rx.waitUsed(timeoutMs: 5000), "RESPONSE")
+        XCTAssertEqual(u.id, rh)
+        let r = VsockHeader(from: drv.host(rb))
+        XCTAssertEqual(r.op, VirtioVsock.Op.response.rawValue)
+        XCTAssertEqual(r.dstPort, 5000)
+        XCTAssertEqual(onLoop { self.dev.connectionCount }, 1)
+        onLoop { self.dev.quiesce() }   // no event queue to touch
+        drv.reset()
+        XCTAssertEqual(onLoop { self.dev.connectionCount }, 0)
+    }
+
     /// The transmit queue stops at its per-turn budget exactly as the ring runs empty: kicks must be re-armed, or a
     /// driver with EVENT_IDX never kicks again (Linux's vsock stalled like this after 64 busy connections: new
     /// connections were neither accepted nor refused). The chains are made available while the loop is held, so

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # vhost-user end-to-end tests: QEMU is the vhost-user FRONT-END (vhost-user-rng-pci, vhost-user-blk-pci; the i2c
-# case adds vhost-user-i2c-pci, the gpio case vhost-user-gpio-pci, the input case vhost-user-input-pci on QEMU 10),
+# case adds vhost-user-i2c-pci, the gpio case vhost-user-gpio-pci, the input case vhost-user-input-pci on QEMU 10,
+# the vsock case vhost-user-vsock-pci with the host ends of its connections run by this script),
 # loopbackd on the host is the BACK-END
 # (transport "none", every device served on a Unix socket), and the guest is Debian's kernel with its own
 # virtio_pci, virtio-rng, virtio_blk, virtio_input and (built by setup.sh) i2c-virtio and gpio-virtio drivers.
@@ -78,6 +79,9 @@ cp "$cache/odirect" "$root/bin/odirect"
 # the input case: evdev and virtio_input from the kernel (the case insmods them), inputtool built by setup.sh
 ( img_stage_modules "$root" "$kver" evdev virtio_input ) || exit 2
 [ -x "$cache/inputtool" ] && cp "$cache/inputtool" "$root/bin/inputtool"
+# the vsock case: the kernel's AF_VSOCK virtio transport (the case insmods it) and vsocktool (setup.sh)
+( img_stage_modules "$root" "$kver" vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport ) || exit 2
+[ -x "$cache/vsocktool" ] && cp "$cache/vsocktool" "$root/bin/vsocktool"
 cp "$here/lib.sh" "$root/tests/lib.sh"
 img_write_init "$root"
 # The same runner runs on every boot (also after the reboot case's reboot -f); /init sources it after the modules.
@@ -103,6 +107,8 @@ blk_sock=$work/blk.sock
 i2c_sock=$work/i2c.sock
 gpio_sock=$work/gpio.sock
 input_sock=$work/input.sock
+vsock_sock=$work/vsock.sock
+vsock_uds=$work/v.sock
 conf=$work/loopbackd.conf
 cat > "$conf" <<CONF
 [daemon]
@@ -138,12 +144,18 @@ type = "input"
 simulated = true
 simulated-replay = true
 serve = "$input_sock"
+
+[device.vsock0]
+type = "vsock"
+guest-cid = 3
+uds-path = "$vsock_uds"
+serve = "$vsock_sock"
 CONF
 lblog=$work/loopbackd.log
 "$loopbackd" -c "$conf" > "$lblog" 2>&1 &
 lbpid=$!
-for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && [ -S "$i2c_sock" ] && [ -S "$gpio_sock" ] && [ -S "$input_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
-if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ] || ! [ -S "$i2c_sock" ] || ! [ -S "$gpio_sock" ] || ! [ -S "$input_sock" ]; then
+for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && [ -S "$i2c_sock" ] && [ -S "$gpio_sock" ] && [ -S "$input_sock" ] && [ -S "$vsock_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
+if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ] || ! [ -S "$i2c_sock" ] || ! [ -S "$gpio_sock" ] || ! [ -S "$input_sock" ] || ! [ -S "$vsock_sock" ]; then
   echo "vhost-user.sh: loopbackd did not create its sockets:"; cat "$lblog"; echo "0 passed, 1 failed"; exit 1
 fi
 
@@ -196,6 +208,17 @@ for c in "${cases[@]}"; do
   i2c_opt=(); [ "$c" = i2c ] && i2c_opt=(-chardev socket,id=c2,path="$i2c_sock" -device vhost-user-i2c-pci,chardev=c2)
   # the gpio case adds QEMU's vhost-user-gpio-pci in front of loopbackd's gpio0
   [ "$c" = gpio ] && i2c_opt=(-chardev socket,id=c3,path="$gpio_sock" -device vhost-user-gpio-pci,chardev=c3)
+  # the vsock case: vhost-user-vsock-pci in front of loopbackd's vsock0; the host ends of its connections run here
+  hostpids=()
+  if [ "$c" = vsock ]; then
+    i2c_opt=(-chardev socket,id=c5,path="$vsock_sock" -device vhost-user-vsock-pci,chardev=c5)
+    "$cache/vsocktool" serve-unix "${vsock_uds}_1234" 1 > "$cdir/host-1234.out" 2>&1 & hostpids+=($!)
+    "$cache/vsocktool" serve-unix "${vsock_uds}_1235" 8 > "$cdir/host-1235.out" 2>&1 & hostpids+=($!)
+    # CONNECT 5000 once the guest listens (a connect before that is refused by the guest: retried)
+    ( for _ in $(seq $((timeout_s * 10))); do grep -q GUEST-VSOCK-LISTEN "$cdir/console.log" 2>/dev/null && break; sleep 0.1; done
+      for _ in $(seq 20); do "$cache/vsocktool" connect-unix "$vsock_uds" 5000 4194304 && exit 0; sleep 0.5; done; exit 1
+    ) > "$cdir/host-5000.out" 2>&1 & hostpids+=($!)
+  fi
   # the input case: QEMU 10 (setup.sh unpacks it from bookworm-backports; 7.2's vhost-user-input needs KVM) with
   # vhost-user-input-pci in front of loopbackd's kbd0
   qemu=(qemu-system-x86_64)
@@ -219,6 +242,12 @@ for c in "${cases[@]}"; do
     [ "${cycles:-0}" -ge 3 ] 2>/dev/null || pause_why="only '${cycles}' stop/cont cycles before the guest finished (want >= 3)"
   fi
   wait $qpid; rc=$?
+  hostbad=
+  for p in "${hostpids[@]}"; do
+    for _ in $(seq 50); do kill -0 $p 2>/dev/null || break; sleep 0.1; done
+    kill $p 2>/dev/null
+    wait $p || hostbad=1
+  done
   secs=$(elapsed "$s0")
   tr -d '\r' < "$log" > "$log.txt"
   why=""
@@ -231,6 +260,7 @@ for c in "${cases[@]}"; do
   fi
   [ "$boots" -eq "$want_boots" ] || why="${why:+$why; }$boots boot(s), want $want_boots"
   [ -n "$pause_why" ] && why="${why:+$why; }$pause_why"
+  [ -n "$hostbad" ] && why="${why:+$why; }host side: $(cat "$cdir"/host-*.out 2>/dev/null | grep -v '^ok' | head -3 | tr '\n' '|')"
   if grep -qE 'Oops|BUG:|WARNING:|INFO: task .* blocked|Kernel panic|general protection fault|kernel BUG|Call Trace' "$log.txt"; then
     why="${why:+$why; }kernel oops/BUG/WARNING/hang in console"
   fi

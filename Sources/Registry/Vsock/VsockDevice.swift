@@ -186,9 +186,12 @@ public final class VsockDevice: VirtioDevice, VsockHostDelegate {
     public func writeConfig(offset: Int, from buffer: UnsafeRawBufferPointer) {}   // guest_cid is read-only
 
     public func activate(_ c: DeviceContext) throws(DeviceError) {
-        guard c.queueCount >= 3 else {
-            // Nothing works without rx, tx and event: the device stays idle (takes no chains) until a reset.
-            once(1 << 24, "the driver set up \(c.queueCount) queue(s), needs rx, tx and event: idle until reset")
+        // rx and tx are enough: QEMU's vhost-user-vsock keeps the event queue for itself (its vhost device has two
+        // virtqueues; QEMU sends TRANSPORT_RESET after a migration), so a served device sees two. Without the event
+        // queue a reset reaches the driver as RSTs only.
+        guard c.queueCount >= 2 else {
+            // Nothing works without rx and tx: the device stays idle (takes no chains) until a reset.
+            once(1 << 24, "the driver set up \(c.queueCount) queue(s), needs rx and tx: idle until reset")
             return
         }
         queues = c.queues
@@ -223,8 +226,10 @@ public final class VsockDevice: VirtioDevice, VsockHostDelegate {
         qs[VirtioVsock.txQueue].publish()
         while let h = rxHeld.removeOldest() { qs[VirtioVsock.rxQueue].addUsed(head: h.head, written: 0) }
         qs[VirtioVsock.rxQueue].publish()
-        while let h = eventHeld.removeOldest() { qs[VirtioVsock.eventQueue].addUsed(head: h.head, written: 0) }
-        qs[VirtioVsock.eventQueue].publish()
+        if queueCount > VirtioVsock.eventQueue {
+            while let h = eventHeld.removeOldest() { qs[VirtioVsock.eventQueue].addUsed(head: h.head, written: 0) }
+            qs[VirtioVsock.eventQueue].publish()
+        }
         if connectionCount > 0 { transportResetPending = true }
         closeAll()
     }
@@ -643,7 +648,7 @@ public final class VsockDevice: VirtioDevice, VsockHostDelegate {
     }
 
     private func flushEvents() {
-        guard let qs = queues, transportResetPending, let (h, seg) = eventHeld.oldest else { return }
+        guard let qs = queues, queueCount > VirtioVsock.eventQueue, transportResetPending, let (h, seg) = eventHeld.oldest else { return }
         scratch.storeBytes(of: VirtioVsock.eventTransportReset.littleEndian, as: UInt32.self)
         let s = scratch
         let n = eventHeld.forEachWritable(h, seg, from: 0, limit: VirtioVsock.eventSize) { p, k, done in
