@@ -94,6 +94,8 @@ final class Runner: @unchecked Sendable {
             for (d, body) in built where d.serve != nil { try startDevice(d, body: body) }
             try link?.start()
             for (d, body) in built where d.serve == nil { try startDevice(d, body: body) }
+            // Least privilege: everything the configured devices need is open, mapped and bound (Privileges.swift).
+            if let e = Privileges.apply(config, loop: loop) { throw DeviceError(e) }
         } catch {
             printErr("loopbackd: error: \(error)")
             service.status("failed: \(error)")
@@ -278,6 +280,8 @@ final class Runner: @unchecked Sendable {
         if new.deviceNode != config.deviceNode { fixed.append("device-node") }
         if new.pollMicroseconds != config.pollMicroseconds { fixed.append("poll-us") }
         if new.control != config.control { fixed.append("control") }
+        if new.user != config.user { fixed.append("user") }
+        if new.seccomp != config.seccomp { fixed.append("seccomp") }
         guard fixed.isEmpty else {
             let msg = "\(new.file): [daemon] \(fixed.joined(separator: ", ")) changed: restart loopbackd to apply; nothing reloaded"
             return Outcome(ok: false, text: msg, json: #""error":"# + JSON.string(msg))

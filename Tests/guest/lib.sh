@@ -37,13 +37,15 @@ no_d_state() { ! grep -l '^State:.*D' /proc/[0-9]*/status 2>/dev/null | grep -q 
 # How loopbackd is started; adjust here if its command line changes.
 LOOPBACKD_ARGS=${LOOPBACKD_ARGS:---config /etc/loopbackd.conf}
 have_loopbackd() { [ -x /bin/loopbackd ] || fail "no loopbackd binary in the image (build .build/release/loopbackd)"; }
-# write_conf: the [daemon] section, then whatever the case appends
+# write_conf: the [daemon] section, then whatever the case appends. GUEST_SECCOMP=kill (run.sh) adds
+# seccomp = "kill": every loopbackd of the suite under the system call allow-list
 write_conf() {
   cat > /etc/loopbackd.conf <<CONF
 [daemon]
 transport = "virtio-lo"
 device-node = "/dev/virtio-lo"
 CONF
+  if [ -s /tests/seccomp ]; then echo "seccomp = \"$(cat /tests/seccomp)\"" >> /etc/loopbackd.conf; fi
 }
 loopbackd_start() { loopbackd $LOOPBACKD_ARGS > /tmp/loopbackd.log 2>&1 & LBPID=$!; }
 loopbackd_stop() { # $1 = signal (default TERM)

@@ -12,6 +12,8 @@
 #   LOOPBACKD_CONF  optional file installed as /etc/loopbackd.conf
 #   GUEST_TIMEOUT per-case timeout in seconds (default 150)
 #   GUEST_KEEP=1  keep the work dir (logs, initramfs, disk images)
+#   GUEST_SECCOMP kill | log: the cases' [daemon] section (lib.sh write_conf) sets seccomp to it, so the suite
+#                 runs under the system call allow-list (Sources/CLinux/privdrop.c)
 # A case file may hold a line "# guest-smp: N": its guest gets N vCPUs (default 1).
 # Output: one line per case, then exactly "N passed, N failed".  Exit status
 # is non-zero on any failure, missing result, timeout, or kernel
@@ -78,6 +80,7 @@ elif [ -f "$cache/snd-virtio-$kver/virtio_snd.ko" ]; then cp "$cache/snd-virtio-
 if [ -x "$loopbackd" ]; then cp "$loopbackd" "$root/bin/loopbackd"; fi
 if [ -n "${LOOPBACKD_CONF:-}" ]; then cp "$LOOPBACKD_CONF" "$root/etc/loopbackd.conf"; fi
 cp "$here/lib.sh" "$root/tests/lib.sh"
+if [ -n "${GUEST_SECCOMP:-}" ]; then echo "$GUEST_SECCOMP" > "$root/tests/seccomp"; fi
 img_write_init "$root"
 # the runner, sourced by /init after the modules of load.list (the cases insmod virtio_loopback.ko themselves)
 cat > "$root/etc/image/main" <<'MAIN'

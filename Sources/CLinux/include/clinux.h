@@ -9,6 +9,8 @@
 #include "virtio_lo.h"
 // The ALSA PCM ioctls of the sound device's hw:CARD,DEV endpoint (alsapcm.c).
 #include "alsapcm.h"
+// Least privilege after start-up: privilege drop and seccomp allow-list (privdrop.c).
+#include "privdrop.h"
 // The ioctl numbers, computed by the header's _IOWR macros (Swift does not import function-like macros).
 static inline unsigned long lb_vlo_adddev(void) { return VIRTIO_LO_ADDDEV; }
 static inline unsigned long lb_vlo_deldev(void) { return VIRTIO_LO_DELDEV; }

@@ -41,9 +41,15 @@ public struct DaemonConfig {
     /// `defaultControlSocket` when systemd started it), "" for `control = "none"`.
     public var control: String?
     public static let defaultControlSocket = "/run/loopbackd/control.sock"
+    /// `[daemon] user`: drop to this account (from /etc/passwd and /etc/group) once the devices are started;
+    /// nil keeps the ids loopbackd was started with.
+    public var user: Account?
+    /// `[daemon] seccomp`: the system call allow-list installed after start-up (Sources/CLinux/privdrop.c).
+    public enum Seccomp: String, Sendable { case off, kill, log }
+    public var seccomp: Seccomp = .off
     public var devices: [DeviceConfig] = []
     /// The keys of `[daemon]` (the reader enforces the list; loopbackd.conf(5) is checked against it).
-    public static let daemonKeys = ["transport", "device-node", "log-level", "poll-us", "control"]
+    public static let daemonKeys = ["transport", "device-node", "log-level", "poll-us", "control", "user", "seccomp"]
 
     /// Parses and validates a config document. Every error names the file, the line and the key.
     public static func parse(_ doc: TOMLDocument, registry: DeviceRegistry = .standard) throws(ConfigError) -> DaemonConfig {
@@ -72,6 +78,13 @@ public struct DaemonConfig {
                     }
                     c.control = v == "none" ? "" : v
                 }
+                if let v = try r.string("user") {
+                    guard let a = Account.lookup(v) else {
+                        throw r.error("user", "no user \"\(v)\" in \(Account.passwdFile)")
+                    }
+                    c.user = a
+                }
+                if let v = try r.oneOf("seccomp", ["off", "kill", "log"]) { c.seccomp = Seccomp(rawValue: v)! }
                 try r.finish()
             case 2 where t.name[0] == "device":
                 c.devices.append(try parseDevice(t, file: doc.file, registry: registry))
