@@ -66,11 +66,13 @@ enum AB {
         let da: SimDriver, db: SimDriver
         do { da = try SimDriver(host: hostA, index: ia, ramSize: simRAM(o)); db = try SimDriver(host: hostB, index: ib, ramSize: simRAM(o)) }
         catch { throw DeviceError("\(error)") }
-        try da.start(queueCount: 1)
-        try db.start(queueCount: 1)
+        // One queue (the workloads use the first), except vsock: nothing works without rx and tx (and event).
+        let queues: Int? = d.type == "vsock" ? nil : 1
+        try da.start(queueCount: queues)
+        try db.start(queueCount: queues)
         defer { da.reset(); db.reset() }
         guard let wa = makeWorkload(type: d.type, driver: da, verify: false),
-              let wb = makeWorkload(type: d.type, driver: db, verify: false) else { throw DeviceError("no workload") }
+              let wb = try socketSideWorkload(d, o, driver: db) else { throw DeviceError("no workload") }
         if o.throughput {
             return try compareThroughput(makeRunner(wa, o, type: d.type), makeRunner(wb, o, type: d.type), d, o, pollUs: pollUs)
         }
@@ -213,11 +215,31 @@ enum AB {
         return .failure(DeviceError("backend child did not listen on \(socket) within 3 s"))
     }
 
+    /// The child's uds-path for a vsock device: its own (the in-process side listens on the configured one).
+    static func childUdsPath(_ p: String) -> String { p + ".ab" }
+
+    /// The socket side's workload. A vsock's host end is found through the device body, which on this side runs in
+    /// another process: the workload is given the back-end's hybrid vsock path (the child's, or --uds-path for a
+    /// back-end of --socket such as vhost-device-vsock) and the guest CID from the file.
+    static func socketSideWorkload(_ d: DeviceConfig, _ o: Options, driver: SimDriver) throws(DeviceError) -> Workload? {
+        guard d.type == "vsock" else { return makeWorkload(type: d.type, driver: driver, verify: false) }
+        let path: String
+        if let p = o.udsPath { path = p }
+        else if o.socket == nil, let p = d.string("uds-path") { path = childUdsPath(p) }
+        else { throw DeviceError("ab --socket with a vsock device needs --uds-path (the back-end's hybrid vsock path)") }
+        guard let cid = d.integer("guest-cid"), cid >= 3 else { throw DeviceError("\(d.name): no guest-cid in the file") }
+        return VsockWorkload(driver, hostPath: path, guestCID: UInt64(cid))
+    }
+
     /// The child: serve one device body on the socket until SIGTERM or the parent's death.
     static func serve(_ config: DaemonConfig, _ o: Options) -> Int32 {
         _ = lb_die_with_parent()
-        guard let name = o.device, let socket = o.socket, let d = config.devices.first(where: { $0.name == name }) else {
+        guard let name = o.device, let socket = o.socket, var d = config.devices.first(where: { $0.name == name }) else {
             printErr("loopbackd: ab-serve needs --device and --socket"); return 2
+        }
+        if d.type == "vsock", let p = d.string("uds-path") {
+            do { d = try d.replacing("uds-path", with: .string(childUdsPath(p)), file: config.file) }
+            catch { printErr("loopbackd: error: \(error)"); return 1 }
         }
         let sigfd = lb_signalfd_stop_signals()
         guard sigfd >= 0, let loop = try? EventLoop(pollMicroseconds: o.poll ? Bench.pollWindowUs : 0) else { return 1 }

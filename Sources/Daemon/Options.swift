@@ -14,6 +14,8 @@ public struct Options: Equatable {
     public var requests = 20_000
     public var device: String?
     public var socket: String?
+    /// ab with a vsock device and --socket: the back-end's hybrid vsock path (its driver connections reach PATH_PORT).
+    public var udsPath: String?
     public var poll = false
     public var relay = false
     public var direct = false
@@ -84,6 +86,7 @@ public struct Options: Equatable {
                 o.plot = v
             case "--device": o.device = try value(a)
             case "--socket": o.socket = try value(a)
+            case "--uds-path": o.udsPath = try value(a)
             case "--poll": o.poll = true
             case "--relay": o.relay = true
             case "--direct": o.direct = true
@@ -117,7 +120,7 @@ public struct Options: Equatable {
     usage: loopbackd [-c FILE] [--log-level LEVEL] [--duration SECONDS]
            loopbackd --check -c FILE
            loopbackd bench [-c FILE] [--device NAME] [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
-           loopbackd ab -c FILE --device NAME [--socket PATH] [--driver sim|virtio-lo|auto] [--poll] [--relay | --direct] [--rounds N]
+           loopbackd ab -c FILE --device NAME [--socket PATH [--uds-path PATH]] [--driver sim|virtio-lo|auto] [--poll] [--relay | --direct] [--rounds N]
                         [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
            loopbackd ctl [--socket PATH | -c FILE] [--json] status | stats | add [TOML] | remove NAME | reload
            loopbackd --version | --help

@@ -534,6 +534,22 @@ final class VsockTests: XCTestCase {
     }
 
     /// Options: errors name the file, the line and the key; forwarded tables take only queue-size.
+    /// `ab`'s child serves the vsock on a path of its own: the option is replaced and the device built again, with
+    /// every check of the factory (a relative path is still refused, naming the file, line and key).
+    func testReplacingAnOptionRebuildsTheDevice() throws {
+        let c = try DaemonConfig.parse(TOML.parse("[device.v0]\ntype = \"vsock\"\nguest-cid = 7\nuds-path = \"/tmp/a.sock\"\n", file: "v.conf"))
+        let d = try XCTUnwrap(c.devices.first)
+        XCTAssertEqual(d.string("uds-path"), "/tmp/a.sock")
+        XCTAssertEqual(d.integer("guest-cid"), 7)
+        let e = try d.replacing("uds-path", with: .string("/tmp/a.sock.ab"), file: "v.conf")
+        XCTAssertEqual(e.string("uds-path"), "/tmp/a.sock.ab")
+        XCTAssertEqual(e.integer("guest-cid"), 7)
+        XCTAssertEqual(e.name, "v0")
+        do { _ = try d.replacing("uds-path", with: .string("relative.sock"), file: "v.conf"); XCTFail("accepted") } catch {
+            XCTAssertTrue("\(error)".contains("v.conf") && "\(error)".contains("uds-path"), "\(error)")
+        }
+    }
+
     func testConfigErrorsNameFileLineAndKey() throws {
         func parse(_ t: String) throws(ConfigError) -> DaemonConfig { try DaemonConfig.parse(TOML.parse(t, file: "v.conf")) }
         func fails(_ text: String, line: Int, key: String, _ needle: String, file: StaticString = #filePath, l: UInt = #line) {

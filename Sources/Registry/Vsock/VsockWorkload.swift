@@ -23,7 +23,8 @@ public final class VsockWorkload: Workload {
     public let requestKind = "64-byte ping-pong round trips through a host echo socket"
     public var q: SimQueue { txq }
 
-    public init?(_ d: SimDriver, verify: Bool = false) {
+    /// On an in-process vsock with a uds-path (bench, ab's in-process side).
+    public convenience init?(_ d: SimDriver, verify: Bool = false) {
         let host = d.host, index = d.index
         guard let (path, cid) = host.loop.executeAndWait({ () -> (String, UInt64)? in
             guard let v = host.device(index) as? VsockDevice, let u = v.host as? UnixVsockHost else { return nil }
@@ -32,6 +33,12 @@ public final class VsockWorkload: Workload {
             Log.info("vsock workload: not an in-process vsock with uds-path; no simulated requests")
             return nil
         }
+        self.init(d, hostPath: path, guestCID: cid, verify: verify)
+    }
+
+    /// On any vsock whose hybrid-vsock path is `hostPath`: a forwarded one (ab's socket side: loopbackd's child or
+    /// another back-end such as vhost-device-vsock, whose driver connections reach `hostPath_PORT`).
+    public init?(_ d: SimDriver, hostPath path: String, guestCID cid: UInt64, verify: Bool = false) {
         guestCID = cid
         // bench starts drivers with one queue; vsock needs rx, tx and event.
         if d.queues.count < 3 {
