@@ -102,3 +102,73 @@ put("config", "values", b'[a]\nx = [1, 0x1f, 0o7, 0b1, -5, +3, 1_000]\ny = ["s\\
 put("kernel-link", "iomem", u8(0) + b"00000000-00000fff : Reserved\n00001000-0009fbff : System RAM\n000a0000-000bffff : PCI Bus 0000:00\n00100000-bffdffff : System RAM\n  01000000-01ffffff : Kernel code\n100000000-23fffffff : System RAM\n")
 put("kernel-link", "ramlist", u8(1) + u32(3) + u32(3) + u16(64) + u64(0x1000) + u64(0x9f000) + u64(0x100000) + u64(0xbfee0000))
 put("kernel-link", "queues", u8(2) + u8(1) + u8(8) + u8(8) + u8(1) + u8(8) + u64(0x10000) + u64(0x10800) + u64(0x11000) + u8(0x40) + u64(0) + u64(0) + u64(0) + u32(0) + u32(1) + u64(0))
+
+# ---- console-control --------------------------------------------------------------------------------------------
+# The harness reads a stream of values (Fuzz/console-control/ConsoleControlFuzz.swift); below(n) takes one byte for
+# n <= 256 and four otherwise; most choices take the common case on a byte below 200.
+B = lambda *v: bytes(x & 0xff for x in v)
+def con_port(console, name_kind, long_name=0, room=None, connected=True, size=None):
+    # name_kind 0: none, 1-2: "portN", 3: 100 + long_name bytes; size: (cols, rows) of a terminal
+    return (B(0 if console else 200, name_kind) + (B(long_name) if name_kind == 3 else b"") +
+            (B(0) if room is None else B(255, room)) + B(0 if connected else 255) +
+            (B(255) if size is None else B(0) + u32(size[0]) + B(size[1])))
+def con_activate(queues, multiport=True, size=True, emerg=True):
+    return B(1, 0, 1 if size else 0, 0 if multiport else 255, 1 if emerg else 0, 255) + bytes(queues)
+def con_op(op, *args, port=0): return B(0, port, op) + b"".join(args)
+con_ctl = lambda id, ev, value, ln=8: con_op(0, B(0, id, 0, ev, 0, value) + (B(0) if ln == 8 else B(255, ln)) + B(255) + (B(0) if ln else b"") + (B(255) if ln else b""))
+con_cbufs = lambda n, size=64: con_op(3, B(n - 1) + B(0, size - 8, 255, 0, 255) * n)
+con_rx = lambda port, n, size=100: con_op(4, B(n - 1) + (B(255, 0) + u32(size - 1) + B(0, 255)) * n, port=port)
+con_tx = lambda port, size: con_op(6, B(0) + u32(size - 1) + B(0, 255, 255), port=port)
+con_feed = lambda port, n: con_op(8, B(0, n - 1), port=port)
+con_room = lambda port: con_op(9, B(0), port=port)
+con_toggle = lambda port: con_op(10, port=port)
+con_handshake = lambda nports: con_op(15, B(0, 56, 255, 0, 255) * 4 + B(0, 255) + (B(0, 56, 255, 0, 255) * 2 + B(0, 255) * 2) * nports)
+# Port 0 (console, connected) and port 3 (named "port3"), 10 queues of 16.
+two_ports = B(0, 1, 3) + con_port(True, 0) + con_port(False, 1)
+put("console-control", "handshake-data", two_ports + con_activate([0] * 10) + con_handshake(2) +
+    con_rx(0, 2) + con_rx(1, 2) + con_feed(0, 150) + con_feed(1, 50) + con_tx(0, 300) + con_tx(1, 40) +
+    con_toggle(1) + con_tx(1, 20) + con_cbufs(2) + con_toggle(1) + con_room(1) +
+    con_op(14, B(8, 0, 0x41)) + con_op(12) + con_op(13, B(0, 255) + con_activate([0] * 10)) + con_handshake(2))
+put("console-control", "single-port", B(0, 0) + con_port(True, 0) + con_activate([0] * 2, multiport=False) +
+    con_rx(0, 3, 40) + con_feed(0, 100) + con_tx(0, 200) + con_toggle(0) + con_tx(0, 30) + con_toggle(0) +
+    con_feed(0, 10) + con_rx(0, 1) + con_op(13, B(0, 255) + con_activate([0] * 2, multiport=False)) + con_rx(0, 1))
+put("console-control", "bogus-control", two_ports + con_activate([0] * 10) + con_cbufs(3, 8) + con_ctl(0, 1, 1) +
+    con_ctl(0, 0, 1) + con_ctl(9, 3, 1) + con_ctl(1, 3, 1) + con_ctl(3, 3, 2) + con_ctl(3, 42, 1) + con_ctl(3, 3, 1, 5) +
+    con_ctl(3, 3, 1) + con_ctl(3, 6, 1) + con_ctl(0, 3, 0) + con_cbufs(1, 9) + con_ctl(3, 6, 0))
+put("console-control", "slow-reader", B(0, 0) + con_port(True, 3, long_name=40, room=5, size=(80, 24)) + con_activate([0] * 4) +
+    con_handshake(1) + con_tx(0, 500) + con_tx(0, 500) + con_rx(0, 2) + con_feed(0, 30) + con_room(0) + con_feed(0, 30))
+
+# ---- input-event ------------------------------------------------------------------------------------------------
+# Fuzz/input-event/InputEventFuzz.swift: capabilities (255: the fake keyboard+touch), ring size, queue sizes, ops.
+def inp_ring(ring=None, q0=None):   # ring: the device's event ring (8..71; None: 1024); q0: eventq size 1, 2, 4, 8 (None: 16)
+    return (B(255) if ring is None else B(0, ring - 8)) + B(0, 0) + (B(0) if q0 is None else B(250, [1, 2, 4, 8].index(q0))) + B(0)
+inp_head = lambda ring=None, q0=None: B(255) + inp_ring(ring, q0)
+def inp_caps(name, codes, axes, props):
+    # fuzzed capabilities: name of "x"/NUL/"é"/"Z" (indices), no serial, ids, (type, code) bits, (axis, min, max) axes
+    return (B(0, len(name)) + bytes(name) + B(0) + u16(3) + u16(0x1234) + u16(0x5678) + u16(1) +
+            B(len(codes)) + b"".join(B(t) + u32(c) for t, c in codes) +
+            B(len(axes)) + b"".join(B(a) + u32(lo) + u32(hi) + B(1, 2, 3) for a, lo, hi in axes) +
+            B(len(props)) + bytes(props))
+inp_bufs = lambda n: B(0, n - 1) + B(255, 0, 0, 255) * n
+def inp_burst(evs, syn_end=True):
+    # evs: list of (type index into KEY ABS REL MSC SYN, code) or "syn"; the last is SYN_REPORT when syn_end.
+    out = B(4, 0, len(evs) - 1, 0 if syn_end else 255)
+    for i, e in enumerate(evs):
+        if i == len(evs) - 1 and syn_end: break
+        out += B(0) if e == "syn" else B(255, 0, e[0], e[1])
+    return out
+inp_status = lambda tidx, code, value=1: B(3, 0, tidx, 0, code) + u32(value) + B(0, 0, 255, 255)
+inp_cfg = lambda sel_idx, sub: B(8, 0, 0, 1, 0, sel_idx, 0, sub, 0, 7)
+key_group = [(0, 30), (0, 48), "syn"]
+put("input-event", "groups", inp_head() + inp_bufs(6) + inp_burst(key_group) + inp_burst([(1, 0), (1, 1), (3, 4), "syn"]) +
+    inp_bufs(4) + inp_cfg(0, 0) + inp_cfg(4, 1) + inp_cfg(5, 0x35) + inp_status(0, 1) + inp_burst([(0, 30), "syn"]) +
+    B(9) + B(10, 0) + B(0, 0) + inp_bufs(3) + inp_burst(key_group))
+put("input-event", "ring-full", inp_head(ring=8) + inp_burst([(0, 1)] * 5 + ["syn"]) + inp_burst([(1, 0)] * 3 + ["syn"]) +
+    inp_burst([(0, 2)] * 9, syn_end=False) + inp_bufs(6) + inp_bufs(6) + inp_burst(["syn"]) + B(7) + inp_bufs(2) + B(7))
+put("input-event", "long-group", inp_head(q0=4) + inp_bufs(2) + inp_burst([(0, 5)] * 9 + ["syn"]) + inp_bufs(4) +
+    inp_bufs(4) + inp_bufs(4) + inp_burst([(2, 0), "syn"]))
+put("input-event", "caps-config", inp_caps([0] * 130 + [2, 1, 3], [(1, 1), (1, 1023), (0x11, 0), (0x11, 1), (2, 0), (0x15, 0x50)],
+                                         [(0, 0, 100), (0x35, 0xffffffff, 7), (0x3f, 1, 2), (0x40, 1, 2)], [0, 5]) +
+    inp_ring() + inp_cfg(0, 0) + inp_cfg(1, 0) + inp_cfg(2, 0) + inp_cfg(4, 1) + inp_cfg(4, 0x11) + inp_cfg(4, 0x15) +
+    inp_cfg(5, 0) + inp_cfg(5, 0x35) + inp_cfg(5, 0x3f) + inp_cfg(5, 0x40) + inp_cfg(3, 0) + inp_status(0, 1) +
+    inp_status(2, 0x50) + inp_status(0, 7))

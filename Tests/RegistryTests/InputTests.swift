@@ -172,6 +172,23 @@ final class InputTests: XCTestCase {
         XCTAssertEqual(try reap(3, bufs), [abs(0, 8), abs(0, 9), syn])
     }
 
+    /// Found by the input-event fuzz target: a group that fits the driver's buffers but waits behind a longer one
+    /// must go out as soon as the longer one is dropped to make room, not when the next SYN_REPORT comes (or never:
+    /// it would be the next group dropped).
+    func testGroupBehindADroppedOneIsDeliveredAtOnce() throws {
+        try start(ringEvents: 8)
+        let bufs = try post(3)
+        let long = (1...5).map { key(UInt16($0), 1) } + [syn]   // 6 events: waits for 6 buffers
+        fake.inject(long)
+        fake.inject([key(30, 1), syn])                          // fits the 3 buffers, waits behind `long`
+        settle()
+        XCTAssertNil(drv.queues[0].reap())
+        fake.inject([abs(0, 7)])                                // ring full: `long` is dropped
+        XCTAssertEqual(try reap(2, bufs), [key(30, 1), syn])
+        XCTAssertEqual(loop.executeAndWait { self.dev.droppedEvents }, 6)
+        XCTAssertEqual(loop.executeAndWait { self.dev.pendingEvents }, 1)
+    }
+
     func testGroupLargerThanQueueIsDeliveredInPieces() throws {
         try start(queueSizes: [4, 8])
         var bufs = try post(4)

@@ -283,6 +283,7 @@ public final class InputDevice: VirtioDevice, InputSink {
     /// The ring is full: drop the oldest complete group, or (one open group fills it all) the open group so far.
     private func makeRoom() {
         let n: Int
+        let droppedWhole = groupCount > 0
         if groupCount > 0 {
             n = Int(groupLens[groupHead])
             groupHead = (groupHead + 1) % ringCapacity
@@ -296,6 +297,9 @@ public final class InputDevice: VirtioDevice, InputSink {
         droppedGroups &+= 1
         droppedEvents &+= UInt64(n)
         Log.warning("input: driver is not taking events; dropped the oldest group (\(droppedGroups) groups, \(droppedEvents) events dropped so far)")
+        // Groups are delivered in order: the next one may have waited only behind the one dropped, and fit the
+        // buffers the driver has now (left waiting, it would be the next one dropped).
+        if droppedWhole { deliver() }
     }
 
     public func inputSourceLost(_ why: String) {
