@@ -79,6 +79,11 @@ cp "$cache/odirect" "$root/bin/odirect"
 # the input case: evdev and virtio_input from the kernel (the case insmods them), inputtool built by setup.sh
 ( img_stage_modules "$root" "$kver" evdev virtio_input ) || exit 2
 [ -x "$cache/inputtool" ] && cp "$cache/inputtool" "$root/bin/inputtool"
+# the sound case: the ALSA core modules and virtio_snd (the kernel's, or built by setup.sh for 6.1), sndtool
+( img_stage_modules "$root" "$kver" snd-pcm ) || exit 2
+if img_kernel_has_module "$kver" virtio_snd; then ( img_stage_modules "$root" "$kver" virtio_snd ) || exit 2
+elif [ -f "$cache/snd-virtio-$kver/virtio_snd.ko" ]; then cp "$cache/snd-virtio-$kver/virtio_snd.ko" "$root/lib/modules/"; fi
+[ -x "$cache/sndtool" ] && cp "$cache/sndtool" "$root/bin/sndtool"
 # the vsock case: the kernel's AF_VSOCK virtio transport (the case insmods it) and vsocktool (setup.sh)
 ( img_stage_modules "$root" "$kver" vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport ) || exit 2
 [ -x "$cache/vsocktool" ] && cp "$cache/vsocktool" "$root/bin/vsocktool"
@@ -107,6 +112,11 @@ blk_sock=$work/blk.sock
 i2c_sock=$work/i2c.sock
 gpio_sock=$work/gpio.sock
 input_sock=$work/input.sock
+snd_sock=$work/snd.sock
+snd_out=$work/snd-out.wav
+snd_in=$work/snd-in.wav
+# the sound case captures this file (S16 stereo 48 kHz, 0.5 s of pattern 2) and plays into snd_out
+"$cache/sndtool" mkwav 48000 2 96000 2 "$snd_in" || { echo "vhost-user.sh: no sndtool (Tests/guest/setup.sh builds it)" >&2; exit 2; }
 vsock_sock=$work/vsock.sock
 vsock_uds=$work/v.sock
 conf=$work/loopbackd.conf
@@ -145,6 +155,12 @@ simulated = true
 simulated-replay = true
 serve = "$input_sock"
 
+[device.snd0]
+type = "sound"
+playback = "wav:$snd_out"
+capture = "wav:$snd_in"
+serve = "$snd_sock"
+
 [device.vsock0]
 type = "vsock"
 guest-cid = 3
@@ -154,8 +170,8 @@ CONF
 lblog=$work/loopbackd.log
 "$loopbackd" -c "$conf" > "$lblog" 2>&1 &
 lbpid=$!
-for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && [ -S "$i2c_sock" ] && [ -S "$gpio_sock" ] && [ -S "$input_sock" ] && [ -S "$vsock_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
-if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ] || ! [ -S "$i2c_sock" ] || ! [ -S "$gpio_sock" ] || ! [ -S "$input_sock" ] || ! [ -S "$vsock_sock" ]; then
+for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && [ -S "$i2c_sock" ] && [ -S "$gpio_sock" ] && [ -S "$input_sock" ] && [ -S "$vsock_sock" ] && [ -S "$snd_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
+if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ] || ! [ -S "$i2c_sock" ] || ! [ -S "$gpio_sock" ] || ! [ -S "$input_sock" ] || ! [ -S "$vsock_sock" ] || ! [ -S "$snd_sock" ]; then
   echo "vhost-user.sh: loopbackd did not create its sockets:"; cat "$lblog"; echo "0 passed, 1 failed"; exit 1
 fi
 
@@ -227,6 +243,11 @@ for c in "${cases[@]}"; do
     i2c_opt=(-chardev socket,id=c4,path="$input_sock" -device vhost-user-input-pci,chardev=c4)
     [ -x "${qemu[0]}" ] || echo "vhost-user.sh: no QEMU 10 at ${qemu[0]} (Tests/guest/setup.sh unpacks it)" >&2
   fi
+  # the sound case: QEMU 10's vhost-user-snd-pci in front of loopbackd's snd0 (7.2 has no sound front-end)
+  if [ "$c" = sound ]; then
+    qemu=("$cache/qemu10/usr/bin/qemu-system-x86_64")
+    i2c_opt=(-chardev socket,id=c6,path="$snd_sock" -device vhost-user-snd-pci,chardev=c6)
+  fi
   timeout -k 5 "$timeout_s" "${qemu[@]}" -accel tcg -m 512 -smp 1 -nodefaults -nographic \
     -serial stdio "${reboot_opt[@]}" "${qmp_opt[@]}" -kernel "$vmlinux" -initrd "$cdir/initramfs.gz" \
     -append 'console=ttyS0 quiet panic=-1' \
@@ -275,6 +296,10 @@ for c in "${cases[@]}"; do
       case "$what" in
         disk-pattern)
           "$cache/odirect" checkb "$img" "$off" "$size" "$seed" > /dev/null || why="host image check failed ($off $size $seed)" ;;
+        snd-wav)   # the WAV loopbackd wrote holds pattern SIZE (a seed) of OFF bytes, then silence only
+          "$cache/sndtool" pattern "$off" "$size" "$cdir/snd-play.raw" &&
+            "$cache/sndtool" checkwav "$snd_out" 48000 2 "$cdir/snd-play.raw" > "$cdir/snd-check.out" 2>&1 ||
+            why="host WAV check failed: $(cat "$cdir/snd-check.out" 2>/dev/null)" ;;
       esac
     done < <(grep -E '^GUEST-HOSTCHECK ' "$log.txt")
   fi
