@@ -131,11 +131,11 @@ final class PrivilegeTests: XCTestCase {
         return (status, text)
     }
 
-    func conf(dir: String, user: Bool) -> String {
+    func conf(dir: String, user: Bool, seccomp: String = "kill") -> String {
         """
         [daemon]
         transport = "sim"
-        seccomp = "kill"
+        seccomp = "\(seccomp)"
         \(user ? "user = \"nobody\"" : "")
         control = "\(dir)/ctl.sock"
 
@@ -173,7 +173,7 @@ final class PrivilegeTests: XCTestCase {
         """
     }
 
-    func testBinaryServesUnderFilterAndKillsAForbiddenCall() throws {
+    func testBinaryServesUnderFilterKillsAForbiddenCallAndLogModeLetsItRun() throws {
         guard let binary = PrivilegeTests.binary else { throw XCTSkip("no loopbackd executable next to the tests (swift build first)") }
         var template = Array("/tmp/loopbackd-priv-XXXXXX".utf8CString)
         guard let d = mkdtemp(&template) else { return XCTFail("mkdtemp") }
@@ -200,5 +200,15 @@ final class PrivilegeTests: XCTestCase {
         let bad = run(binary, ["-c", confPath, "--duration", "20"], env: ["\(Privileges.testViolationVariable)=1"])
         XCTAssertEqual(bad.status & 0x7f, SIGSYS, "status \(bad.status): \(bad.output)")
         XCTAssertTrue(bad.output.contains("loopbackd: error: seccomp: forbidden system call \(lb_syscall_number("syslog")) (syslog) in thread "), bad.output)
+
+        // seccomp = "log": the same call is let through (the kernel logs it); the daemon runs on and stops cleanly.
+        text = conf(dir: dir, user: asRoot, seccomp: "log")
+        let fd2 = open(confPath, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0o644)
+        text.withUTF8 { _ = write(fd2, $0.baseAddress, $0.count) }
+        close(fd2)
+        let logged = run(binary, ["-c", confPath, "--duration", "2"], env: ["\(Privileges.testViolationVariable)=1"])
+        XCTAssertTrue(logged.status & 0x7f == 0 && (logged.status >> 8) & 0xff == 0, "status \(logged.status): \(logged.output)")
+        XCTAssertTrue(logged.output.contains("the kernel logs any other and lets it run"), logged.output)
+        XCTAssertFalse(logged.output.contains("forbidden"), logged.output)
     }
 }
