@@ -46,7 +46,10 @@
 // looks at the number only, on 5.11 and newer)
 static const long allowed[] = {
     // the event loop and the data path
-    SYS_epoll_wait, SYS_epoll_pwait,
+#ifdef SYS_epoll_wait
+    SYS_epoll_wait,
+#endif
+    SYS_epoll_pwait,
 #ifdef SYS_epoll_pwait2
     SYS_epoll_pwait2,
 #endif

@@ -67,7 +67,7 @@ final class PrivilegeTests: XCTestCase {
         XCTAssertGreaterThan(n, 50)
         XCTAssertLessThan(n, 200)
         func nr(_ name: String) -> Int { let v = lb_syscall_number(name); XCTAssertGreaterThanOrEqual(v, 0, name); return v }
-        for name in ["read", "write", "epoll_wait", "ioctl", "io_uring_enter", "futex", "mmap", "openat", "accept4",
+        for name in ["read", "write", "epoll_pwait", "ioctl", "io_uring_enter", "futex", "mmap", "openat", "accept4",
                      "sendmsg", "recvmsg", "exit_group", "rt_sigreturn", "restart_syscall"] {
             XCTAssertEqual(lb_seccomp_allows(nr(name)), 1, name)
         }
@@ -75,10 +75,14 @@ final class PrivilegeTests: XCTestCase {
         for name in ["execve", "execveat", "ptrace", "mount", "setuid", "setresuid", "setgroups", "capset", "init_module",
                      "finit_module", "kexec_load", "bpf", "unshare", "setns", "process_vm_readv", "process_vm_writev",
                      "perf_event_open", "keyctl", "chroot", "fork", "vfork", "kill", "seccomp", "syslog"] {
-            XCTAssertEqual(lb_seccomp_allows(nr(name)), 0, name)
+            let v = lb_syscall_number(name)   // fork, vfork: not on every architecture
+            if v >= 0 { XCTAssertEqual(lb_seccomp_allows(v), 0, name) }
         }
         XCTAssertEqual(String(cString: lb_syscall_name(nr("syslog"))), "syslog")
-        XCTAssertEqual(nr("syslog"), 103)   // x86_64; the guest case greps for this number
+        #if arch(x86_64)
+        XCTAssertEqual(nr("syslog"), 103)   // the guest case greps for this number
+        XCTAssertEqual(lb_seccomp_allows(nr("epoll_wait")), 1)
+        #endif
         XCTAssertNil(lb_syscall_name(100_000))
     }
 
