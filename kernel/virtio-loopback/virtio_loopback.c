@@ -189,6 +189,7 @@ struct vlo_dev {
 	spinlock_t irq_lock;		/* serialises callbacks */
 	bool vqs_live;			/* find_vqs done, no reset since */
 	bool dying;
+	bool in_drain;			/* vlo_drain is raising interrupts (irq_lock held) */
 	bool user_broke;
 
 	struct mutex irqfd_lock;
@@ -456,6 +457,7 @@ static unsigned int vlo_drain(struct vlo_dev *dev, bool *again)
 		dev->user_broke = false;
 	}
 	if (dev->vqs_live) {
+		dev->in_drain = true;
 		for (i = 0; i < dev->nqueues; i++) {
 			struct vlo_queue *q = &dev->q[i];
 
@@ -464,6 +466,7 @@ static unsigned int vlo_drain(struct vlo_dev *dev, bool *again)
 			done += vlo_fail_inflight(q);
 			vring_interrupt(0, q->vq);
 		}
+		dev->in_drain = false;
 	}
 	*again = dev->dying;
 	spin_unlock_irqrestore(&dev->irq_lock, flags);
@@ -661,8 +664,14 @@ static bool vlo_notify(struct virtqueue *vq)
 		 * Fail the request now, before the kick returns: a driver that spins for its completion
 		 * (virtio_console's control and hvc output) gets it at once.  The interrupt comes from the work
 		 * (a callback run from inside the driver's own kick could take a lock the kicker holds).
+		 * Not when the kick comes from a callback of our own drain (in_drain, same CPU, irq_lock held): a
+		 * stream driver that resubmits every completed buffer (virtio_snd) would find the new completion
+		 * in the same callback loop and never leave it, interrupts off.  Those wait one jiffy for the work:
+		 * a failing device completes a resubmitting stream at most HZ times a second.
 		 */
-		if (vlo_fail_inflight(q))
+		if (READ_ONCE(dev->in_drain))
+			mod_delayed_work(system_wq, &dev->drain_work, 1);
+		else if (vlo_fail_inflight(q))
 			mod_delayed_work(system_wq, &dev->drain_work, 0);
 	} else
 		vlo_signal(q->kick);

@@ -78,7 +78,7 @@ info "WAV after the reload: $out"
 cap reload
 
 # SIGKILL (no stream open): the card goes away, a restarted loopbackd brings it back and its first PREPARE starts
-# a new WAV. (SIGKILL while the guest plays hangs 6.1's guest in the card's removal: see the README.)
+# a new WAV. (SIGKILL while the guest plays: loopbackd-sound-kill.)
 kill -9 "$LBPID"; wait "$LBPID" 2>/dev/null; LBPID=
 wait_for 10 no_pcms || fail "pcm nodes still there after SIGKILL"
 no_d_state || fail "task in D state after SIGKILL"
