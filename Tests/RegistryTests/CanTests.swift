@@ -407,7 +407,8 @@ final class CanTests: XCTestCase {
         var small: Int32 = 4096
         _ = setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, 4)
         let peer = sv[1]
-        defer { Glibc.close(peer) }
+        var peerClosed = false
+        defer { if !peerClosed { Glibc.close(peer) } }
         try start(endpoint: SocketCANEndpoint(datagramFD: sv[0], fdCapable: true))
         try d.postRX(16)
         // Stopped: what the peer sends now is discarded, not delivered after START.
@@ -456,6 +457,14 @@ final class CanTests: XCTestCase {
             got.append(r.id)
         }
         XCTAssertEqual(got, (0..<total).map { UInt32($0) })
+        // The peer goes away while the device holds receive buffers: the loop must not spin on the end of file (it
+        // did, and the next executeAndWait never returned).
+        Glibc.close(peer)
+        peerClosed = true
+        usleep(20_000)
+        let t0 = lb_now_ns()
+        XCTAssertEqual(onLoop { self.dev.started }, true)
+        XCTAssertLessThan(lb_now_ns() - t0, 1_000_000_000, "the loop answers")
     }
 
     /// A real vcan interface where the kernel has SocketCAN: skipped only when AF_CAN or the vcan link type is

@@ -185,6 +185,7 @@ public final class CANDevice: VirtioDevice, CANEndpointDelegate {
         case VirtioCAN.txQueue:
             pumpTX()
         case VirtioCAN.rxQueue:
+            if !started && endpoint.discardQueued() { faults.again(queue: index) }
             qs[index].drain { c in
                 if c.writableBytes >= UInt32(VirtioCAN.headerSize) && rxHeld.hold(c) { return nil }
                 stats.badChains &+= 1
@@ -450,6 +451,11 @@ public final class CANDevice: VirtioDevice, CANEndpointDelegate {
     // MARK: endpoint events
 
     public func endpointReadable() {
+        guard started else {
+            // A stopped controller takes nothing from the bus: drop it (bounded per turn).
+            if queues != nil && endpoint.discardQueued() { faults.again(queue: VirtioCAN.rxQueue) }
+            return
+        }
         hostReadable = true
         pumpRX()
     }

@@ -47,8 +47,11 @@ public protocol CANEndpoint: AnyObject {
     /// After feature negotiation: which frames the driver can take (FD frames, RTR frames).
     func configure(fd: Bool, rtr: Bool)
     /// The controller started (true) or stopped (false): a stopped controller takes no frames from the bus, and
-    /// what was queued before the stop is discarded.
+    /// what was queued before the start or stop is discarded. Must not block or take kernel locks a driver may hold
+    /// while it waits for the device (RTNL: see `SocketCANEndpoint`).
     func setReceiving(_ on: Bool)
+    /// While stopped: drops what arrived; true if it stopped at its bound with more there.
+    func discardQueued() -> Bool
     /// Whether the controller can start now (the interface is up).
     var isUp: Bool { get }
     func send(_ frame: UnsafeRawPointer, size: Int) -> CANSendResult
@@ -130,7 +133,12 @@ public final class FakeCANBus: CANEndpoint, EventHandler {
 
     public func setReceiving(_ on: Bool) {
         receiving = on
-        if !on { discarded += queued; queued = 0; first = 0 }
+        _ = discardQueued()
+    }
+
+    public func discardQueued() -> Bool {
+        discarded += queued; queued = 0; first = 0
+        return false
     }
 
     private func notify(readable: Bool) {

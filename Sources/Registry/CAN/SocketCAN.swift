@@ -4,15 +4,21 @@ import Transport
 
 /// A SocketCAN interface through one CAN_RAW socket (AF_CAN), non-blocking, watched edge-triggered on the loop.
 ///
-/// Set-up (Linux `include/uapi/linux/can.h`, `can/raw.h`): bound to the interface; CAN_RAW_LOOPBACK stays on (other
-/// sockets on the host, candump say, see what the driver sends) and CAN_RAW_RECV_OWN_MSGS off (the driver's own
-/// frames do not come back: Linux's virtio_can echoes them itself when the transmission completes);
-/// CAN_RAW_ERR_FILTER = CAN_ERR_BUSOFF (bus-off error frames reach the device); CAN_RAW_FD_FRAMES when the driver
-/// negotiated FD. The receive filter is empty while the controller is stopped (the kernel queues nothing for a
-/// stopped controller) and passes every frame while it runs (not RTR frames when RTR was not negotiated).
+/// Set-up (Linux `include/uapi/linux/can.h`, `can/raw.h`), all of it once, when the device is built: bound to the
+/// interface; CAN_RAW_LOOPBACK stays on (other sockets on the host, candump say, see what the driver sends) and
+/// CAN_RAW_RECV_OWN_MSGS off (the driver's own frames do not come back: Linux's virtio_can echoes them itself when
+/// the transmission completes); CAN_RAW_ERR_FILTER = CAN_ERR_BUSOFF (bus-off error frames reach the device);
+/// CAN_RAW_FD_FRAMES when the interface takes FD frames; the receive filter passes every frame.
+///
+/// Nothing here may take the RTNL lock once the driver runs: Linux's virtio_can sends START and STOP from its
+/// ndo_open/ndo_stop, which hold RTNL while they wait for the device's answer, and raw_setsockopt(CAN_RAW_FILTER,
+/// CAN_RAW_ERR_FILTER) and bind() take RTNL. Changing the filter on the loop thread for a STOP deadlocked the guest
+/// (`ip link set can0 up` and loopbackd both in D state, seen in the guest case). So a stopped controller does not
+/// filter in the kernel: what the socket receives meanwhile is read and dropped (`discardQueued`), and the frame
+/// kinds the driver did not negotiate are dropped by the device. SIOCGIFFLAGS (`isUp`) runs under RCU only.
 ///
 /// The same code serves any datagram socket (`init(datagramFD:)`: the unit tests' socketpair, one frame per
-/// datagram); the CAN socket options are then skipped and a stopped endpoint discards what it reads.
+/// datagram); the CAN socket options are then skipped.
 public final class SocketCANEndpoint: CANEndpoint, EventHandler {
     public let interface: String
     public let description: String
@@ -23,7 +29,6 @@ public final class SocketCANEndpoint: CANEndpoint, EventHandler {
     private unowned(unsafe) var delegate: CANEndpointDelegate?
     private var registration = -1
     private var receiving = false
-    private var acceptRTR = true
     /// Receive errors other than EAGAIN and interface-down (logged once).
     public private(set) var receiveErrors = 0
 
@@ -62,8 +67,11 @@ public final class SocketCANEndpoint: CANEndpoint, EventHandler {
         self.interface = interface
         fdCapable = mtu == Int32(LinuxCAN.fdMTU)
         description = "SocketCAN \(interface)" + (fdCapable ? " (FD)" : "")
-        // Stopped until the driver starts the controller: no frames; bus-off error frames always.
-        setFilter(all: false)
+        // Every frame (a stopped controller drops what it reads), bus-off error frames, FD frames if the MTU allows.
+        var all: (UInt32, UInt32) = (0, 0)
+        _ = setsockopt(s, Self.solCANRaw, Self.rawFilter, &all, 8)
+        var fdOn: Int32 = mtu == Int32(LinuxCAN.fdMTU) ? 1 : 0
+        _ = setsockopt(s, Self.solCANRaw, Self.rawFDFrames, &fdOn, 4)
         // A receive queue for bursts while the driver has no free buffers (a CAN interface cannot slow its sender
         // down: what overflows the socket's queue, the kernel drops): 8 MiB, about 8,000 frames; SO_RCVBUFFORCE
         // needs CAP_NET_ADMIN, else SO_RCVBUF (capped by net.core.rmem_max).
@@ -112,46 +120,26 @@ public final class SocketCANEndpoint: CANEndpoint, EventHandler {
         if !e.isDisjoint(with: [.readable, .hangUp, .error]) { delegate?.endpointReadable() }
     }
 
-    private func setFilter(all: Bool) {
-        guard isCAN else { return }
-        if all {
-            // One filter: can_id 0, mask 0 (everything); without RTR: the RTR bit must be 0.
-            var f: (UInt32, UInt32) = (0, acceptRTR ? 0 : LinuxCAN.rtrFlag)
-            _ = setsockopt(fd, Self.solCANRaw, Self.rawFilter, &f, 8)
-        } else {
-            _ = setsockopt(fd, Self.solCANRaw, Self.rawFilter, nil, 0)
-        }
-    }
-
-    public func configure(fd wantFD: Bool, rtr: Bool) {
-        acceptRTR = rtr
-        guard isCAN else { return }
-        var on: Int32 = wantFD && fdCapable ? 1 : 0
-        _ = setsockopt(fd, Self.solCANRaw, Self.rawFDFrames, &on, 4)
-        if receiving { setFilter(all: true) }
-    }
+    /// Nothing to change in the kernel (see the type's comment): the device drops the kinds the driver cannot take.
+    public func configure(fd wantFD: Bool, rtr: Bool) {}
 
     public func setReceiving(_ on: Bool) {
-        if on {
-            discardQueued()
-            setFilter(all: true)
-            receiving = true
-        } else {
-            receiving = false
-            setFilter(all: false)
-            discardQueued()
-        }
+        receiving = on
+        _ = discardQueued()
     }
 
-    /// Reads and drops what the socket holds (bounded: a stopped CAN socket's filter admits nothing).
-    private func discardQueued() {
+    /// Reads and drops what the socket holds (a stopped controller receives nothing); true when it stopped at its
+    /// bound of 1,024 frames with more there (the caller asks for another turn).
+    public func discardQueued() -> Bool {
         var buf = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-        for _ in 0..<4096 {
+        for _ in 0..<1024 {
             let n = withUnsafeMutableBytes(of: &buf) { Glibc.recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n == 0 { return false }   // a datagram peer's end of file (see `receive`)
             if n < 0 && errno == EINTR { continue }
-            if n < 0 && errno != EAGAIN && errno != ENETDOWN { continue }
-            if n < 0 { return }
+            if n < 0 && errno != EAGAIN && errno != ENETDOWN && errno != ENODEV && errno != ENXIO { continue }
+            if n < 0 { return false }
         }
+        return true
     }
 
     public var isUp: Bool {
@@ -192,6 +180,9 @@ public final class SocketCANEndpoint: CANEndpoint, EventHandler {
                     return .empty
                 }
             }
+            // 0: a datagram socket's peer closed (a CAN socket never reads 0 bytes): nothing more comes, and reading
+            // on would spin (it did: the unit tests' socketpair closed under a running loop).
+            if n == 0 { return .empty }
             guard receiving else { continue }
             guard n == LinuxCAN.mtu || n == LinuxCAN.fdMTU else { continue }
             let id = frame.load(as: UInt32.self)
