@@ -236,6 +236,81 @@ img_stage_modules() {
   mv "$list.keep" "$list"
 }
 
+# img_virtio_can KV: the kernel's virtio_can driver (drivers/net/can/virtio_can.c, mainline since 7.x) built out of
+# tree against KV's headers in IMG_CACHE/virtio-can-KV/. No Debian kernel builds it (CONFIG_CAN_VIRTIO_CAN unset in
+# 7.2 and 7.3) and 6.1/6.12's sources lack it, so it comes from Debian's linux-source-7.3 (trixie-backports, through
+# a private apt configuration under IMG_CACHE/apt-trixie-backports: the system's sources are not touched), read
+# once into IMG_CACHE/virtio-can-src/ (the package, about 170 MB, is deleted once read). A compat header makes it
+# build for 6.1 and 6.12: struct virtqueue_info and the older virtio_find_vqs() (before 6.11), __counted_by_le
+# (before 6.10); `can.fd.data_bittiming` is `can.data_bittiming` before 7.x. Built unless the module is newer than
+# its sources (about 2 s). Prints the .ko path.
+img_virtio_can() {
+  local kv=$1 dir=$IMG_CACHE/virtio-can-$1 src=$IMG_CACHE/virtio-can-src apt=$IMG_CACHE/apt-trixie-backports tmp deb
+  local -a o
+  if [ ! -s "$src/virtio_can.c" ] || [ ! -s "$src/virtio_can.h" ]; then
+    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$src"
+    echo 'deb http://deb.debian.org/debian trixie-backports main' > "$apt/sources.list"
+    o=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null -o "Dir::State::Lists=$apt/lists"
+       -o "Dir::Cache=$apt/cache" -o APT::Sandbox::User=root -qq)
+    apt-get "${o[@]}" update >&2 || img_die "apt-get update (trixie-backports) failed"
+    tmp=$(mktemp -d "$IMG_CACHE/.can-src.XXXXXX")
+    img_log "downloading linux-source-7.3 (trixie-backports) for virtio_can.c"
+    (cd "$tmp" && apt-get "${o[@]}" download linux-source-7.3 >&2) || { rm -rf "$tmp"; img_die "apt-get download linux-source-7.3 failed"; }
+    deb=$(ls "$tmp"/*.deb | head -1)
+    (dpkg-deb --fsys-tarfile "$deb" | tar -xO --wildcards './usr/src/linux-source-7.3.tar.*' | xz -dc |
+      tar -x -C "$tmp" linux-source-7.3/drivers/net/can/virtio_can.c linux-source-7.3/include/uapi/linux/virtio_can.h) 2>/dev/null || true
+    [ -s "$tmp/linux-source-7.3/drivers/net/can/virtio_can.c" ] && [ -s "$tmp/linux-source-7.3/include/uapi/linux/virtio_can.h" ] ||
+      { rm -rf "$tmp"; img_die "virtio_can sources not found in linux-source-7.3"; }
+    mv "$tmp/linux-source-7.3/include/uapi/linux/virtio_can.h" "$src/virtio_can.h"
+    mv "$tmp/linux-source-7.3/drivers/net/can/virtio_can.c" "$src/virtio_can.c"
+    rm -rf "$tmp"
+  fi
+  if [ ! "$dir/virtio_can.ko" -nt "$src/virtio_can.c" ]; then
+    mkdir -p "$dir/include/linux"
+    cp "$src/virtio_can.h" "$dir/include/linux/virtio_can.h"
+    if grep -q 'struct data_bittiming_params' "/lib/modules/$kv/build/include/linux/can/dev.h" \
+         "/lib/modules/$kv/build/include/linux/can/bittiming.h" 2>/dev/null ||
+       grep -q 'struct data_bittiming_params' /usr/src/linux-headers-"${kv%-*}"-common/include/linux/can/*.h 2>/dev/null; then
+      cp "$src/virtio_can.c" "$dir/virtio_can.c"
+    else
+      sed 's/can\.fd\.data_bittiming/can.data_bittiming/g' "$src/virtio_can.c" > "$dir/virtio_can.c"
+    fi
+    cat > "$dir/virtio_can_compat.h" <<'COMPAT'
+/* loopbackd guest suites: mainline virtio_can.c (7.x) on older kernels. */
+#include <linux/version.h>
+#include <linux/virtio_config.h>
+#ifndef __counted_by_le
+#define __counted_by_le(member)
+#endif
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 11, 0)
+struct virtqueue_info { const char *name; vq_callback_t *callback; bool ctx; };
+static inline int lb_virtio_find_vqs_info(struct virtio_device *vdev, unsigned int nvqs, struct virtqueue *vqs[],
+                                          struct virtqueue_info *info, struct irq_affinity *desc)
+{
+	vq_callback_t *callbacks[8];
+	const char *names[8];
+	unsigned int i;
+
+	if (nvqs > 8)
+		return -EINVAL;
+	for (i = 0; i < nvqs; i++) {
+		callbacks[i] = info[i].callback;
+		names[i] = info[i].name;
+	}
+	return virtio_find_vqs(vdev, nvqs, vqs, callbacks, names, desc);
+}
+#define virtio_find_vqs lb_virtio_find_vqs_info
+#endif
+COMPAT
+    printf 'obj-m := virtio_can.o\nccflags-y := -I$(src)/include -include $(src)/virtio_can_compat.h\n' > "$dir/Kbuild"
+    img_log "building virtio_can.ko for $kv"
+    make -s -C "/lib/modules/$kv/build" M="$dir" KCFLAGS="-ffile-prefix-map=$dir/=" modules >&2 ||
+      img_die "virtio_can build failed for $kv"
+    strip --strip-debug "$dir/virtio_can.ko"
+  fi
+  echo "$dir/virtio_can.ko"
+}
+
 # img_prepare FLAVOR: headers installed (if root), kernel fetched, module built; writes IMG_CACHE/kver-FLAVOR and
 # sets IMG_KVER, IMG_VMLINUX, IMG_KO.
 img_prepare() {

@@ -66,6 +66,11 @@ if [ -x "$cache/inputtool" ]; then cp "$cache/inputtool" "$root/bin/inputtool"; 
 # i2c cases: i2c-dev and i2c-stub from the kernel, i2c-virtio built by setup.sh; the cases insmod them themselves
 ( img_stage_modules "$root" "$kver" i2c-dev i2c-stub ) || exit 2
 [ -f "$cache/i2c-virtio-$kver/i2c-virtio.ko" ] && cp "$cache/i2c-virtio-$kver/i2c-virtio.ko" "$root/lib/modules/"
+# can case: can, can-raw, can-dev and vcan from the kernel; virtio_can and cantool built by setup.sh (a cache
+# prepared before them lacks them: the case says so)
+( img_stage_modules "$root" "$kver" can can-raw can-dev vcan ) || exit 2
+[ -f "$cache/virtio-can-$kver/virtio_can.ko" ] && cp "$cache/virtio-can-$kver/virtio_can.ko" "$root/lib/modules/"
+[ -x "$cache/cantool" ] && cp "$cache/cantool" "$root/bin/cantool"
 # gpio case: gpio-virtio and gpiotool built by setup.sh (a cache prepared before them lacks them: the case says so)
 [ -f "$cache/gpio-virtio-$kver/gpio-virtio.ko" ] && cp "$cache/gpio-virtio-$kver/gpio-virtio.ko" "$root/lib/modules/"
 [ -x "$cache/gpiotool" ] && cp "$cache/gpiotool" "$root/bin/gpiotool"

@@ -56,6 +56,15 @@ for k in "${kernels[@]}"; do
     log "virtio_snd.ko for $k not built: the sound case will fail"
 done
 
+# virtio_can likewise: mainline 7.x only, so from Debian's linux-source-7.3 (trixie-backports, through a private
+# apt configuration in the cache) with a compat header for 6.1 and 6.12 (scripts/image-lib.sh img_virtio_can); and
+# cantool, numbered CAN frames through SocketCAN. A failed download or build costs the can case only.
+for k in "${kernels[@]}"; do
+  ( IMG_CACHE=$cache IMG_LOG_PREFIX=setup img_virtio_can "$(cat "$cache/kver-$k")" > /dev/null ) ||
+    log "virtio_can.ko for $k not built: the can case will fail"
+done
+gcc -static -O2 -Wall -o "$cache/cantool" "$here/tools/cantool.c" || log "cantool not built: the can case will fail"
+
 # Static tools (kernel-independent): lo-tool speaks the module's ioctls, odirect does O_DIRECT I/O and checks,
 # inputtool drives uinput and reads evdev nodes (the input cases).
 gcc -static -O2 -Wall -I"$repo/kernel/virtio-loopback" -o "$cache/lo-tool" "$repo/kernel/virtio-loopback/tools/lo-tool.c" -lpthread
