@@ -350,6 +350,29 @@ final class CanTests: XCTestCase {
         XCTAssertEqual(onLoop { (self.dev.stats.starts, self.dev.stats.stops) }.0, 2)
     }
 
+    /// STOP with the last frame of the ring waiting for the socket: the transmit loop that left it waiting left
+    /// kicks disabled, and with nothing else in the ring no later turn re-armed them (EVENT_IDX: the driver never
+    /// kicked again). The next request must be answered.
+    func testStopWithTheLastFrameWaitingKeepsKicksArmed() throws {
+        try start()
+        XCTAssertTrue(drv.features.contains(.eventIdx))
+        XCTAssertEqual(d.start(), VirtioCAN.resultOK)
+        onLoop { self.bus.sendCapacity = 0 }
+        let (h1, r1) = try XCTUnwrap(d.txChain(id: 1, data: [1]))
+        d.tx.submit(h1)
+        usleep(20_000)
+        XCTAssertNil(d.tx.reap(), "the frame waits for the socket")
+        XCTAssertEqual(d.stop(), VirtioCAN.resultOK)
+        let u = try XCTUnwrap(d.tx.waitUsed(timeoutMs: 2000))
+        XCTAssertEqual(u.id, h1)
+        XCTAssertEqual(drv.host(r1).load(as: UInt8.self), VirtioCAN.resultNotOK)
+        d.tx.recycle(h1)
+        onLoop { self.bus.sendCapacity = .max }
+        XCTAssertEqual(d.send(id: 3, data: [3])?.0, VirtioCAN.resultNotOK, "answered while stopped")
+        XCTAssertEqual(d.start(), VirtioCAN.resultOK)
+        XCTAssertEqual(d.send(id: 4, data: [4])?.0, VirtioCAN.resultOK)
+    }
+
     func testBusOffStopsTheControllerAndTellsTheDriver() throws {
         try start()
         try d.postRX(4)

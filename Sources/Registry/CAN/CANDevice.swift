@@ -257,8 +257,9 @@ public final class CANDevice: VirtioDevice, CANEndpointDelegate {
         endpoint.setReceiving(false)
         hostReadable = false
         // Requests that waited behind the cancelled frame are answered (NOT_OK: stopped) on the next loop turn: this
-        // may run inside the transmit loop itself (a send that found the interface down).
-        if let qs = queues, qs[VirtioCAN.txQueue].hasAvailable { faults.again(queue: VirtioCAN.txQueue) }
+        // may run inside the transmit loop itself (a send that found the interface down). The loop that left the
+        // frame waiting left kicks disabled: with none left, they are re-armed (SplitQueue.budgetSpent).
+        if let qs = queues, qs[VirtioCAN.txQueue].budgetSpent() { faults.again(queue: VirtioCAN.txQueue) }
     }
 
     /// Bus-off (an error frame, the interface down): the controller stops and the driver hears it.
@@ -286,7 +287,7 @@ public final class CANDevice: VirtioDevice, CANEndpointDelegate {
                 if chains >= SplitQueue.chainBudget {
                     // Chains left: another turn. None left: kicks back on (and re-checked), or with EVENT_IDX the
                     // stale avail_event would stop the driver's kicks for good.
-                    if qs[q].hasAvailable || (!qs[q].polling && qs[q].enableNotifications()) { faults.again(queue: q) }
+                    if qs[q].budgetSpent() { faults.again(queue: q) }
                     break outer
                 }
             }
