@@ -60,7 +60,12 @@ public func canRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let hasClassic = features.contains(VirtioCAN.fClassic)
     let queues = UnsafeMutablePointer<SplitQueue>.allocate(capacity: 3)
     var live = false
-    var availIdx: [UInt16] = [0, 0, 0], usedSeen: [UInt16] = [0, 0, 0], nextDesc: [Int] = [0, 0, 0]
+    var availIdx: [UInt16] = [0, 0, 0], usedSeen: [UInt16] = [0, 0, 0]
+    // Descriptors are taken from a free list and given back when their chain is used: a descriptor (and the
+    // `where_` entry of its head) is never reused while the device still holds its chain. (Handing out ids round
+    // robin overwrote held receive chains: a false "rx msg_type 0" in a CI smoke run.)
+    var freeIDs = [[Int]](repeating: Array((0..<Int(qsize)).reversed()), count: 3)
+    var chainOf = [[[Int]]](repeating: [[Int]](repeating: [], count: Int(qsize)), count: 3)
     var okResults = 0
     // Where each head's result byte / receive buffer is (queue k, head) -> guest address.
     var where_ = [[UInt64]](repeating: [UInt64](repeating: 0, count: Int(qsize)), count: 3)
@@ -72,7 +77,9 @@ public func canRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             guard let q = try? SplitQueue(config: c, maxSize: qsize, memory: memory.view, features: features, interrupt: .none) else { abort() }
             (queues + k).initialize(to: q)
         }
-        availIdx = [0, 0, 0]; usedSeen = [0, 0, 0]; nextDesc = [0, 0, 0]
+        availIdx = [0, 0, 0]; usedSeen = [0, 0, 0]
+        freeIDs = [[Int]](repeating: Array((0..<Int(qsize)).reversed()), count: 3)
+        chainOf = [[[Int]]](repeating: [[Int]](repeating: [], count: Int(qsize)), count: 3)
         live = true
         let ctx = DeviceContext(queues: queues, queueCount: 3, memory: memory.view, loop: s.loop, configInterrupt: .none,
                                 features: features)
@@ -99,11 +106,12 @@ public func canRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     /// Writes a chain of `segs` (guest address, length, writable) to queue k and makes it available; returns its head.
     @discardableResult
     func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) -> Int {
-        guard !segs.isEmpty, live else { return -1 }
+        guard !segs.isEmpty, live, freeIDs[k].count >= segs.count else { return -1 }
         let b = ringBase(k)
         let desc = host(guestBase + b), avail = host(guestBase + b + 256)
         var ids: [Int] = []
-        for _ in segs { ids.append(nextDesc[k] % Int(qsize)); nextDesc[k] += 1 }
+        for _ in segs { ids.append(freeIDs[k].removeLast()) }
+        chainOf[k][ids[0]] = ids
         for (i, seg) in segs.enumerated() {
             let d = desc + 16 * ids[i]
             d.storeBytes(of: seg.0.littleEndian, as: UInt64.self)
@@ -138,6 +146,9 @@ public func canRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
                 let e = used + 4 + 8 * Int(usedSeen[k] % qsize)
                 let id = e.load(as: UInt32.self).littleEndian, len = e.load(fromByteOffset: 4, as: UInt32.self).littleEndian
                 fuzzCheck(id < UInt32(qsize), "queue \(k) used id \(id)")
+                fuzzCheck(!chainOf[k][Int(id)].isEmpty, "queue \(k) used id \(id) is not an outstanding head")
+                freeIDs[k].append(contentsOf: chainOf[k][Int(id)])
+                chainOf[k][Int(id)] = []
                 let at = where_[k][Int(id)]
                 switch k {
                 case VirtioCAN.txQueue, VirtioCAN.controlQueue:
