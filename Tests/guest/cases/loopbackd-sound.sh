@@ -4,7 +4,7 @@
 # loopbackd wrote holds exactly those bytes (then only the silence played after them); playing takes at least
 # the data's duration (buffers complete on the stream clock, not on arrival). It captures from pcmC0D0c and gets
 # exactly the source file's samples. Then a driver reload, a second playback (appended to the same WAV), SIGKILL
-# and a restart (a new WAV), and SIGTERM with a valid WAV header.
+# and a restart (a new WAV), SIGTERM with a valid WAV header, and a SIGKILL while the guest plays.
 . /tests/lib.sh
 have_loopbackd
 [ -x /bin/sndtool ] || fail "no sndtool in the image (Tests/guest/setup.sh builds it)"
@@ -78,7 +78,7 @@ info "WAV after the reload: $out"
 cap reload
 
 # SIGKILL (no stream open): the card goes away, a restarted loopbackd brings it back and its first PREPARE starts
-# a new WAV. (SIGKILL while the guest plays: loopbackd-sound-kill.)
+# a new WAV. (SIGKILL while the guest plays: the last step.)
 kill -9 "$LBPID"; wait "$LBPID" 2>/dev/null; LBPID=
 wait_for 10 no_pcms || fail "pcm nodes still there after SIGKILL"
 no_d_state || fail "task in D state after SIGKILL"
@@ -94,4 +94,19 @@ wait_for 10 no_pcms || fail "pcm nodes still there after SIGTERM"
 # the WAV is still valid after exit (header sizes match the file)
 out=$(sndtool checkwav /tmp/out.wav $RATE $CH /tmp/play.raw 2>&1) || fail "WAV after SIGTERM: $out"
 grep -iE 'warning|error' /tmp/loopbackd.log && fail "loopbackd logged a warning or error"
+
+# SIGKILL while the guest plays (5 s of pattern, killed 0.7 s in): the card goes, the player gets an error and exits,
+# nothing freezes. virtio_snd resubmits every completed message from its completion callback; the module's failing
+# mode used to fail the resubmission inside that same callback loop, interrupts off, for ever (6.1 froze).
+loopbackd_start
+wait_for 20 pcms || lb_fail "no pcm nodes after the second restart"
+sndtool pattern 960000 1 /tmp/long.raw || fail "sndtool pattern"
+( sndtool play /dev/snd/pcmC0D0p $RATE $CH $PERIOD $PERIODS /tmp/long.raw 0 > /tmp/p.out 2>&1; echo "rc=$?" >> /tmp/p.out ) & P=$!
+usleep 700000
+kill -9 "$LBPID"; wait "$LBPID" 2>/dev/null; LBPID=
+i=0; while kill -0 $P 2>/dev/null && [ $i -lt 150 ]; do usleep 100000; i=$((i+1)); done
+kill -0 $P 2>/dev/null && fail "player still running 15 s after SIGKILL: $(tr '\n' '|' < /tmp/p.out)"
+info "SIGKILL while playing: player $(tail -2 /tmp/p.out | tr '\n' '|')"
+wait_for 10 no_pcms || fail "pcm nodes still there after SIGKILL while playing"
+no_d_state || fail "task in D state after SIGKILL while playing"
 pass
