@@ -34,18 +34,7 @@ private let bufBase = 10 * 1024
 private let blockSize = 64
 private let endpointCapacity = 16 * 1024
 
-private struct Setup {
-    let host: UnsafeMutableRawPointer
-    let loop: EventLoop
-    init() {
-        guard let p = mmap(nil, regionBytes + page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
-              p != MAP_FAILED, mprotect(p, regionBytes, PROT_READ | PROT_WRITE) == 0 else { abort() }
-        host = p
-        guard let l = try? EventLoop() else { abort() }
-        loop = l
-    }
-}
-nonisolated(unsafe) private var setup: Setup?
+nonisolated(unsafe) private var setup: FuzzDriverMemory?
 /// FUZZ_TRACE=1 .build-fuzz/bin/<target> FILE: the operations of one input, on stderr.
 nonisolated(unsafe) private var tracing = false
 
@@ -110,13 +99,10 @@ private func trace(_ m: String) { _ = m.withCString { write(2, $0, strlen($0)) }
 
 @_cdecl("LLVMFuzzerTestOneInput")
 public func consoleControlFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
-    if setup == nil { setup = Setup(); Log.level = .error; tracing = getenv("FUZZ_TRACE") != nil }
+    if setup == nil { setup = FuzzDriverMemory(bytes: regionBytes); Log.level = .error; tracing = getenv("FUZZ_TRACE") != nil }
     let s = setup!
     var f = FuzzInput(data, size)
-    memset(s.host, 0, regionBytes)
-    let info = RegionInfo(guestBase: guestBase, size: UInt64(regionBytes), host: s.host, fd: -1, fdOffset: 0,
-                          userAddr: UInt64(UInt(bitPattern: s.host)))
-    guard let memory = try? GuestMemory(regions: [info], mappings: [], fds: []) else { return 0 }
+    guard let memory = s.fresh(guestBase: guestBase) else { return 0 }
 
     // Ports: 1-4 of ids 0..<8 (port 0 mostly there), console or named, connected or not, a terminal size or none.
     var ids: [Int] = f.u8() < 220 ? [0] : []

@@ -17,31 +17,17 @@ private let regionBytes = 64 * 1024
 private let qsize: UInt16 = 16
 private let guestBase: UInt64 = 0x1000_0000
 
-private struct Setup {
-    let host: UnsafeMutableRawPointer
-    let loop: EventLoop
-    init() {
-        guard let p = mmap(nil, regionBytes + page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
-              p != MAP_FAILED, mprotect(p, regionBytes, PROT_READ | PROT_WRITE) == 0 else { abort() }
-        host = p
-        guard let l = try? EventLoop() else { abort() }
-        loop = l
-    }
-}
-nonisolated(unsafe) private var setup: Setup?
+nonisolated(unsafe) private var setup: FuzzDriverMemory?
 
 // Ring layout for queue k (size 16): desc at 4 KiB * (2k), avail at + 256, used at + 512; buffers from 16 KiB on.
 private func ringBase(_ k: Int) -> UInt64 { UInt64(2 * k * page) }
 
 @_cdecl("LLVMFuzzerTestOneInput")
 public func gpioRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
-    if setup == nil { setup = Setup(); Log.level = .error }
+    if setup == nil { setup = FuzzDriverMemory(bytes: regionBytes); Log.level = .error }
     let s = setup!
     var f = FuzzInput(data, size)
-    memset(s.host, 0, regionBytes)
-    let info = RegionInfo(guestBase: guestBase, size: UInt64(regionBytes), host: s.host, fd: -1, fdOffset: 0,
-                          userAddr: UInt64(UInt(bitPattern: s.host)))
-    guard let memory = try? GuestMemory(regions: [info], mappings: [], fds: []) else { return 0 }
+    guard let memory = s.fresh(guestBase: guestBase) else { return 0 }
 
     let lines = 1 + f.below(12)
     let named = f.bool()
