@@ -55,6 +55,15 @@ if [ "$rc" -eq 0 ] && [ ! -s "$tmp/verify.log" ]; then ok "systemd-analyze verif
 score=$(timeout 30 systemd-analyze security --offline=yes "$tmp/loopbackd.service" 2>/dev/null | grep -o 'exposure level for loopbackd.service: .*')
 echo "info: $score"
 
+# 4b. every address family the daemon opens a socket of is allowed by RestrictAddressFamilies= (else socket()
+# fails with EAFNOSUPPORT under systemd only): AF_UNIX (clinux.c, Notify.swift) and AF_CAN (SocketCAN.swift,
+# which spells it as its number, 29).
+families=$(sed -n 's/^RestrictAddressFamilies=//p' packaging/systemd/loopbackd.service)
+for f in AF_UNIX AF_CAN; do
+    check "RestrictAddressFamilies= has $f" sh -c "echo ' $families ' | grep -q ' $f '"
+done
+check "SocketCAN still opens AF_CAN (29), the family checked above" grep -q 'afCAN: Int32 = 29' Sources/Registry/CAN/SocketCAN.swift
+
 # 5. man pages: man(1) renders them; groff -ww says nothing.
 for m in man/loopbackd.8 man/loopbackd.conf.5; do
     check "man -l $m" sh -c "man -l '$m' > /dev/null"
