@@ -114,6 +114,14 @@ static const long allowed[] = {
 #ifdef SYS_unlink
     SYS_unlink, SYS_symlink, SYS_chmod,
 #endif
+    // A gpu's file output replaces its PPM atomically (rename of a temporary file).
+    SYS_renameat,
+#ifdef SYS_renameat2
+    SYS_renameat2,
+#endif
+#ifdef SYS_rename
+    SYS_rename,
+#endif
     SYS_memfd_create, SYS_pipe2,
 #ifdef SYS_pipe
     SYS_pipe,

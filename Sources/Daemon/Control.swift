@@ -148,7 +148,7 @@ final class ControlServer: EventHandler {
     private func handle(_ id: UInt32, _ c: Client, words: [String], body: [UInt8]) {
         let json = words.contains("--json")
         let args = words.filter { $0 != "--json" }
-        let usage = "commands: status, stats, add (TOML body), remove NAME, reload"
+        let usage = "commands: status, stats, add (TOML body), remove NAME, reload, device NAME WORD..."
         guard let cmd = args.first else { reply(id, c, ControlServer.error("empty request; \(usage)", json: json)); return }
         func arity(_ n: Int) -> Bool {
             guard args.count == n + 1 else {
@@ -162,6 +162,18 @@ final class ControlServer: EventHandler {
         case "stats": if arity(0) { reply(id, c, stats(json: json)) }
         case "remove": if arity(1) { queue(id, c, ControlJob(op: .remove(args[1]), json: json, client: id)) }
         case "reload": if arity(0) { queue(id, c, ControlJob(op: .reload, json: json, client: id)) }
+        case "device":
+            // A device body's own command, run here on the loop thread (the body's thread).
+            guard args.count >= 3 else { reply(id, c, ControlServer.error("device takes NAME and a command (device NAME WORD...)", json: json)); return }
+            guard let d = runner.devices.first(where: { $0.config.name == args[1] }) else {
+                reply(id, c, ControlServer.error("no device \"\(ControlServer.printable(args[1]))\"", json: json)); return
+            }
+            guard let body = d.body as? CommandableDevice else {
+                reply(id, c, ControlServer.error("device \(d.config.name) (type \(d.config.type)) takes no commands", json: json)); return
+            }
+            let r = body.command(Array(args[2...]))
+            if json { reply(id, c, Array((#"{"ok":\#(r.ok),"text":\#(JSON.string(r.text))}"# + "\n").utf8)) }
+            else { reply(id, c, Array(((r.ok ? "ok\n" : "error: ") + r.text + "\n").utf8)) }
         case "add":
             guard arity(0) else { return }
             guard !body.isEmpty else { reply(id, c, ControlServer.error("add needs a TOML snippet ([device.NAME] tables) after the first line", json: json)); return }

@@ -20,6 +20,7 @@ enum ControlClient {
         var body: [UInt8] = []
         switch o.ctlArgs[0] {
         case "remove": header += " " + o.ctlArgs[1]
+        case "device": header += " " + o.ctlArgs.dropFirst().joined(separator: " ")
         case "add": body = o.ctlArgs.count > 1 ? Array(o.ctlArgs[1].utf8) : readAll(0)
         default: break
         }

@@ -109,8 +109,8 @@ public struct Options: Equatable {
         }
         if o.command == .ctl {
             guard let cmd = o.ctlArgs.first else { throw UsageError(description: "ctl needs a command: status, stats, add [TOML], remove NAME, reload") }
-            let arity = ["status": 0...0, "stats": 0...0, "reload": 0...0, "remove": 1...1, "add": 0...1]
-            guard let r = arity[cmd] else { throw UsageError(description: "unknown ctl command \"\(cmd)\" (status, stats, add, remove, reload)") }
+            let arity = ["status": 0...0, "stats": 0...0, "reload": 0...0, "remove": 1...1, "add": 0...1, "device": 2...12]
+            guard let r = arity[cmd] else { throw UsageError(description: "unknown ctl command \"\(cmd)\" (status, stats, add, remove, reload, device)") }
             guard r.contains(o.ctlArgs.count - 1) else { throw UsageError(description: "ctl \(cmd): wrong number of arguments") }
         }
         return o
@@ -122,7 +122,7 @@ public struct Options: Equatable {
            loopbackd bench [-c FILE] [--device NAME] [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
            loopbackd ab -c FILE --device NAME [--socket PATH [--uds-path PATH]] [--driver sim|virtio-lo|auto] [--poll] [--relay | --direct] [--rounds N]
                         [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
-           loopbackd ctl [--socket PATH | -c FILE] [--json] status | stats | add [TOML] | remove NAME | reload
+           loopbackd ctl [--socket PATH | -c FILE] [--json] status | stats | add [TOML] | remove NAME | reload | device NAME WORD...
            loopbackd --version | --help
 
     Serves the virtio devices of FILE (default /etc/loopbackd.conf, else the embedded default) to the
@@ -154,7 +154,8 @@ public struct Options: Equatable {
            else /run/loopbackd/control.sock): status (per device: driver side, bound, features, queues,
            NEEDS_RESET, back-end connection), stats (requests, bytes, errors, in flight, loop-time histogram),
            add (a [device.NAME] snippet as the argument or on stdin, validated like the file), remove NAME (a
-           hot-unplug for its driver), reload (as SIGHUP: re-read the file, restart only changed devices);
+           hot-unplug for its driver), reload (as SIGHUP: re-read the file, restart only changed devices),
+           device NAME WORD... (a device's own command: gpu "scanout N on|off", "snapshot [N]", "info");
            --json: one JSON object. Exit status 1 when the daemon answers with an error
     A vhost-user backend socket (backend = "vhost-user:PATH", ab --socket) must accept connections within
     about 5 s of start-up, else loopbackd exits with status 1; once running, a lost backend is reconnected

@@ -28,6 +28,12 @@ public struct DeviceType {
     }
 }
 
+/// A device body that answers `loopbackd ctl device NAME WORDS…` (on the loop thread): e.g. a gpu's hot-plug
+/// (`scanout 1 off`) and on-demand snapshots.
+public protocol CommandableDevice: AnyObject {
+    func command(_ args: [String]) -> (ok: Bool, text: String)
+}
+
 /// The embedded device registry: config `type` → a factory that validates its own options (reading them from the
 /// device's table) and returns how to build the device. Adding a device type = its folder (with its
 /// `DeviceType`) + one entry in `standard`.
@@ -52,8 +58,9 @@ public struct DeviceRegistry {
             .vsock,
             .sound,
             .can,
+            .gpu,
             // Forwarded to a vhost-user back-end (no in-process body in this build): Forwarded/ForwardedTypes.swift.
-            .console, .gpu, .scmi, .fs, .other,
+            .console, .scmi, .fs, .other,
         ])
     }
 

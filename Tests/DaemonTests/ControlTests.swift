@@ -166,6 +166,27 @@ final class ControlTests: XCTestCase {
         XCTAssertEqual(sb.st_mode & 0o777, 0o600)
     }
 
+    /// `device NAME WORD...`: a gpu's own commands (info, hot-plug, snapshot) under the simulated driver; a type
+    /// without commands and unknown names get errors.
+    func testDeviceCommands() throws {
+        let gpu = "[device.gpu0]\ntype = \"gpu\"\nscanouts = 2\nmode = \"640x480\"\noutput = \"file:\(dir)/g\"\nfile-write = \"demand\"\n"
+        let d = try start(config(rng("rng0") + gpu))
+        defer { XCTAssertEqual(d.stop(), 0); unlink(dir + "/g-0.ppm") }
+        waitFor("gpu frames") { number(ctl("stats"), "gpu0", "requests") > 10 }
+        let info = ctl("device gpu0 info")
+        XCTAssertTrue(info.hasPrefix("ok\n") && info.contains("scanout 1 mode=640x480 connected=yes"), info)
+        XCTAssertEqual(ctl("device gpu0 scanout 1 off"), "ok\nscanout 1 off\n")
+        XCTAssertTrue(ctl("device gpu0 info").contains("scanout 1 mode=640x480 connected=no"))
+        let snap = ctl("device gpu0 snapshot 0")
+        XCTAssertTrue(snap.contains("wrote \(dir)/g-0.ppm (640x480)"), snap)
+        XCTAssertEqual(access(dir + "/g-0.ppm", F_OK), 0)
+        XCTAssertTrue(ctl("--json device gpu0 scanout 1 on").hasPrefix(#"{"ok":true,"text":"scanout 1 on"}"#))
+        XCTAssertTrue(ctl("device gpu0 scanout 7 on").hasPrefix("error: usage"))
+        XCTAssertTrue(ctl("device rng0 info").hasPrefix("error: device rng0 (type rng) takes no commands"))
+        XCTAssertTrue(ctl("device nope info").hasPrefix("error: no device"))
+        XCTAssertTrue(ctl("device gpu0").hasPrefix("error: device takes NAME"))
+    }
+
     // MARK: add and remove
 
     func testAddRemoveRoundTrip() throws {

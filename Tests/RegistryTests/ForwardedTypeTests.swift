@@ -56,7 +56,7 @@ final class ForwardedTypeTests: XCTestCase {
                 XCTAssertTrue("\(error)".contains("t.conf"), "\(error)", file: file, line: l)
             }
         }
-        fails("[device.c]\ntype = \"gpu\"\n", line: 2, "no in-process body")
+        fails("[device.c]\ntype = \"fs\"\n", line: 2, "no in-process body")
         fails("[device.x]\ntype = \"other\"\nbackend = \"vhost-user:/s\"\n", line: 1, "device-id")
         fails("[device.x]\ntype = \"other\"\nbackend = \"vhost-user:/s\"\ndevice-id = 0\n", line: 4, "device-id")
         fails("[device.c]\ntype = \"console\"\nbackend = \"vhost-user:/s\"\nqueue-size = 100\n", line: 4, "power of two")

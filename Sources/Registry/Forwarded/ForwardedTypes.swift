@@ -50,10 +50,8 @@ extension DeviceType {
     // config cols, rows, max_nr_ports, emerg_wr), §5.8 input (event, status; select, subsel, size, 5 reserved,
     // 128-byte union), §5.17 gpio (requestq, eventq; ngpio, padding, gpio_names_size), §5.19 i2c (requestq; no
     // config), §5.14 sound (control, event, tx, rx; jacks, streams, chmaps), virtio 1.3 CAN (tx, rx, control;
-    // status), §5.7 gpu (control, cursor; events_read, events_clear,
-    // num_scanouts, num_capsets), §5.17 scmi (cmdq, eventq; none), §5.11 fs (hiprio + 1 request queue; tag[36],
+    // status), §5.17 scmi (cmdq, eventq; none), §5.11 fs (hiprio + 1 request queue; tag[36],
     // num_request_queues).
-    public static var gpu: DeviceType { ForwardedType(name: "gpu", deviceID: 16, queues: 2, configSize: 16, what: "virtio-gpu").type }
     public static var scmi: DeviceType { ForwardedType(name: "scmi", deviceID: 32, queues: 2, configSize: 0, what: "virtio-scmi").type }
     public static var fs: DeviceType { ForwardedType(name: "fs", deviceID: 26, queues: 2, configSize: 40, what: "virtio-fs").type }
     /// A type loopbackd does not know: `device-id` required, `queues`, `queue-size`, `config-size`.
