@@ -9,6 +9,12 @@ let staticLink: [LinkerSetting] = [.unsafeFlags(["-static-executable"])]
 // blk request, measured). All device and ring state is owned by one loop thread, so overlapping accesses cannot
 // happen by construction; debug builds (the tests) keep the checks.
 let hotPath: [SwiftSetting] = [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
+// No target imports the standard library's _StringProcessing implicitly: that module and _RegexParser were 1.1 MB of
+// the stripped static binary, linked for one `String.contains(String)`; `containsText` (Transport/System/Text.swift)
+// replaces it and this flag keeps regex/string algorithms from creeping back in (they no longer compile).
+let noStringProcessing: SwiftSetting = .unsafeFlags(["-Xfrontend", "-disable-implicit-string-processing-module-import"])
+// Identical code folding: generic specialisations and witness thunks the compiler emits more than once (about 200 KB).
+let foldIdentical: [LinkerSetting] = [.unsafeFlags(["-Xlinker", "--icf=all"], .when(configuration: .release))]
 
 let package = Package(
     name: "loopbackd",
@@ -20,11 +26,11 @@ let package = Package(
         .target(name: "CURing", linkerSettings: [.linkedLibrary("uring")]),
         // GPIO chips through libgpiod 1.6 (Debian's libgpiod-dev, v1 chardev ABI), linked statically.
         .target(name: "CGpiod", linkerSettings: [.linkedLibrary("gpiod")]),
-        .target(name: "Transport", dependencies: ["CLinux"], swiftSettings: hotPath),
-        .target(name: "Registry", dependencies: ["Transport", "CLinux", "CURing", "CGpiod"], swiftSettings: hotPath),
-        .target(name: "Daemon", dependencies: ["Registry", "Transport", "CLinux"], swiftSettings: hotPath),
+        .target(name: "Transport", dependencies: ["CLinux"], swiftSettings: hotPath + [noStringProcessing]),
+        .target(name: "Registry", dependencies: ["Transport", "CLinux", "CURing", "CGpiod"], swiftSettings: hotPath + [noStringProcessing]),
+        .target(name: "Daemon", dependencies: ["Registry", "Transport", "CLinux"], swiftSettings: hotPath + [noStringProcessing]),
         .executableTarget(name: "loopbackd", dependencies: ["Daemon"],
-                          swiftSettings: staticExecutable, linkerSettings: staticLink),
+                          swiftSettings: staticExecutable + [noStringProcessing], linkerSettings: staticLink + foldIdentical),
         .testTarget(name: "TransportTests", dependencies: ["Transport", "CLinux"]),
         .testTarget(name: "RegistryTests", dependencies: ["Registry", "Transport", "CLinux"]),
         // Test-only malloc counter (interposes malloc in the test executable).

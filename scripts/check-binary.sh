@@ -14,6 +14,8 @@ lddout=$(ldd "$bin" 2>&1 || true)   # ldd exits 1 for a static binary
 size=$(stat -c %s "$bin"); strip -o /tmp/loopbackd.stripped "$bin"; ssize=$(stat -c %s /tmp/loopbackd.stripped)
 echo "size: $size bytes, stripped $ssize bytes"
 nm "$bin" 2>/dev/null | grep -q "FoundationEssentials" && bad "no Foundation in the binary" || ok "no Foundation in the binary"
+# _StringProcessing + _RegexParser were 1.1 MB of the stripped binary (Package.swift: noStringProcessing).
+nm "$bin" 2>/dev/null | grep -q "_RegexParser" && bad "no _RegexParser/_StringProcessing in the binary" || ok "no _RegexParser/_StringProcessing in the binary"
 
 "$bin" --check -c etc/loopbackd.conf >/dev/null && ok "--check shipped config exits 0" || bad "--check shipped config"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT

@@ -83,7 +83,7 @@ enum Evdev {
     static func isVirtioLoopback(_ event: String) -> Bool {
         guard let r = realpath("/sys/class/input/\(event)", nil) else { return false }
         defer { free(r) }
-        return String(cString: r).contains("/devices/virtio-lo/")
+        return String(cString: r).containsText("/devices/virtio-lo/")
     }
 }
 
