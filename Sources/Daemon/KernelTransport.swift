@@ -1,3 +1,5 @@
+import Glibc
+import CLinux
 import Transport
 import Registry
 
@@ -27,6 +29,97 @@ final class KernelTransport: DriverSide {
     func report(seconds: Double) {}
 }
 
+/// transport = "vduse": each attached device becomes a VDUSE device on the vDPA bus (Sources/Transport/VDUSE/);
+/// the kernel's virtio_vdpa + virtio_blk bind it. No out-of-tree module.
+final class VDUSETransport: DriverSide {
+    let host: DeviceHost
+    static let controlPath = "/dev/vduse/control"
+    private var control: Int32 = -1
+    private var devices: [Int: VDUSEDevice] = [:]
+    var name: String { "vduse" }
+    init(host: DeviceHost) { self.host = host }
+    func start() throws(DeviceError) {
+        let f = open(VDUSETransport.controlPath, O_RDWR | O_CLOEXEC)
+        guard f >= 0 else {
+            let e = Errno.current
+            throw DeviceError("cannot open \(VDUSETransport.controlPath): \(e)" + (e.rawValue == ENOENT ?
+                " (no VDUSE: Linux 5.15+ with CONFIG_VDPA_USER; modprobe vduse virtio_vdpa)" : ""))
+        }
+        // API version 0 (the only one before Linux 6.18): what this transport speaks.
+        var v: UInt64 = 0
+        guard lb_ioctl_ptr(f, lb_vduse_set_api_version(), &v) == 0 else {
+            let e = Errno.current
+            FD.close(f)
+            throw DeviceError("\(VDUSETransport.controlPath): VDUSE_SET_API_VERSION 0: \(e)")
+        }
+        control = f
+    }
+    func attach(_ d: DeviceConfig, index: Int) throws(DeviceError) -> Counters? {
+        guard control >= 0 else { throw DeviceError("device \(d.name): \(VDUSETransport.controlPath) is not open") }
+        let dev = try VDUSEDevice(host: host, index: index, name: "loopbackd-\(d.name)", control: control)
+        do { try dev.addToBus() } catch { dev.remove(); throw error }
+        devices[index] = dev
+        return nil
+    }
+    func detach(index: Int) throws(DeviceError) {
+        guard let dev = devices.removeValue(forKey: index) else { return }
+        dev.remove()
+        Log.info("\(dev.name): removed (vdpa dev del, VDUSE_DESTROY_DEV)")
+    }
+    func stop() {
+        for (_, dev) in devices { dev.remove() }
+        devices = [:]
+        if control >= 0 { FD.close(control); control = -1 }
+    }
+    func report(seconds: Double) {}
+}
+
+/// Both kernel transports in one daemon: `[daemon] transport` is the default, a device's own `transport` key
+/// picks the other. Each is opened only if some device uses it.
+final class KernelTransports: DriverSide {
+    let config: DaemonConfig
+    let module: KernelTransport
+    let vduse: VDUSETransport
+    private var started: Set<DaemonConfig.Transport> = []
+    private var routes: [Int: DaemonConfig.Transport] = [:]
+    var name: String { config.transport.rawValue }
+    init(host: DeviceHost, config: DaemonConfig) {
+        self.config = config
+        module = KernelTransport(host: host, node: config.deviceNode)
+        vduse = VDUSETransport(host: host)
+    }
+    private func side(_ t: DaemonConfig.Transport) -> DriverSide { t == .vduse ? vduse : module }
+    /// Opens the transports the configured devices use (others open on first use: `ctl add`, reload).
+    func start() throws(DeviceError) {
+        let used = Set(config.devices.filter { $0.serve == nil }.map { $0.transport ?? config.transport })
+        for t in used.isEmpty ? [config.transport] : Array(used).sorted(by: { $0.rawValue < $1.rawValue }) { try open(t) }
+    }
+    private func open(_ t: DaemonConfig.Transport) throws(DeviceError) {
+        guard !started.contains(t) else { return }
+        try side(t).start()
+        started.insert(t)
+    }
+    func attach(_ d: DeviceConfig, index: Int) throws(DeviceError) -> Counters? {
+        let t = d.transport ?? config.transport
+        try open(t)
+        let c = try side(t).attach(d, index: index)
+        routes[index] = t
+        return c
+    }
+    func detach(index: Int) throws(DeviceError) {
+        guard let t = routes.removeValue(forKey: index) else { return }
+        try side(t).detach(index: index)
+    }
+    func stop() {
+        if started.contains(.vduse) { vduse.stop() }
+        if started.contains(.virtioLo) { module.stop() }
+        started = []
+    }
+    func report(seconds: Double) {}
+}
+
 func makeKernelLink(host: DeviceHost, config: DaemonConfig) -> DriverSide {
-    KernelTransport(host: host, node: config.deviceNode)
+    let mixed = config.devices.contains { $0.transport != nil && $0.transport != config.transport }
+    if config.transport == .virtioLo && !mixed { return KernelTransport(host: host, node: config.deviceNode) }
+    return KernelTransports(host: host, config: config)
 }

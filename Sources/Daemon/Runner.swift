@@ -84,7 +84,7 @@ final class Runner: @unchecked Sendable {
         service.loopStarted(loop)   // systemd: WATCHDOG=1 from the loop thread
         switch config.transport {
         case .sim: link = SimTransport(host: host)
-        case .virtioLo: link = makeKernelLink(host: host, config: config)
+        case .virtioLo, .vduse: link = makeKernelLink(host: host, config: config)
         case .none: link = nil
         }
         do throws(DeviceError) {

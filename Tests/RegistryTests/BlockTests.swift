@@ -682,3 +682,30 @@ final class BlockTests: XCTestCase {
         loop.executeAndWait { self.host.shutdown() }
     }
 }
+
+/// `transport = "vduse"`: which devices it takes, the per-device override.
+final class VDUSEConfigTests: XCTestCase {
+    func parse(_ t: String) throws(ConfigError) -> DaemonConfig { try DaemonConfig.parse(TOML.parse(t, file: "v.conf")) }
+
+    func testVDUSETakesBlkAndRefusesOtherTypesClearly() throws {
+        let c = try parse("[daemon]\ntransport = \"vduse\"\n[device.d0]\ntype = \"blk\"\npath = \"/tmp/x.img\"\n")
+        XCTAssertEqual(c.transport, .vduse)
+        XCTAssertNil(c.devices[0].transport)
+        XCTAssertThrowsError(try parse("[daemon]\ntransport = \"vduse\"\n[device.r0]\ntype = \"rng\"\n")) { e in
+            XCTAssertTrue("\(e)".contains("VDUSE admits only blk"), "\(e)")
+            XCTAssertTrue("\(e)".contains("transport = \"virtio-lo\""), "\(e)")
+        }
+    }
+
+    func testPerDeviceTransport() throws {
+        // both at once: rng through the module, blk through VDUSE
+        let c = try parse("[daemon]\ntransport = \"vduse\"\n[device.r0]\ntype = \"rng\"\ntransport = \"virtio-lo\"\n[device.d0]\ntype = \"blk\"\npath = \"/tmp/x.img\"\n")
+        XCTAssertEqual(c.devices[0].transport, .virtioLo)
+        let m = try parse("[daemon]\ntransport = \"virtio-lo\"\n[device.d0]\ntype = \"blk\"\npath = \"/tmp/x.img\"\ntransport = \"vduse\"\n")
+        XCTAssertEqual(m.devices[0].transport, .vduse)
+        XCTAssertThrowsError(try parse("[daemon]\ntransport = \"virtio-lo\"\n[device.r0]\ntype = \"rng\"\ntransport = \"vduse\"\n"))
+        XCTAssertThrowsError(try parse("[daemon]\ntransport = \"sim\"\n[device.d0]\ntype = \"blk\"\npath = \"/tmp/x.img\"\ntransport = \"vduse\"\n"))
+        XCTAssertThrowsError(try parse("[daemon]\ntransport = \"vduse\"\n[device.d0]\ntype = \"blk\"\npath = \"/tmp/x.img\"\ntransport = \"usb\"\n"))
+        XCTAssertThrowsError(try parse("[daemon]\ntransport = \"vduse\"\n[device.d0]\ntype = \"blk\"\npath = \"/tmp/x.img\"\nbackend = \"vhost-user:/tmp/q.sock\"\n"))
+    }
+}

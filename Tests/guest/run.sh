@@ -14,7 +14,9 @@
 #   GUEST_KEEP=1  keep the work dir (logs, initramfs, disk images)
 #   GUEST_SECCOMP kill | log: the cases' [daemon] section (lib.sh write_conf) sets seccomp to it, so the suite
 #                 runs under the system call allow-list (Sources/CLinux/privdrop.c)
-# A case file may hold a line "# guest-smp: N": its guest gets N vCPUs (default 1).
+# A case file may hold a line "# guest-smp: N": its guest gets N vCPUs (default 1), and a line
+# "# guest-kernels: K... -- REASON": on any other kernel it is not booted, a "SKIP case (kernel): REASON" line is
+# printed, and it counts neither as passed nor as failed (a feature the other kernel does not have, e.g. VDUSE).
 # Output: one line per case, then exactly "N passed, N failed".  Exit status
 # is non-zero on any failure, missing result, timeout, or kernel
 # Oops/BUG/WARNING/hung task in the console log.
@@ -82,6 +84,8 @@ elif [ -f "$cache/snd-virtio-$kver/virtio_snd.ko" ]; then cp "$cache/snd-virtio-
 # vsock case: the kernel's virtio transport for AF_VSOCK (modules in Debian's kernels) and vsocktool (setup.sh)
 ( img_stage_modules "$root" "$kver" vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport ) || exit 2
 [ -x "$cache/vsocktool" ] && cp "$cache/vsocktool" "$root/bin/vsocktool"
+# VDUSE cases (6.12: vduse, vdpa, vhost_iotlb, virtio_vdpa; 6.1 has no VDUSE): staged, the cases insmod them
+if img_kernel_has_module "$kver" vduse; then ( img_stage_modules "$root" "$kver" vduse virtio_vdpa ) || exit 2; fi
 if [ -x "$loopbackd" ]; then cp "$loopbackd" "$root/bin/loopbackd"; fi
 if [ -n "${LOOPBACKD_CONF:-}" ]; then cp "$LOOPBACKD_CONF" "$root/etc/loopbackd.conf"; fi
 cp "$here/lib.sh" "$root/tests/lib.sh"
@@ -104,6 +108,10 @@ MAIN
 passed=0; failed=0; t0=$(date +%s)
 results=()
 for c in "${cases[@]}"; do
+  only=$(sed -n 's/^# guest-kernels: *//p' "$here/cases/$c.sh" | head -n 1)
+  if [ -n "$only" ] && ! printf ' %s ' "${only%% --*}" | grep -q " $gk "; then
+    echo "SKIP $c (kernel $gk): ${only#*-- }"; continue
+  fi
   cdir=$work/$c; mkdir -p "$cdir"
   cp "$here/cases/$c.sh" "$root/tests/case.sh"
   echo "$c" > "$root/tests/name"

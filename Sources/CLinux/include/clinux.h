@@ -11,6 +11,8 @@
 #include "alsapcm.h"
 // Least privilege after start-up: privilege drop and seccomp allow-list (privdrop.c).
 #include "privdrop.h"
+// VDUSE ioctls and the vdpa netlink request (vduse.c).
+#include "lbvduse.h"
 // The ioctl numbers, computed by the header's _IOWR macros (Swift does not import function-like macros).
 static inline unsigned long lb_vlo_adddev(void) { return VIRTIO_LO_ADDDEV; }
 static inline unsigned long lb_vlo_deldev(void) { return VIRTIO_LO_DELDEV; }

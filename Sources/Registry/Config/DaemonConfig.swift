@@ -19,6 +19,8 @@ public struct DeviceConfig {
     /// For a vhost-user backend: replay in-flight requests exactly after a backend restart (interrupts pass
     /// through loopbackd), or pass interrupts straight to the driver and latch NEEDS_RESET instead.
     public var reconnectReplay = true
+    /// `transport = "virtio-lo" | "vduse"`: this device's kernel transport when it differs from `[daemon]`'s.
+    public var transport: DaemonConfig.Transport?
     public var line: Int
     /// The table's keys and values (sorted by key, lines dropped): `reload` restarts a device whose definition
     /// changed and leaves the others alone.
@@ -31,7 +33,7 @@ public struct DeviceConfig {
 
 /// The whole configuration file.
 public struct DaemonConfig {
-    public enum Transport: String, Sendable { case sim, virtioLo = "virtio-lo", none }
+    public enum Transport: String, Sendable { case sim, virtioLo = "virtio-lo", vduse, none }
     public var file: String
     public var transport: Transport = .sim
     public var deviceNode = "/dev/virtio-lo"
@@ -65,7 +67,7 @@ public struct DaemonConfig {
             case 1 where t.name[0] == "daemon":
                 sawDaemon = true
                 var r = OptionReader(table: t, file: doc.file, keys: daemonKeys)
-                if let v = try r.oneOf("transport", ["sim", "virtio-lo", "none"]) { c.transport = Transport(rawValue: v)! }
+                if let v = try r.oneOf("transport", ["sim", "virtio-lo", "vduse", "none"]) { c.transport = Transport(rawValue: v)! }
                 if let v = try r.string("device-node") {
                     guard v.hasPrefix("/") else { throw r.error("device-node", "must be an absolute path") }
                     c.deviceNode = v
@@ -107,6 +109,25 @@ public struct DaemonConfig {
                 sockets[p] = d.line
             }
         }
+        for d in c.devices where d.transport != nil {
+            guard c.transport == .virtioLo || c.transport == .vduse else {
+                throw ConfigError(file: doc.file, line: d.line, key: "device.\(d.name).transport",
+                                  message: "only with [daemon] transport = \"virtio-lo\" or \"vduse\"")
+            }
+        }
+        if c.transport == .virtioLo || c.transport == .vduse {
+            for d in c.devices where d.serve == nil && (d.transport ?? c.transport) == .vduse {
+                // drivers/vdpa/vdpa_user/vduse_dev.c admits blk and net only (drivers hardened against the device).
+                guard VDUSEDevice.allowedDeviceIDs[d.shape.deviceID] != nil else {
+                    throw ConfigError(file: doc.file, line: d.line, key: "device.\(d.name)",
+                                      message: "type \(d.type): VDUSE admits only blk (and net) devices; set transport = \"virtio-lo\" on this device to serve it through the kernel module")
+                }
+                guard d.backend == .inproc else {
+                    throw ConfigError(file: doc.file, line: d.line, key: "device.\(d.name)",
+                                      message: "transport \"vduse\" serves in-process devices only (a vhost-user back-end cannot map the IOVA domain)")
+                }
+            }
+        }
         if c.transport == .none, let d = c.devices.first(where: { $0.serve == nil }) {
             throw ConfigError(file: doc.file, line: d.line, key: "device.\(d.name)",
                               message: "transport = \"none\" needs every device to set serve")
@@ -142,10 +163,16 @@ public struct DaemonConfig {
             guard backend != .inproc else { throw r.error("reconnect", "only for backend = \"vhost-user:...\"") }
             replay = v == "replay"
         }
+        var transport: Transport?
+        if let v = try r.oneOf("transport", ["virtio-lo", "vduse"]) {
+            guard serve == nil else { throw r.error("transport", "a served device has no kernel transport") }
+            transport = Transport(rawValue: v)
+        }
         let (shape, make) = try deviceType.factory(name, &r, backend)
         try r.finish()
         var d = DeviceConfig(name: name, type: type, backend: backend, serve: serve, line: t.line, shape: shape, make: make)
         d.reconnectReplay = replay
+        d.transport = transport
         d.definition = t.entries.map { TOMLEntry(key: $0.key, value: $0.value, line: 0) }.sorted { $0.key < $1.key }
         return d
     }

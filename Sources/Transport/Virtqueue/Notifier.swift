@@ -5,7 +5,7 @@ import CLinux
 /// (simulated driver, vhost-user call fd, the kernel module's interrupt eventfd) or the virtio-lo KICK ioctl.
 /// A plain value: no ARC on the hot path.
 public struct Notifier: Sendable {
-    enum Kind: UInt8, Sendable { case none, eventfd, virtioLoKick }
+    enum Kind: UInt8, Sendable { case none, eventfd, virtioLoKick, vduseIRQ }
     let kind: Kind
     let fd: Int32
     let device: UInt32
@@ -17,6 +17,8 @@ public struct Notifier: Sendable {
     public static func virtioLoKick(fd: Int32, device: UInt32, queue: Int32) -> Notifier {
         Notifier(kind: .virtioLoKick, fd: fd, device: device, queue: queue)
     }
+    /// VDUSE_VQ_INJECT_IRQ on a VDUSE device fd (the kernel runs vring_interrupt from a workqueue).
+    public static func vduseIRQ(fd: Int32, queue: Int32) -> Notifier { Notifier(kind: .vduseIRQ, fd: fd, device: 0, queue: queue) }
     public var isNone: Bool { kind == .none }
 
     @inline(__always)
@@ -27,6 +29,7 @@ public struct Notifier: Sendable {
         case .virtioLoKick:
             var k: (UInt32, Int32) = (device, queue)
             _ = withUnsafeMutablePointer(to: &k) { lb_ioctl_ptr(fd, 0x4018_501E, UnsafeMutableRawPointer($0)) }
+        case .vduseIRQ: _ = lb_vduse_inject_irq(fd, UInt32(bitPattern: queue))
         }
     }
 }
