@@ -66,17 +66,99 @@ enum AB {
         let da: SimDriver, db: SimDriver
         do { da = try SimDriver(host: hostA, index: ia, ramSize: simRAM(o)); db = try SimDriver(host: hostB, index: ib, ramSize: simRAM(o)) }
         catch { throw DeviceError("\(error)") }
-        // One queue (the workloads use the first), except vsock: nothing works without rx and tx (and event).
-        let queues: Int? = d.type == "vsock" ? nil : 1
+        // One queue (the workloads use the first), except vsock (nothing works without rx and tx) and sound (its
+        // stream phase plays on the tx queue).
+        let queues: Int? = d.type == "vsock" || d.type == "sound" ? nil : 1
         try da.start(queueCount: queues)
         try db.start(queueCount: queues)
         defer { da.reset(); db.reset() }
         guard let wa = makeWorkload(type: d.type, driver: da, verify: false),
               let wb = try socketSideWorkload(d, o, driver: db) else { throw DeviceError("no workload") }
+        if o.throughput, let va = wa as? VsockWorkload, let vb = wb as? VsockWorkload {
+            return compareVsockFlow(va, vb, d, o)
+        }
         if o.throughput {
             return try compareThroughput(makeRunner(wa, o, type: d.type), makeRunner(wb, o, type: d.type), d, o, pollUs: pollUs)
         }
-        return try compare(wa, wb, d, o, driver: .sim, pollUs: pollUs, socket: socket)
+        let status = try compare(wa, wb, d, o, driver: .sim, pollUs: pollUs, socket: socket)
+        if let sa = wa as? SoundWorkload, let sb = wb as? SoundWorkload {
+            return max(status, compareStream(sa, sb, d, o))
+        }
+        return status
+    }
+
+    /// Throughput mode on a vsock device: for each direction (driver → host sink, host source → driver, both ways
+    /// through a host echo), `rounds` runs per path alternating which goes first, each on a fresh connection of
+    /// `--seconds / rounds` (default 1 s per run), with `--depth` packets of `--size` bytes (default 8 of 64 KiB) in
+    /// flight at most and the device's credit respected (`VsockWorkload.flow`).
+    static func compareVsockFlow(_ wa: VsockWorkload, _ wb: VsockWorkload, _ d: DeviceConfig, _ o: Options) -> Int32 {
+        let depth = o.depth ?? 8, size = o.size ?? 65536
+        guard size > 0, size <= 65536 else { printErr("loopbackd: error: ab: a vsock packet is 1 to 65536 bytes (--size)"); return 2 }
+        let perRun = o.seconds.map { Double($0) / Double(o.rounds) } ?? 1.0
+        var rows: [String] = [], json: [String] = [], errors = 0
+        if !o.json {
+            print("loopbackd ab: device \(d.name) (vsock), driver sim, flows of \(fmt2(perRun)) s x \(o.rounds) rounds per path and direction, up to \(depth) packets of \(size) bytes in flight within the device's credit")
+            print("socket backend: \(backendText(o))")
+            print("direction  path       to_host_MB/s  to_driver_MB/s  credit_stalls  errors")
+        }
+        for mode in VsockFlow.allCases {
+            var sum = [VsockFlowResult(), VsockFlowResult()]
+            for r in 0..<o.rounds {
+                for path in (r % 2 == 0 ? [0, 1] : [1, 0]) {
+                    let x = (path == 0 ? wa : wb).flow(mode, seconds: perRun, depth: depth, size: size)
+                    sum[path].toHost &+= x.toHost; sum[path].toDriver &+= x.toDriver; sum[path].elapsedNs &+= x.elapsedNs
+                    sum[path].errors += x.errors; sum[path].creditStalls += x.creditStalls
+                }
+            }
+            var objs: [String] = []
+            for (n, k) in [("inproc", 0), ("socket", 1)] {
+                let s = sum[k], t = Double(max(s.elapsedNs, 1))
+                let up = Double(s.toHost) * 1000 / t, down = Double(s.toDriver) * 1000 / t
+                errors += s.errors
+                rows.append(pad(mode.rawValue, 10, left: true) + " " + pad(n, 8, left: true) + pad(fmt2(up), 14) + pad(fmt2(down), 16)
+                            + pad(String(s.creditStalls), 15) + pad(String(s.errors), 8))
+                objs.append("\"\(n)\": {\"to_host_mbps\": \(fmt2(up)), \"to_driver_mbps\": \(fmt2(down)), \"to_host_bytes\": \(s.toHost), \"to_driver_bytes\": \(s.toDriver), \"elapsed_ns\": \(s.elapsedNs), \"credit_stalls\": \(s.creditStalls), \"errors\": \(s.errors)}")
+            }
+            if !o.json { for r in rows.suffix(2) { print(r) } }
+            json.append("\"\(mode.rawValue)\": {" + objs.joined(separator: ", ") + "}")
+        }
+        print("{\"device\": \"\(d.name)\", \"driver\": \"sim\", \"mode\": \"vsock-flow\", \"depth\": \(depth), \"size\": \(size), \"relay\": \(o.relay), \"direct\": \(o.direct), \"flows\": {" + json.joined(separator: ", ") + "}, \"errors\": \(errors)}")
+        return errors == 0 ? 0 : 1
+    }
+
+    /// The stream phase of a sound device (after its control round trips): a playback stream on each path per
+    /// round (alternating which goes first), every I/O message's completion timed against its due time on the
+    /// stream clock (`SoundWorkload.stream`). What a stream needs from the path is punctual completions, not
+    /// round trips: lateness (completion − due) and jitter (|interval between completions − one period|).
+    static let streamPeriodFrames = 240, streamQueued = 4, streamPeriodsPerRound = 400
+    static func compareStream(_ wa: SoundWorkload, _ wb: SoundWorkload, _ d: DeviceConfig, _ o: Options) -> Int32 {
+        var late: [[Int64]] = [[], []], jit: [[Int64]] = [[], []], errors = [0, 0]
+        for r in 0..<o.rounds {
+            for path in (r % 2 == 0 ? [0, 1] : [1, 0]) {
+                let run = (path == 0 ? wa : wb).stream(periods: streamPeriodsPerRound, periodFrames: streamPeriodFrames, queued: streamQueued)
+                late[path] += run.lateness; jit[path] += run.jitter; errors[path] += run.errors
+            }
+        }
+        func pct(_ v: [Int64], _ p: Double) -> Int64 { v.isEmpty ? 0 : v[min(v.count - 1, Int(Double(v.count) * p))] }
+        func us(_ ns: Int64) -> String { ns < 0 ? "-" + micro(UInt64(-ns)) : micro(UInt64(ns)) }
+        for k in 0..<2 { late[k].sort(); jit[k].sort() }
+        let periodUs = Double(streamPeriodFrames) * 1e6 / 48000
+        if !o.json {
+            print("stream: playback 48 kHz S16_LE stereo, \(streamPeriodFrames)-frame periods (\(fmt2(periodUs / 1000)) ms), \(streamQueued) queued, \(o.rounds) rounds x \(streamPeriodsPerRound) periods per path; lateness = completion - due on the stream clock (from START's submission)")
+            print("path     late_p50_us late_p99_us late_max_us jitter_p50_us jitter_p99_us jitter_max_us  periods  errors")
+            for (n, k) in [("inproc", 0), ("socket", 1)] {
+                print(pad(n, 8, left: true) + pad(us(pct(late[k], 0.5)), 12) + pad(us(pct(late[k], 0.99)), 12) + pad(us(late[k].last ?? 0), 12)
+                      + pad(us(pct(jit[k], 0.5)), 14) + pad(us(pct(jit[k], 0.99)), 14) + pad(us(jit[k].last ?? 0), 14)
+                      + pad(String(late[k].count), 9) + pad(String(errors[k]), 8))
+            }
+        }
+        func js(_ k: Int) -> String {
+            "{\"periods\": \(late[k].count), \"late_p50_ns\": \(pct(late[k], 0.5)), \"late_p99_ns\": \(pct(late[k], 0.99)), \"late_max_ns\": \(late[k].last ?? 0), "
+                + "\"jitter_p50_ns\": \(pct(jit[k], 0.5)), \"jitter_p99_ns\": \(pct(jit[k], 0.99)), \"jitter_max_ns\": \(jit[k].last ?? 0), \"errors\": \(errors[k])}"
+        }
+        print("{\"device\": \"\(d.name)\", \"driver\": \"sim\", \"mode\": \"stream\", \"period_frames\": \(streamPeriodFrames), \"queued\": \(streamQueued), \"paths\": {\"inproc\": \(js(0)), \"socket\": \(js(1))}, \"errors\": \(errors[0] + errors[1])}")
+        let expected = o.rounds * streamPeriodsPerRound
+        return errors[0] + errors[1] == 0 && late[0].count == expected && late[1].count == expected ? 0 : 1
     }
 
     static func backendText(_ o: Options) -> String {

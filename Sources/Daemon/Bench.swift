@@ -94,7 +94,7 @@ public struct ThroughputStats {
 /// Throughput mode, shared by bench and ab: the workload's depth-N requests on its first queue.
 func makeRunner(_ w: Workload, _ o: Options, type: String) throws(DeviceError) -> DepthRunner {
     guard let reqs = try w.depthRequests(depth: o.depth ?? 1, size: o.size) else {
-        throw DeviceError("type \(type) has no depth-N workload (throughput mode: rng and blk)")
+        throw DeviceError("type \(type) has no depth-N workload (throughput mode: rng and blk; vsock flows in ab)")
     }
     return DepthRunner(q: w.q, requests: reqs)
 }

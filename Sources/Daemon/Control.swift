@@ -328,6 +328,12 @@ final class ControlServer: EventHandler {
                 line += " driver-requests=\(r) driver-errors=\(e) driver-max-us=\(ControlServer.micros(Double(m)))"
                 obj += #","driver":{"requests":\#(r),"errors":\#(e),"max_ns":\#(m)}"#
             }
+            if let snd = d.body as? SoundDevice {
+                // The stream-level counters (SoundStats): xruns include the card's own (hw endpoints).
+                let t = snd.stats
+                line += " sound-xruns=\(t.xruns) sound-messages=\(t.messages) sound-bytes-played=\(t.bytesPlayed) sound-bytes-captured=\(t.bytesCaptured) sound-bad-io=\(t.badIO) sound-bad-control=\(t.badControl)"
+                obj += #","sound":{"xruns":\#(t.xruns),"messages":\#(t.messages),"bytes_played":\#(t.bytesPlayed),"bytes_captured":\#(t.bytesCaptured),"bad_io":\#(t.badIO),"bad_control":\#(t.badControl)}"#
+            }
             text += line + "\n"
             if !hist.isEmpty { text += "\(d.config.name) latency-us" + hist + "\n" }
             objs.append(obj + "}")

@@ -118,7 +118,8 @@ final class ControlTests: XCTestCase {
     // MARK: status and stats
 
     func testStatusAndStats() throws {
-        let d = try start(config(rng("rng0") + blk("disk0", "d0.img") + served("srv0", "s0.sock")))
+        let d = try start(config(rng("rng0") + blk("disk0", "d0.img") + served("srv0", "s0.sock")
+                                 + "[device.snd0]\ntype = \"sound\"\nplayback = \"null\"\n"))
         defer { XCTAssertEqual(d.stop(), 0) }
         waitFor("requests on both sim devices") {
             let s = ctl("stats")
@@ -149,6 +150,10 @@ final class ControlTests: XCTestCase {
         XCTAssertGreaterThan(number(stats, "disk0", "runs"), 0)
         XCTAssertTrue(stats.contains("disk0 latency-us <="), "histogram line: \(stats)")
         XCTAssertEqual(number(stats, "disk0", "driver-errors"), 0)
+        // A sound device's stream counters (the guest's sound-aloop case reads sound-xruns).
+        XCTAssertEqual(number(stats, "snd0", "sound-xruns"), 0, stats)
+        XCTAssertEqual(number(stats, "snd0", "sound-bad-control"), 0, stats)
+        XCTAssertNotNil(value(stats, "snd0", "sound-bytes-played"), stats)
 
         let js = ctl("--json status")
         XCTAssertTrue(js.hasPrefix(#"{"ok":true,"transport":"sim","devices":[{"name":"#), js)
@@ -158,6 +163,7 @@ final class ControlTests: XCTestCase {
         let jstats = ctl("--json stats")
         XCTAssertTrue(jstats.hasPrefix(#"{"ok":true,"devices":["#), jstats)
         XCTAssertTrue(jstats.contains(#""latency":{"what":"loop time per queue run","runs":"#), jstats)
+        XCTAssertTrue(jstats.contains(#""sound":{"xruns":0,"#), jstats)
         XCTAssertTrue(jstats.contains(#""le_ns":"#), jstats)
         XCTAssertEqual(jstats.filter { $0 == "{" }.count, jstats.filter { $0 == "}" }.count, "balanced JSON")
         // The socket is root-only.

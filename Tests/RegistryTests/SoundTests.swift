@@ -563,6 +563,28 @@ final class SoundTests: XCTestCase {
         for _ in 0..<200 { XCTAssertTrue(w.runOne(spinNs: 0)) }
     }
 
+    /// ab's stream phase: every period's message completes, none before its due time on the stream clock (the
+    /// clock starts when the device handles START, after the driver submitted it), all OK; a second run after
+    /// RELEASE (SET_PARAMS again) works on the same chains; the device counted no xrun and no bad request.
+    func testWorkloadStreamCompletesEveryPeriodNotBeforeItIsDue() throws {
+        try defaultDevice()
+        let w = try XCTUnwrap(SoundWorkload(drv))
+        for run in 0..<2 {
+            let r = w.stream(periods: 40, periodFrames: 240, queued: 4)
+            XCTAssertEqual(r.errors, 0, "run \(run)")
+            XCTAssertEqual(r.lateness.count, 40, "run \(run)")
+            XCTAssertEqual(r.jitter.count, 39, "run \(run)")
+            XCTAssertGreaterThanOrEqual(r.lateness.min() ?? -1, 0, "run \(run): a message completed before its last frame was due")
+            print("stream run \(run): lateness min \(r.lateness.min()!) ns, max \(r.lateness.max()!) ns")
+        }
+        let st = loop.executeAndWait { self.dev.stats }
+        XCTAssertEqual(st.xruns, 0)
+        XCTAssertEqual(st.badIO, 0)
+        XCTAssertEqual(st.badControl, 0)
+        XCTAssertEqual(st.bytesPlayed, 2 * 40 * 960)
+        XCTAssertEqual(loop.executeAndWait { self.dev.streamState(0)?.state }, "released")
+    }
+
     // MARK: configuration
 
     private func parse(_ text: String) throws(ConfigError) -> DaemonConfig {

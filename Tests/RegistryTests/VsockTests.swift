@@ -533,6 +533,46 @@ final class VsockTests: XCTestCase {
         XCTAssertEqual(onLoop { self.dev.stats.badPackets }, 0)
     }
 
+    /// ab's flow phase through the real host side: each direction twice on fresh connections, bytes moved, no
+    /// error, the driver never beyond the device's credit (no packet refused), echo both ways equal within what was
+    /// in flight at the deadline, and every flow connection closed again by its RST (only the ping-pong one left).
+    func testWorkloadFlowsWithinCredit() throws {
+        let dir = "/tmp/lb-vsock-f-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        mkdir(dir, 0o700)
+        let uds = "\(dir)/v.sock"
+        defer { unlink(uds); rmdir(dir) }
+        loop = try EventLoop()
+        host = DeviceHost(loop: loop)
+        dev = VsockDevice(guestCID: 3, host: try UnixVsockHost(path: uds, capacity: 64), queueSize: 256)
+        let i = host.add(name: "vsock0", device: dev)
+        loop.startThread()
+        drv = try SimDriver(host: host, index: i, ramSize: 32 << 20)
+        try drv.start()
+        let w = try XCTUnwrap(VsockWorkload(drv, hostPath: uds, guestCID: 3))
+        for mode in VsockFlow.allCases {
+            for run in 0..<2 {
+                let r = w.flow(mode, seconds: 0.3, depth: 8, size: 65536)
+                XCTAssertEqual(r.errors, 0, "\(mode) \(run)")
+                if mode != .toDriver { XCTAssertGreaterThan(r.toHost, 1 << 20, "\(mode) \(run)") }
+                if mode != .toHost { XCTAssertGreaterThan(r.toDriver, 1 << 20, "\(mode) \(run)") }
+                if mode == .toHost { XCTAssertEqual(r.toDriver, 0) }
+                if mode == .toDriver { XCTAssertEqual(r.toHost, 0) }
+                // Echo: what came back is what the host read, less what was on its way back at the deadline (at
+                // most the driver's 1 MiB of credit plus the echo's 64 KiB).
+                if mode == .both { XCTAssertLessThanOrEqual(r.toHost - min(r.toHost, r.toDriver), (1 << 20) + (64 << 10)) }
+                print("flow \(mode) \(run): to host \(r.toHost) B, to driver \(r.toDriver) B in \(r.elapsedNs / 1_000_000) ms")
+            }
+        }
+        XCTAssertEqual(onLoop { self.dev.stats.badPackets }, 0, "\(onLoop { self.dev.stats.badByReason })")
+        XCTAssertEqual(onLoop { self.dev.stats.connectionsOpened }, 7)
+        XCTAssertNotNil(onLoop { self.dev.connection(hostPort: VsockWorkload.hostPort, driverPort: VsockWorkload.driverPort) })
+        for n in 1...6 {
+            XCTAssertNil(onLoop { self.dev.connection(hostPort: VsockWorkload.flowHostPort, driverPort: VsockWorkload.flowPortBase + UInt32(n)) },
+                         "flow connection \(n) still open")
+        }
+        XCTAssertTrue(w.runOne(spinNs: 0), "the ping-pong connection still works after the flows")
+    }
+
     /// Options: errors name the file, the line and the key; forwarded tables take only queue-size.
     /// `ab`'s child serves the vsock on a path of its own: the option is replaced and the device built again, with
     /// every check of the factory (a relative path is still refused, naming the file, line and key).

@@ -6,6 +6,9 @@
  *   odirect check  DEV OFFSET SIZE SEED   O_DIRECT read, compare (exit 1 on mismatch)
  *   odirect checkb FILE OFFSET SIZE SEED  buffered read, compare (backing files)
  *   odirect mustfail-write DEV            exit 0 iff a 4 KiB O_DIRECT write fails
+ *   odirect randread DEV SECONDS JOBS     JOBS processes of 4 KiB O_DIRECT reads at random 4 KiB-aligned
+ *                                         offsets for SECONDS; prints "randread N reads in M ms" (exit 1 on
+ *                                         an I/O error)
  * OFFSET/SIZE accept K/M suffixes and must be multiples of 4096.
  */
 #define _GNU_SOURCE
@@ -15,6 +18,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define CHUNK (1 << 20)
@@ -36,9 +41,62 @@ static void fill(uint8_t *b, size_t n, unsigned long long off, unsigned seed)
 	}
 }
 
+static uint64_t now_ms(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* One job: reads until the deadline; returns the count (-1 on an I/O error). */
+static long long randread_job(const char *dev, uint64_t deadline, unsigned seed)
+{
+	int fd = open(dev, O_RDONLY | O_DIRECT);
+	if (fd < 0) { perror(dev); return -1; }
+	off_t blocks = lseek(fd, 0, SEEK_END) / 4096;
+	uint8_t *b;
+	if (blocks <= 0 || posix_memalign((void **)&b, 4096, 4096)) return -1;
+	uint64_t x = 0x9E3779B97F4A7C15ULL ^ seed;
+	long long n = 0;
+	while (now_ms() < deadline) {
+		for (int k = 0; k < 64; k++) {
+			x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+			if (pread(fd, b, 4096, (off_t)(x % blocks) * 4096) != 4096) { perror("pread"); return -1; }
+			n++;
+		}
+	}
+	close(fd);
+	return n;
+}
+
+static int randread(const char *dev, unsigned seconds, unsigned jobs)
+{
+	int p[2];
+	if (jobs < 1 || jobs > 64 || pipe(p) < 0) return 2;
+	uint64_t t0 = now_ms(), deadline = t0 + seconds * 1000ULL;
+	for (unsigned j = 0; j < jobs; j++) {
+		if (fork() == 0) {
+			long long n = randread_job(dev, deadline, j + 1);
+			if (write(p[1], &n, sizeof(n)) != sizeof(n)) _exit(1);
+			_exit(n < 0);
+		}
+	}
+	close(p[1]);
+	long long total = 0, n;
+	int bad = 0;
+	for (unsigned j = 0; j < jobs; j++) {
+		if (read(p[0], &n, sizeof(n)) != sizeof(n) || n < 0) bad = 1;
+		else total += n;
+	}
+	while (wait(NULL) > 0) {}
+	printf("randread %lld reads in %llu ms (%u jobs)\n", total, (unsigned long long)(now_ms() - t0), jobs);
+	return bad;
+}
+
 int main(int argc, char **argv)
 {
 	uint8_t *buf, *want;
+	if (argc == 5 && !strcmp(argv[1], "randread")) return randread(argv[2], atoi(argv[3]), atoi(argv[4]));
 	if (argc == 3 && !strcmp(argv[1], "mustfail-write")) {
 		int fd = open(argv[2], O_WRONLY | O_DIRECT);
 		if (fd < 0) { printf("open for write failed: %s\n", strerror(errno)); return 0; }
@@ -51,7 +109,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	if (argc != 6) {
-		fprintf(stderr, "usage: odirect write|check|checkb DEV OFFSET SIZE SEED | mustfail-write DEV\n");
+		fprintf(stderr, "usage: odirect write|check|checkb DEV OFFSET SIZE SEED | mustfail-write DEV | randread DEV SECONDS JOBS\n");
 		return 2;
 	}
 	const char *cmd = argv[1];

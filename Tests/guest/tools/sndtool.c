@@ -5,6 +5,11 @@
 //                                              plays RAW (S16_LE interleaved) on DEV (/dev/snd/pcmCxDyp), then
 //                                              SILENCE_BYTES of zeros (rounded up to whole periods, as aplay pads),
 //                                              then drains; prints "played N bytes in M ms"
+//   sndtool stream DEV RATE CH PERIOD PERIODS SECONDS
+//                                              plays a pattern on DEV for SECONDS the way a player that survives
+//                                              xruns does: each EPIPE (underrun: the buffer ran empty) is counted and
+//                                              recovered (PREPARE, write on); prints "streamed N frames in M ms,
+//                                              xruns X, max write wait W ms"; exit 0 unless an ioctl fails otherwise
 //   sndtool capture DEV RATE CH PERIOD PERIODS BYTES OUT
 //                                              captures BYTES from DEV into OUT; prints "captured N bytes in M ms"
 //   sndtool checkwav WAV RATE CH RAW...        the WAV is S16_LE RATE/CH with header sizes matching the file, and
@@ -166,6 +171,34 @@ static int play(int argc, char **argv) {
 	return 0;
 }
 
+static int stream(int argc, char **argv) {
+	if (argc != 8) dief("usage: stream DEV RATE CH PERIOD PERIODS SECONDS");
+	unsigned rate = atoi(argv[3]), ch = atoi(argv[4]), period = atoi(argv[5]), periods = atoi(argv[6]), buffer;
+	unsigned seconds = atoi(argv[7]), frame = 2 * ch;
+	unsigned char *b = malloc((size_t)period * frame);
+	for (size_t i = 0; i < (size_t)period * frame; i++) b[i] = pat(i, 5) | 1;
+	int fd = open_pcm(argv[2], rate, ch, period, periods, &buffer);
+	uint64_t t0 = now_ms(), frames = (uint64_t)rate * seconds, done = 0, xruns = 0, maxwait = 0;
+	while (done < frames) {
+		struct snd_xferi x = { .buf = b, .frames = period };
+		uint64_t a = now_ms();
+		if (ioctl(fd, SNDRV_PCM_IOCTL_WRITEI_FRAMES, &x) < 0) {
+			if (errno == EINTR) continue;
+			if (errno != EPIPE) die("WRITEI_FRAMES");
+			xruns++;   // the buffer ran empty: recover the way alsa-lib's snd_pcm_recover does
+			if (ioctl(fd, SNDRV_PCM_IOCTL_PREPARE) < 0) die("PREPARE after EPIPE");
+			continue;
+		}
+		if (now_ms() - a > maxwait) maxwait = now_ms() - a;
+		done += x.result;
+	}
+	if (ioctl(fd, SNDRV_PCM_IOCTL_DRAIN) < 0 && errno != EPIPE) die("DRAIN");
+	printf("streamed %llu frames in %llu ms, xruns %llu, max write wait %llu ms\n", (unsigned long long)done,
+	       (unsigned long long)(now_ms() - t0), (unsigned long long)xruns, (unsigned long long)maxwait);
+	close(fd);
+	return 0;
+}
+
 static int capture(int argc, char **argv) {
 	if (argc < 9) dief("usage: capture DEV RATE CH PERIOD PERIODS BYTES OUT");
 	unsigned rate = atoi(argv[3]), ch = atoi(argv[4]), period = atoi(argv[5]), periods = atoi(argv[6]), buffer;
@@ -234,6 +267,7 @@ int main(int argc, char **argv) {
 	}
 	if (!strcmp(c, "play")) return play(argc, argv);
 	if (!strcmp(c, "capture")) return capture(argc, argv);
+	if (!strcmp(c, "stream")) return stream(argc, argv);
 	if (!strcmp(c, "checkwav") && argc >= 6) {
 		size_t wn;
 		unsigned char *w = load(argv[2], &wn);
