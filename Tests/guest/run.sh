@@ -14,7 +14,10 @@
 #   GUEST_KEEP=1  keep the work dir (logs, initramfs, disk images)
 #   GUEST_SECCOMP kill | log: the cases' [daemon] section (lib.sh write_conf) sets seccomp to it, so the suite
 #                 runs under the system call allow-list (Sources/CLinux/privdrop.c)
-# A case file may hold a line "# guest-smp: N": its guest gets N vCPUs (default 1), and a line
+#   GUEST_CASES   the directory of the case files (default Tests/guest/cases)
+# A case file may hold a line "# guest-host-binaries: PATH...": those host programs, their shared libraries
+# (ldd) and the dynamic loader are copied into that case's initramfs only (e.g. qemu-storage-daemon);
+# a line "# guest-smp: N": its guest gets N vCPUs (default 1), and a line
 # "# guest-kernels: K... -- REASON": on any other kernel it is not booted, a "SKIP case (kernel): REASON" line is
 # printed, and it counts neither as passed nor as failed (a feature the other kernel does not have, e.g. VDUSE).
 # Output: one line per case, then exactly "N passed, N failed".  Exit status
@@ -29,6 +32,7 @@ cache=${GUEST_CACHE:-$repo/.build-guest}
 loopbackd=${LOOPBACKD:-$repo/.build/release/loopbackd}
 timeout_s=${GUEST_TIMEOUT:-150}
 gk=${GUEST_KERNEL:-6.1}
+casedir=${GUEST_CASES:-$here/cases}
 . "$repo/scripts/image-lib.sh"
 IMG_CACHE=$cache IMG_LOG_PREFIX=run.sh
 
@@ -45,9 +49,9 @@ sel=("$@"); [ ${#sel[@]} -eq 0 ] && sel=(all)
 cases=()
 for s in "${sel[@]}"; do
   case "$s" in
-    all) for f in "$here"/cases/*.sh; do cases+=("$(basename "$f" .sh)"); done ;;
-    module|loopbackd) for f in "$here"/cases/"$s"-*.sh; do [ -e "$f" ] && cases+=("$(basename "$f" .sh)"); done ;;
-    *) [ -f "$here/cases/$s.sh" ] || { echo "run.sh: no case $s" >&2; exit 2; }; cases+=("$s") ;;
+    all) for f in "$casedir"/*.sh; do cases+=("$(basename "$f" .sh)"); done ;;
+    module|loopbackd) for f in "$casedir"/"$s"-*.sh; do [ -e "$f" ] && cases+=("$(basename "$f" .sh)"); done ;;
+    *) [ -f "$casedir/$s.sh" ] || { echo "run.sh: no case $s" >&2; exit 2; }; cases+=("$s") ;;
   esac
 done
 [ ${#cases[@]} -gt 0 ] || { echo "run.sh: no cases selected" >&2; exit 2; }
@@ -62,6 +66,7 @@ mkdir -p "$root/tests" "$root/etc/image"
 cp "$ko" "$root/lib/modules/virtio_loopback.ko"
 cp "$lotool" "$root/bin/lo-tool"
 cp "$cache/odirect" "$root/bin/odirect"
+[ -x "$cache/vdpactl" ] && cp "$cache/vdpactl" "$root/bin/vdpactl"
 # inputtool (uinput/evdev, the input cases): built by setup.sh; a cache prepared before it existed lacks it and
 # the cases that need it fail with a message naming it
 if [ -x "$cache/inputtool" ]; then cp "$cache/inputtool" "$root/bin/inputtool"; fi
@@ -108,19 +113,29 @@ MAIN
 passed=0; failed=0; t0=$(date +%s)
 results=()
 for c in "${cases[@]}"; do
-  only=$(sed -n 's/^# guest-kernels: *//p' "$here/cases/$c.sh" | head -n 1)
+  only=$(sed -n 's/^# guest-kernels: *//p' "$casedir/$c.sh" | head -n 1)
   if [ -n "$only" ] && ! printf ' %s ' "${only%% --*}" | grep -q " $gk "; then
     echo "SKIP $c (kernel $gk): ${only#*-- }"; continue
   fi
   cdir=$work/$c; mkdir -p "$cdir"
-  cp "$here/cases/$c.sh" "$root/tests/case.sh"
+  cp "$casedir/$c.sh" "$root/tests/case.sh"
   echo "$c" > "$root/tests/name"
-  img_pack "$root" "$cdir/initramfs.gz" 1
+  extra=$(sed -n 's/^# guest-host-binaries: *//p' "$casedir/$c.sh" | head -n 1)
+  if [ -n "$extra" ]; then
+    rm -rf "$work/root-extra"; cp -a "$root" "$work/root-extra"
+    for b in $extra; do
+      mkdir -p "$work/root-extra$(dirname "$b")"; cp "$b" "$work/root-extra$b"
+      for l in $(ldd "$b" | grep -oE '/[^ ]+'); do mkdir -p "$work/root-extra$(dirname "$l")"; cp -L "$l" "$work/root-extra$l"; done
+    done
+    img_pack "$work/root-extra" "$cdir/initramfs.gz" 1
+  else
+    img_pack "$root" "$cdir/initramfs.gz" 1
+  fi
   # A non-virtio disk (AHCI) the guest can copy images to; read back here.
   truncate -s 64M "$cdir/disk.img"
   log=$cdir/console.log
   # vCPUs: 1 unless the case asks for more with a "# guest-smp: N" line
-  smp=$(sed -n 's/^# guest-smp: *\([0-9][0-9]*\).*/\1/p' "$here/cases/$c.sh" | head -n 1)
+  smp=$(sed -n 's/^# guest-smp: *\([0-9][0-9]*\).*/\1/p' "$casedir/$c.sh" | head -n 1)
   s0=$(date +%s)
   timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp "${smp:-1}" -nodefaults -nographic \
     -serial stdio -no-reboot -kernel "$vmlinux" -initrd "$cdir/initramfs.gz" \

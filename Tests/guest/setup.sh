@@ -69,6 +69,8 @@ gcc -static -O2 -Wall -o "$cache/cantool" "$here/tools/cantool.c" || log "cantoo
 # inputtool drives uinput and reads evdev nodes (the input cases).
 gcc -static -O2 -Wall -I"$repo/kernel/virtio-loopback" -o "$cache/lo-tool" "$repo/kernel/virtio-loopback/tools/lo-tool.c" -lpthread
 gcc -static -O2 -Wall -o "$cache/odirect" "$here/tools/odirect.c"
+# vdpactl: vdpa dev add/del through loopbackd's own netlink code (the VDUSE peer benchmark: qemu-storage-daemon)
+gcc -static -O2 -Wall -I"$repo/Sources/CLinux/include" -o "$cache/vdpactl" "$here/tools/vdpactl.c" "$repo/Sources/CLinux/vduse.c"
 gcc -static -O2 -Wall -o "$cache/inputtool" "$here/tools/inputtool.c"
 # gpiotool: the v1 GPIO character-device ioctls (the gpio case)
 gcc -static -O2 -Wall -o "$cache/gpiotool" "$here/tools/gpiotool.c"

@@ -9,6 +9,9 @@
  *   odirect randread DEV SECONDS JOBS     JOBS processes of 4 KiB O_DIRECT reads at random 4 KiB-aligned
  *                                         offsets for SECONDS; prints "randread N reads in M ms" (exit 1 on
  *                                         an I/O error)
+ *   odirect randlat DEV SIZE SECONDS QD   4 KiB O_DIRECT reads at random 4 KiB offsets in [0, SIZE), QD threads
+ *                                         each with one read in flight, for SECONDS; prints
+ *                                         "randlat qd=QD ios=N iops=N p50_us=X p99_us=Y" (the peer benchmark)
  * OFFSET/SIZE accept K/M suffixes and must be multiples of 4096.
  */
 #define _GNU_SOURCE
@@ -21,6 +24,7 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <pthread.h>
 
 #define CHUNK (1 << 20)
 
@@ -93,8 +97,73 @@ static int randread(const char *dev, unsigned seconds, unsigned jobs)
 	return bad;
 }
 
+// ---- randread: latency histogram in 1 us buckets up to 100 ms (beyond: the last bucket)
+#define NBUCKET 100000
+static int rr_fd;
+static unsigned long long rr_blocks;
+static double rr_end;
+static unsigned long long rr_hist[NBUCKET];
+static unsigned long long rr_ios, rr_errors;
+static pthread_mutex_t rr_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static double now_s(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static void *rr_worker(void *arg)
+{
+	uint64_t x = 0x9E3779B97F4A7C15ULL * (uintptr_t)(arg + 1);
+	uint8_t *b;
+	static __thread unsigned long long h[NBUCKET];
+	unsigned long long n = 0, errs = 0;
+	if (posix_memalign((void **)&b, 4096, 4096)) return NULL;
+	while (now_s() < rr_end) {
+		x ^= x << 13; x ^= x >> 7; x ^= x << 17;   // xorshift64
+		off_t off = (off_t)(x % rr_blocks) * 4096;
+		double t0 = now_s();
+		if (pread(rr_fd, b, 4096, off) != 4096) { errs++; continue; }
+		unsigned long long us = (unsigned long long)((now_s() - t0) * 1e6);
+		h[us < NBUCKET ? us : NBUCKET - 1]++;
+		n++;
+	}
+	pthread_mutex_lock(&rr_lock);
+	for (int i = 0; i < NBUCKET; i++) rr_hist[i] += h[i];
+	rr_ios += n; rr_errors += errs;
+	pthread_mutex_unlock(&rr_lock);
+	return NULL;
+}
+
+static unsigned long long rr_pct(double p)
+{
+	unsigned long long want = (unsigned long long)(rr_ios * p), seen = 0;
+	for (int i = 0; i < NBUCKET; i++) { seen += rr_hist[i]; if (seen > want) return i; }
+	return NBUCKET;
+}
+
+static int randlat(const char *dev, unsigned long long size, double secs, int qd)
+{
+	rr_fd = open(dev, O_RDONLY | O_DIRECT);
+	if (rr_fd < 0) { perror(dev); return 1; }
+	rr_blocks = size / 4096;
+	if (rr_blocks == 0 || qd < 1 || qd > 256) { fprintf(stderr, "randlat: bad size or qd\n"); return 2; }
+	pthread_t t[256];
+	double start = now_s();
+	rr_end = start + secs;
+	for (int i = 0; i < qd; i++) pthread_create(&t[i], NULL, rr_worker, (void *)(uintptr_t)i);
+	for (int i = 0; i < qd; i++) pthread_join(t[i], NULL);
+	double el = now_s() - start;
+	printf("randlat qd=%d ios=%llu iops=%.0f p50_us=%llu p99_us=%llu errors=%llu\n", qd, rr_ios, rr_ios / el,
+	       rr_pct(0.50), rr_pct(0.99), rr_errors);
+	return rr_errors || !rr_ios ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc == 6 && !strcmp(argv[1], "randlat"))
+		return randlat(argv[2], num(argv[3]), atof(argv[4]), atoi(argv[5]));
 	uint8_t *buf, *want;
 	if (argc == 5 && !strcmp(argv[1], "randread")) return randread(argv[2], atoi(argv[3]), atoi(argv[4]));
 	if (argc == 3 && !strcmp(argv[1], "mustfail-write")) {
@@ -109,7 +178,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	if (argc != 6) {
-		fprintf(stderr, "usage: odirect write|check|checkb DEV OFFSET SIZE SEED | mustfail-write DEV | randread DEV SECONDS JOBS\n");
+		fprintf(stderr, "usage: odirect write|check|checkb DEV OFFSET SIZE SEED | mustfail-write DEV | randread DEV SECONDS JOBS | randlat DEV SIZE SECONDS QD\n");
 		return 2;
 	}
 	const char *cmd = argv[1];
