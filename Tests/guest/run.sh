@@ -91,6 +91,9 @@ elif [ -f "$cache/snd-virtio-$kver/virtio_snd.ko" ]; then cp "$cache/snd-virtio-
 [ -x "$cache/vsocktool" ] && cp "$cache/vsocktool" "$root/bin/vsocktool"
 # VDUSE cases (6.12: vduse, vdpa, vhost_iotlb, virtio_vdpa; 6.1 has no VDUSE): staged, the cases insmod them
 if img_kernel_has_module "$kver" vduse; then ( img_stage_modules "$root" "$kver" vduse virtio_vdpa ) || exit 2; fi
+# gpu case: the kernel's virtio-gpu DRM driver with its DRM helpers (fbdev emulation built in), gputool (setup.sh)
+( img_stage_modules "$root" "$kver" virtio-gpu ) || exit 2
+[ -x "$cache/gputool" ] && cp "$cache/gputool" "$root/bin/gputool"
 if [ -x "$loopbackd" ]; then cp "$loopbackd" "$root/bin/loopbackd"; fi
 if [ -n "${LOOPBACKD_CONF:-}" ]; then cp "$LOOPBACKD_CONF" "$root/etc/loopbackd.conf"; fi
 cp "$here/lib.sh" "$root/tests/lib.sh"

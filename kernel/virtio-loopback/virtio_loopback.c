@@ -61,6 +61,7 @@
 #include <linux/io.h>
 #include <linux/rcupdate.h>
 #include <linux/delay.h>
+#include <linux/dma-mapping.h>
 
 #include "uapi/virtio_lo.h"
 
@@ -111,6 +112,7 @@ MODULE_PARM_DESC(deldev_calls, "Number of DELDEV ioctls since the module was loa
 #define VLO_MAX_RAM_RANGES 1024
 
 static struct device *vlo_root;
+static struct device_dma_parameters vlo_dma_parms;
 static struct workqueue_struct *vlo_wq;
 
 struct vlo_owner {
@@ -1753,6 +1755,19 @@ static int __init vlo_init(void)
 	vlo_root = root_device_register("virtio-lo");
 	if (IS_ERR(vlo_root))
 		return PTR_ERR(vlo_root);
+	/*
+	 * Drivers that map their buffers through the DMA API of the virtio device's parent (virtio-gpu: DRM's shmem
+	 * helper does dma_map_sgtable() on it, and 6.12's probe sets its max segment size) need a DMA mask and DMA
+	 * parameters there, else the mapping fails with a WARN. The devices reach all of RAM by physical address
+	 * (loopbackd maps System RAM), and the root device has no DMA ops: direct mapping, DMA address = physical
+	 * address, 64 bits, no segment limits.
+	 */
+	vlo_dma_parms.max_segment_size = UINT_MAX;
+	vlo_dma_parms.segment_boundary_mask = ULONG_MAX;
+	vlo_root->dma_parms = &vlo_dma_parms;
+	err = dma_coerce_mask_and_coherent(vlo_root, DMA_BIT_MASK(64));
+	if (err)
+		goto out_root;
 	vlo_wq = alloc_workqueue("virtio-lo", WQ_UNBOUND, 0);
 	if (!vlo_wq) {
 		err = -ENOMEM;
