@@ -80,8 +80,12 @@ final class StarvationTests: XCTestCase {
                 let p = bufs[next]
                 if p.load(as: UInt64.self) != 0 {
                     p.storeBytes(of: 0, as: UInt64.self)
+                    let old = q.availIdx
                     q.pushAvail(UInt16(next))
                     q.publish()
+                    // Kick when the device asks for it (EVENT_IDX): an attacker that never kicked stalled its own
+                    // attack whenever the device caught up with the ring (886 re-offers in 30 s once, under load).
+                    q.kickIfNeeded(old: old)
                     state.count.add(1, ordering: .relaxed)
                     next = (next + 1) & 255
                 } else {

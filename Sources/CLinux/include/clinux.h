@@ -87,6 +87,20 @@ static inline uint64_t lb_ticks(void) {
 #endif
 }
 
+// Pins the calling thread to the `nth` CPU (0-based) of the process's allowed set; returns that CPU, or -1 when the
+// set has fewer CPUs. `lb_unpin_self` gives the thread the whole allowed set back. For busy-polling measurements:
+// a driver and a device that both spin need a CPU each (bench, ab --poll).
+int lb_pin_self(int nth);
+void lb_unpin_self(void);
+// Number of CPUs in the process's allowed set.
+int lb_allowed_cpus(void);
+
+// The round-trip floor of this machine for `bench`: two threads on one shared-memory ring, both spinning (no
+// system call, no sleep): the driver side publishes a request (a 16-byte descriptor), the device side writes 64 bytes
+// into the request's buffer and publishes its completion. `count` timed round trips (after count/10 untimed) go to
+// `samples_ns`. Returns 0, or an errno value when the thread cannot start.
+int lb_spin_floor(uint64_t count, uint64_t *samples_ns);
+
 // argc/argv saved by a constructor: a static binary started without /proc has an empty CommandLine.
 int lb_argc(void);
 char **lb_argv(void);

@@ -17,12 +17,28 @@ public final class RngDevice: VirtioDevice {
     /// Bytes one request gets at most (Linux asks for at most 64 bytes per read of /dev/hwrng anyway).
     public static let maxBytesPerRequest: UInt32 = 64 << 10
 
+    /// getrandom(2) output fetched 512 bytes at a time for small requests (Linux's hwrng reads 64 bytes or less).
+    /// Measured on this machine kind: getrandom costs ~230 ns of system call plus ~1.6 ns per byte (64 B: 337 ns,
+    /// 512 B: 1.05 µs, 4 KiB: 6.8 µs), so a 64-byte request costs ~130 ns instead of ~340 and one request in eight
+    /// pays the refill (a 4 KiB pool put 6.8 µs on one request in 64: the p99). The bytes are the kernel CSPRNG's
+    /// either way; each is handed out once and zeroed as it goes. A configured source file (a host TRNG) is read per
+    /// request, unbuffered.
+    private static let poolSize = 512
+    private let pool: UnsafeMutableRawPointer
+    private var poolLeft = 0   // unserved bytes at the pool's end: [poolSize - poolLeft, poolSize)
+
     /// `sourceFD` is owned by the device (closed in deinit); -1 for getrandom.
     public init(sourceFD: Int32 = -1, queueSize: UInt16 = 256) {
         source = sourceFD
         queueMaxSizes = [queueSize]
+        pool = UnsafeMutableRawPointer.allocate(byteCount: RngDevice.poolSize, alignment: 64)
+        pool.initializeMemory(as: UInt8.self, repeating: 0, count: RngDevice.poolSize)
     }
-    deinit { if source >= 0 { FD.close(source) } }
+    deinit {
+        if source >= 0 { FD.close(source) }
+        memset(pool, 0, RngDevice.poolSize)
+        pool.deallocate()
+    }
 
     public func ackFeatures(_ features: VirtioFeatures) {}
     public func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {}
@@ -55,6 +71,22 @@ public final class RngDevice: VirtioDevice {
 
     /// Fills `len` bytes; false if the source failed (the request then completes short, never hangs).
     private func fill(_ p: UnsafeMutableRawPointer, _ len: Int) -> Bool {
+        if source < 0 && len <= RngDevice.poolSize / 4 {
+            if poolLeft < len {
+                poolLeft = 0   // fewer bytes than asked are left: dropped (overwritten), not kept for later
+                guard readSource(into: pool, RngDevice.poolSize) else { return false }
+                poolLeft = RngDevice.poolSize
+            }
+            let from = pool + (RngDevice.poolSize - poolLeft)
+            memcpy(p, from, len)
+            memset(from, 0, len)
+            poolLeft -= len
+            return true
+        }
+        return readSource(into: p, len)
+    }
+
+    private func readSource(into p: UnsafeMutableRawPointer, _ len: Int) -> Bool {
         var done = 0
         while done < len {
             let n = source >= 0 ? read(source, p + done, len - done) : lb_getrandom(p + done, len - done)

@@ -58,6 +58,9 @@ public final class EventLoop: @unchecked Sendable {
     public var pollWindowNs: UInt64
     /// How often the loop entered a poll window (each entry re-arms driver kicks when it ends).
     public private(set) var pollWindows = 0
+    /// Loop thread: inside a poll window now. Queues created meanwhile (a device activated while the loop polls
+    /// others) must start polled too (`DeviceHost`), or they re-enable kicks after every drain for the whole window.
+    public private(set) var isPolling = false
 
     public init(pollMicroseconds: Int = 0) throws(Errno) {
         epfd = OwnedFD(adopting: try syscall { lb_epoll_create() })
@@ -160,9 +163,15 @@ public final class EventLoop: @unchecked Sendable {
         var events = [lb_epoll_event](repeating: lb_epoll_event(), count: 64)
         var pollUntil: UInt64 = 0
         var polling = false
+        var idleSpins: UInt32 = 0
         while !stopRequested.load(ordering: .acquiring) {
-            let timeout: Int32 = polling || deferredPending ? 0 : -1
-            let n = events.withUnsafeMutableBufferPointer { lb_epoll_wait(epfd.raw, $0.baseAddress, 64, timeout) }
+            // Inside a poll window the polled queues need no system call; other fds (sockets, timers, eventfds)
+            // are looked at every 16th idle spin only (a few µs), so the window costs no syscall per spin.
+            var n: Int32 = 0
+            if !polling || deferredPending || idleSpins & 15 == 0 {
+                let timeout: Int32 = polling || deferredPending ? 0 : -1
+                n = events.withUnsafeMutableBufferPointer { lb_epoll_wait(epfd.raw, $0.baseAddress, 64, timeout) }
+            }
             var worked = n > 0
             if n > 0 { dispatch(events, n) } else if n < 0 && errno != EINTR { Log.error("epoll_wait: \(Errno.current)"); break }
             if deferredPending {
@@ -175,19 +184,26 @@ public final class EventLoop: @unchecked Sendable {
             for k in 0..<hotPollerCount where hotPollers[k].poll() { worked = true }
             let now = lb_now_ns()
             if worked {
+                idleSpins = 0
                 pollUntil = now &+ pollWindowNs
-                if !polling { polling = true; pollWindows += 1; for p in pollers { p.setPolling(true) } }
+                if !polling { polling = true; isPolling = true; pollWindows += 1; for p in pollers { p.setPolling(true) } }
             } else if polling && now >= pollUntil {
                 // Window over: re-enable kicks; `setPolling(false)` drains anything that slipped in.
                 polling = false
+                isPolling = false
+                idleSpins = 0
                 for p in pollers { p.setPolling(false) }
             } else if polling {
-                // Yield, not just pause: if the driver's thread shares this CPU, spinning would starve the very
-                // request we wait for (measured: ~2 poll windows per request without it).
-                sched_yield()
+                // Pause, and yield every 8th idle spin: if the driver's thread shares this CPU, spinning without
+                // yielding would starve the very request we wait for (measured: ~2 poll windows per request when the
+                // loop never yielded; 64 pauses per yield made the round trip 2-3x slower on a loaded 2-vCPU machine),
+                // and a yield on every spin is a system call per spin (~0.3 µs), most of the busy-polled round trip
+                // when the driver runs on another CPU.
+                idleSpins &+= 1
+                if idleSpins & 7 == 0 { sched_yield() } else { lb_cpu_relax() }
             }
         }
-        if polling { for p in pollers { p.setPolling(false) } }
+        if polling { isPolling = false; for p in pollers { p.setPolling(false) } }
         runPending()
         running.store(false, ordering: .releasing)
         threadID = 0
