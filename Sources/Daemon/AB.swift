@@ -28,13 +28,18 @@ enum AB {
                      + "--seconds work with --driver sim")
             return 2
         }
+        if o.restricted && (driver != .virtioLo || o.relay || o.direct || o.socket != nil) {
+            printErr("loopbackd: error: ab --restricted compares full and restricted memory through the kernel module: "
+                     + "only with --driver virtio-lo, not with --socket, --relay or --direct")
+            return 2
+        }
         let pollUs = o.poll ? Bench.pollWindowUs : 0
         var child: pid_t = 0
         let socket = o.socket ?? "/tmp/loopbackd-ab-\(getpid()).sock"
         defer {
             if child > 0 { kill(child, SIGTERM); var st: Int32 = 0; waitpid(child, &st, 0); unlink(socket) }
         }
-        if o.socket == nil {
+        if o.socket == nil && !o.restricted {
             switch spawnBackend(config: config, device: name, socket: socket, poll: o.poll) {
             case .success(let pid): child = pid
             case .failure(let e): printErr("loopbackd: error: ab: \(e)"); return 1
@@ -219,7 +224,9 @@ enum AB {
     /// Warm-up, then `rounds` rounds of `requests / rounds` requests per path, alternating which path goes first;
     /// prints the table (unless --json) and the JSON line. Returns the exit status.
     static func compare(_ wa: RoundTrip, _ wb: RoundTrip, _ d: DeviceConfig, _ o: Options, driver: ABDriver, pollUs: Int,
-                        socket: String, targets: (String, String)? = nil) throws(DeviceError) -> Int32 {
+                        socket: String, targets: (String, String)? = nil,
+                        labels: (String, String) = ("inproc", "socket")) throws(DeviceError) -> Int32 {
+        let (la, lb) = labels
         let spin = UInt64(pollUs) * 1000
         let perRound = max(o.requests / o.rounds, 100)
         var sa: [UInt64] = [], sb: [UInt64] = []
@@ -245,24 +252,24 @@ enum AB {
         let backend = backendText(o)
         if !o.json {
             print("loopbackd ab: device \(d.name) (\(d.type)), driver \(driver.rawValue), \(o.rounds) rounds x \(perRound) requests per path, queue depth 1, \(o.poll ? "busy-poll \(pollUs) us" : "notifications")")
-            print("socket backend: \(backend)")
-            if let (ka, kb) = targets { print("kernel devices: inproc \(ka), socket \(kb)") }
+            if !o.restricted { print("socket backend: \(backend)") }
+            if let (ka, kb) = targets { print("kernel devices: \(la) \(ka), \(lb) \(kb)") }
             print("path        p50_us   p90_us   p99_us  p99.9_us   max_us    req/s")
-            for (n, s) in [("inproc", a), ("socket", b)] {
+            for (n, s) in [(la, a), (lb, b)] {
                 print(pad(n, 10, left: true) + pad(micro(s.p50), 8) + " " + pad(micro(s.p90), 8) + " " + pad(micro(s.p99), 8)
                       + " " + pad(micro(s.p999), 9) + " " + pad(micro(s.max), 8) + " " + pad(String(Int(s.rps)), 8))
             }
-            print("ratio socket/inproc p50: \(fmt2(ratio))   errors: \(errors)")
+            print("ratio \(lb)/\(la) p50: \(fmt2(ratio))   errors: \(errors)")
         }
-        let kernel = targets.map { ", \"kernel\": {\"inproc\": \"\($0.0)\", \"socket\": \"\($0.1)\"}" } ?? ""
-        print("{\"device\": \"\(d.name)\", \"driver\": \"\(driver.rawValue)\", \"poll\": \(o.poll), \"relay\": \(o.relay), \"direct\": \(o.direct)\(kernel), \"paths\": {\"inproc\": \(a.json), \"socket\": \(b.json)}, \"ratio_p50\": \(fmt2(ratio)), \"errors\": \(errors)}")
+        let kernel = targets.map { ", \"kernel\": {\"\(la)\": \"\($0.0)\", \"\(lb)\": \"\($0.1)\"}" } ?? ""
+        print("{\"device\": \"\(d.name)\", \"driver\": \"\(driver.rawValue)\", \"poll\": \(o.poll), \"relay\": \(o.relay), \"direct\": \(o.direct)\(kernel), \"paths\": {\"\(la)\": \(a.json), \"\(lb)\": \(b.json)}, \"ratio_p50\": \(fmt2(ratio)), \"errors\": \(errors)}")
         if let path = o.plot {
             // LatencyStats sorted sa and sb.
             let svg = Plot.latency(
                 title: "loopbackd ab \(d.name) (\(d.type)): in-process vs socket round trips, queue depth 1",
                 subtitle: "driver \(driver.rawValue), \(o.rounds) rounds x \(perRound) requests per path, \(o.poll ? "busy-poll \(pollUs) us" : "notifications"), socket: \(pathText(o))",
-                series: [Plot.cdf("inproc", samples: sa.count, quantile: Plot.sortedQuantile(sa)),
-                         Plot.cdf("socket", samples: sb.count, quantile: Plot.sortedQuantile(sb))])
+                series: [Plot.cdf(la, samples: sa.count, quantile: Plot.sortedQuantile(sa)),
+                         Plot.cdf(lb, samples: sb.count, quantile: Plot.sortedQuantile(sb))])
             try Plot.write(svg, to: path)
         }
         return errors == 0 ? 0 : 1

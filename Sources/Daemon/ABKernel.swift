@@ -34,8 +34,11 @@ extension AB {
         do { loop = try EventLoop(pollMicroseconds: pollUs) } catch { throw DeviceError("event loop: \(error)") }
         let host = DeviceHost(loop: loop)
         let ia = host.add(name: d.name, device: try d.make())
-        let ib = host.add(name: d.name + "-socket",
-                          device: try makeFrontend(d, socket: socket, loop: loop, relay: o.relay, replay: !o.direct && !o.relay))
+        // --restricted: the same body again, on restricted memory (its own bounce pool), instead of the socket path.
+        let ib = o.restricted ? host.add(name: d.name + "-restricted", device: try d.make())
+            : host.add(name: d.name + "-socket",
+                       device: try makeFrontend(d, socket: socket, loop: loop, relay: o.relay, replay: !o.direct && !o.relay))
+        let labels = o.restricted ? ("full", "restricted") : ("inproc", "socket")
         loop.startThread()
         var link: VirtioLoLink?
         var targets: [KernelTarget & RoundTrip] = []
@@ -52,14 +55,14 @@ extension AB {
         }
         let restore = exposure.saveState()
         defer { restore(targets.map(\.name)) }
-        for (i, path) in [(ia, "inproc"), (ib, "socket")] {
+        for (i, path) in [(ia, labels.0), (ib, labels.1)] {
             let before = KernelTarget.present(), state = exposure.snapshot()
-            do { try l.add(i) } catch { throw DeviceError("\(path) path: \(error)") }
+            do { try l.add(i, restricted: o.restricted && i == ib, poolKiB: d.poolKiB) } catch { throw DeviceError("\(path) path: \(error)") }
             let t = try KernelTarget.find(exposure, before: before, state: state)
             Log.info("\(d.name): \(path) path is kernel device \(t.virtio) (\(t.name))")
             targets.append(t)
         }
         return try compare(targets[0], targets[1], d, o, driver: .virtioLo, pollUs: pollUs,
-                           socket: socket, targets: (targets[0].name, targets[1].name))
+                           socket: socket, targets: (targets[0].name, targets[1].name), labels: labels)
     }
 }

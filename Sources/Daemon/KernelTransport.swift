@@ -9,13 +9,23 @@ import Registry
 final class KernelTransport: DriverSide {
     let host: DeviceHost
     let node: String
+    /// `[daemon] restricted-memory`: the default of each device's `restricted-memory`.
+    let restrictedDefault: Bool
+    /// Every configured device on this link is restricted: the node is RESTRICTed at start (pools only).
+    let restrictNode: Bool
     private var link: VirtioLoLink?
     var name: String { "virtio-lo" }
-    init(host: DeviceHost, node: String) { self.host = host; self.node = node }
-    func start() throws(DeviceError) { link = try VirtioLoLink(host: host, devicePath: node) }
+    init(host: DeviceHost, node: String, restrictedDefault: Bool = false, restrictNode: Bool = false) {
+        self.host = host; self.node = node; self.restrictedDefault = restrictedDefault; self.restrictNode = restrictNode
+    }
+    func start() throws(DeviceError) {
+        let l = try VirtioLoLink(host: host, devicePath: node)
+        if restrictNode { try l.restrict() }
+        link = l
+    }
     func attach(_ d: DeviceConfig, index: Int) throws(DeviceError) -> Counters? {
         guard let l = link else { throw DeviceError("device \(d.name): \(node) is not open") }
-        do { try l.add(index) } catch {
+        do { try l.add(index, restricted: d.restrictedMemory ?? restrictedDefault, poolKiB: d.poolKiB) } catch {
             try? l.remove(index)   // listed although its queues were refused: DELDEV it again
             throw DeviceError("device \(d.name): \(error)")
         }
@@ -85,7 +95,7 @@ final class KernelTransports: DriverSide {
     var name: String { config.transport.rawValue }
     init(host: DeviceHost, config: DaemonConfig) {
         self.config = config
-        module = KernelTransport(host: host, node: config.deviceNode)
+        module = makeModuleTransport(host: host, config: config)
         vduse = VDUSETransport(host: host)
     }
     private func side(_ t: DaemonConfig.Transport) -> DriverSide { t == .vduse ? vduse : module }
@@ -120,6 +130,14 @@ final class KernelTransports: DriverSide {
 
 func makeKernelLink(host: DeviceHost, config: DaemonConfig) -> DriverSide {
     let mixed = config.devices.contains { $0.transport != nil && $0.transport != config.transport }
-    if config.transport == .virtioLo && !mixed { return KernelTransport(host: host, node: config.deviceNode) }
+    if config.transport == .virtioLo && !mixed { return makeModuleTransport(host: host, config: config) }
     return KernelTransports(host: host, config: config)
+}
+
+/// The module's transport with the restricted-memory settings: the node is RESTRICTed (pools only) when every
+/// device it serves is restricted.
+func makeModuleTransport(host: DeviceHost, config: DaemonConfig) -> KernelTransport {
+    let linked = config.devices.filter { $0.serve == nil && ($0.transport ?? config.transport) == .virtioLo }
+    let restricted = !linked.isEmpty && linked.allSatisfy { $0.restrictedMemory ?? config.restrictedMemory }
+    return KernelTransport(host: host, node: config.deviceNode, restrictedDefault: config.restrictedMemory, restrictNode: restricted)
 }

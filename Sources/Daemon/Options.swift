@@ -19,6 +19,8 @@ public struct Options: Equatable {
     public var poll = false
     public var relay = false
     public var direct = false
+    /// ab --driver virtio-lo --restricted: the second path is the same body in-process with restricted memory.
+    public var restricted = false
     /// ab's driver side: "sim", "virtio-lo", or nil = auto.
     public var driver: String?
     public var rounds = 5
@@ -90,6 +92,7 @@ public struct Options: Equatable {
             case "--poll": o.poll = true
             case "--relay": o.relay = true
             case "--direct": o.direct = true
+            case "--restricted": o.restricted = true
             case "--driver":
                 let v = try value(a)
                 guard ["sim", "virtio-lo", "auto"].contains(v) else { throw UsageError(description: "--driver must be sim, virtio-lo or auto") }
@@ -120,8 +123,8 @@ public struct Options: Equatable {
     usage: loopbackd [-c FILE] [--log-level LEVEL] [--duration SECONDS]
            loopbackd --check -c FILE
            loopbackd bench [-c FILE] [--device NAME] [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
-           loopbackd ab -c FILE --device NAME [--socket PATH [--uds-path PATH]] [--driver sim|virtio-lo|auto] [--poll] [--relay | --direct] [--rounds N]
-                        [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
+           loopbackd ab -c FILE --device NAME [--socket PATH [--uds-path PATH]] [--driver sim|virtio-lo|auto] [--poll] [--relay | --direct | --restricted]
+                        [--rounds N] [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
            loopbackd ctl [--socket PATH | -c FILE] [--json] status | stats | add [TOML] | remove NAME | reload | device NAME WORD...
            loopbackd --version | --help
 
@@ -138,7 +141,8 @@ public struct Options: Equatable {
            side: the kernel module when its node opens (or the file says virtio-lo), else the simulated driver;
            default: kicks and interrupts pass loopbackd, the backend reads a shadow avail ring (exact replay on
            reconnect); --direct: both straight between driver and backend (reconnect = "reset"); --relay: both
-           through loopbackd without the shadow ring, like the original adapter
+           through loopbackd without the shadow ring, like the original adapter; --restricted (kernel driver only):
+           full RAM mapping against restricted memory (the module's bounce pool), both in-process
     bench and ab measure queue-depth-1 latency by default; any of these selects throughput mode (MB/s, IOPS and
     p50/p99 latency at that depth, per path and mode):
       --depth N             requests in flight per queue (1 to 1024; default 1)

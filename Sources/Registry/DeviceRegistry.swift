@@ -65,7 +65,7 @@ public struct DeviceRegistry {
     }
 
     /// Keys every `[device.NAME]` table accepts, whatever its type (read by `DaemonConfig.parseDevice`).
-    public static let commonDeviceKeys = ["type", "backend", "serve", "reconnect", "transport"]
+    public static let commonDeviceKeys = ["type", "backend", "serve", "reconnect", "transport", "restricted-memory", "pool-kib"]
 
     public func type(named name: String) -> DeviceType? { types[name] }
     public var factories: [String: Factory] { types.mapValues(\.factory) }

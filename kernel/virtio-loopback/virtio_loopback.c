@@ -61,7 +61,10 @@
 #include <linux/io.h>
 #include <linux/rcupdate.h>
 #include <linux/delay.h>
+#include <linux/bitmap.h>
 #include <linux/dma-mapping.h>
+#include <linux/dma-map-ops.h>
+#include <linux/scatterlist.h>
 
 #include "uapi/virtio_lo.h"
 
@@ -76,6 +79,21 @@ MODULE_PARM_DESC(sync_config_timeout_ms, "SYNC_CONFIG devices: how long a driver
 static bool mmap_ram_only = true;
 module_param(mmap_ram_only, bool, 0644);
 MODULE_PARM_DESC(mmap_ram_only, "Only allow mmap() of System RAM");
+
+static unsigned int pool_kib = 4096;
+module_param(pool_kib, uint, 0644);
+MODULE_PARM_DESC(pool_kib, "Restricted devices: default KiB of buffer room in each device's pool (beyond its rings)");
+
+static bool restricted_only;
+module_param(restricted_only, bool, 0644);
+MODULE_PARM_DESC(restricted_only, "Every open file may map device pools only (as after VIRTIO_LO_RESTRICT)");
+
+/* set_dma_ops(): CONFIG_DMA_OPS up to 6.11, CONFIG_ARCH_HAS_DMA_OPS from 6.12. */
+#if defined(CONFIG_DMA_OPS) || defined(CONFIG_ARCH_HAS_DMA_OPS)
+#define VLO_HAVE_POOL 1
+#else
+#define VLO_HAVE_POOL 0
+#endif
 
 /*
  * Test aid: behave like the upstream unified-hmi virtio-lo driver on its ABI
@@ -116,6 +134,7 @@ static struct device_dma_parameters vlo_dma_parms;
 static struct workqueue_struct *vlo_wq;
 
 struct vlo_owner {
+	bool restricted;		/* VIRTIO_LO_RESTRICT: pools only (one-way) */
 	spinlock_t idr_lock;		/* devs and sync_devs */
 	struct idr devs;
 	struct list_head sync_devs;	/* SYNC_CONFIG devices, from ADDDEV to teardown */
@@ -124,10 +143,52 @@ struct vlo_owner {
 	unsigned int nmaps;
 };
 
+struct vlo_pool;
+
 struct vlo_ring {
 	struct list_head node;
 	void *mem;
 	size_t bytes;
+	struct vlo_pool *pool;		/* restricted: mem is pool memory at offset off */
+	unsigned long off;
+};
+
+/*
+ * Restricted memory: a per-device pool (vmalloc_user, so it can be mapped to user space page by page) handed out
+ * in 256-byte units.  Everything the device may touch is in it: the rings and a bounce copy of every buffer the
+ * driver maps.  Book-keeping lives outside the pool (the device writes the pool at will): a bitmap of used units,
+ * one of the first units of allocations, and per first unit what it bounces (original physical address, length,
+ * direction).
+ */
+#define VLO_UNIT_SHIFT	8
+#define VLO_UNIT	(1UL << VLO_UNIT_SHIFT)
+#define VLO_MAX_MAP	(256 * 1024)	/* max_mapping_size: one segment */
+
+struct vlo_bounce {
+	phys_addr_t orig;		/* 0: a ring or coherent allocation, nothing to copy */
+	u32 len;
+	u8 dir;
+};
+
+struct vlo_pool {
+	struct kref ref;		/* the device, each mapping of it */
+	void *va;
+	size_t size;
+	unsigned long nunits;
+	spinlock_t lock;
+	unsigned long *used;
+	unsigned long *starts;
+	struct vlo_bounce *meta;
+	unsigned long hint;
+	bool full_warned;
+	bool bad_warned;
+};
+
+/* The virtio device's parent when restricted: the struct device the DMA operations belong to. */
+struct vlo_pdev {
+	struct device dev;
+	struct vlo_pool *pool;
+	struct device_dma_parameters parms;	/* drivers that set or read segment limits (virtio-gpu) */
 };
 
 struct vlo_dev;
@@ -188,6 +249,9 @@ struct vlo_dev {
 	u32 cfg_len;
 	u8 *cfg_wbuf;			/* the pending write's bytes (config_size) */
 
+	struct vlo_pool *pool;		/* restricted (ADDDEV flag); a reference */
+	struct vlo_pdev *pdev;		/* its DMA device, registered while the virtio device is */
+
 	spinlock_t irq_lock;		/* serialises callbacks */
 	bool vqs_live;			/* find_vqs done, no reset since */
 	bool dying;
@@ -219,6 +283,350 @@ static inline void vlo_signal(struct eventfd_ctx *ctx)
 #endif
 }
 
+/* ---------------------------------------------------------------------- */
+/* Restricted memory: the pool and its DMA operations                      */
+
+static void vlo_pool_free(struct kref *ref)
+{
+	struct vlo_pool *p = container_of(ref, struct vlo_pool, ref);
+
+	vfree(p->va);
+	kvfree(p->used);
+	kvfree(p->starts);
+	kvfree(p->meta);
+	kfree(p);
+}
+
+static void vlo_pool_put(struct vlo_pool *p)
+{
+	if (p)
+		kref_put(&p->ref, vlo_pool_free);
+}
+
+static struct vlo_pool *vlo_pool_create(size_t size)
+{
+	struct vlo_pool *p = kzalloc(sizeof(*p), GFP_KERNEL);
+
+	if (!p)
+		return NULL;
+	kref_init(&p->ref);
+	spin_lock_init(&p->lock);
+	p->size = PAGE_ALIGN(size);
+	p->nunits = p->size >> VLO_UNIT_SHIFT;
+	p->va = vmalloc_user(p->size);		/* zeroed, VM_USERMAP */
+	p->used = kvcalloc(BITS_TO_LONGS(p->nunits), sizeof(long), GFP_KERNEL);
+	p->starts = kvcalloc(BITS_TO_LONGS(p->nunits), sizeof(long), GFP_KERNEL);
+	p->meta = kvcalloc(p->nunits, sizeof(*p->meta), GFP_KERNEL);
+	if (!p->va || !p->used || !p->starts || !p->meta) {
+		vlo_pool_put(p);
+		return NULL;
+	}
+	return p;
+}
+
+/*
+ * size bytes at an offset aligned to align (a power of two, >= VLO_UNIT), zeroed before it is handed out, so a
+ * bounce buffer never shows the driver (or the device) what an earlier mapping held.  -1: the pool is full.
+ */
+static long vlo_pool_alloc(struct vlo_pool *p, size_t size, size_t align, phys_addr_t orig,
+			   enum dma_data_direction dir)
+{
+	unsigned long n = DIV_ROUND_UP(size, VLO_UNIT), mask = (align >> VLO_UNIT_SHIFT) - 1;
+	unsigned long start, flags;
+
+	spin_lock_irqsave(&p->lock, flags);
+	start = bitmap_find_next_zero_area(p->used, p->nunits, p->hint, n, mask);
+	if (start + n > p->nunits)
+		start = bitmap_find_next_zero_area(p->used, p->nunits, 0, n, mask);
+	if (start + n > p->nunits) {
+		spin_unlock_irqrestore(&p->lock, flags);
+		return -1;
+	}
+	bitmap_set(p->used, start, n);
+	__set_bit(start, p->starts);
+	p->meta[start].orig = orig;
+	p->meta[start].len = size;
+	p->meta[start].dir = dir;
+	p->hint = start + n < p->nunits ? start + n : 0;
+	spin_unlock_irqrestore(&p->lock, flags);
+	memset(p->va + (start << VLO_UNIT_SHIFT), 0, n << VLO_UNIT_SHIFT);
+	return start << VLO_UNIT_SHIFT;
+}
+
+static void vlo_pool_release(struct vlo_pool *p, unsigned long u)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&p->lock, flags);
+	bitmap_clear(p->used, u, DIV_ROUND_UP(p->meta[u].len, VLO_UNIT));
+	__clear_bit(u, p->starts);
+	memset(&p->meta[u], 0, sizeof(p->meta[u]));
+	spin_unlock_irqrestore(&p->lock, flags);
+}
+
+/*
+ * The allocation holding [addr, addr+size): its first unit, or -1.  exact: addr must be where it starts
+ * (unmap, free).  Bounds come from the book-keeping, never from the pool's contents.
+ */
+static long vlo_pool_find(struct vlo_pool *p, dma_addr_t addr, size_t size, bool exact)
+{
+	unsigned long flags, u, start;
+	long ret = -1;
+	u64 off;
+
+	if (addr < VIRTIO_LO_POOL_IOVA || addr - VIRTIO_LO_POOL_IOVA >= p->size)
+		return -1;
+	off = addr - VIRTIO_LO_POOL_IOVA;
+	u = off >> VLO_UNIT_SHIFT;
+	spin_lock_irqsave(&p->lock, flags);
+	if (exact)
+		start = (off & (VLO_UNIT - 1)) || !test_bit(u, p->starts) ? u + 1 : u;
+	else
+		start = find_last_bit(p->starts, u + 1);
+	if (start <= u && test_bit(start, p->used) &&
+	    size <= p->meta[start].len && off - (start << VLO_UNIT_SHIFT) <= p->meta[start].len - size)
+		ret = start;
+	spin_unlock_irqrestore(&p->lock, flags);
+	return ret;
+}
+
+#if VLO_HAVE_POOL
+static struct vlo_pool *vlo_dma_pool(struct device *d)
+{
+	return container_of(d, struct vlo_pdev, dev)->pool;
+}
+
+static void vlo_bad_dma(struct vlo_pool *p, struct device *d, const char *what, dma_addr_t addr, size_t size)
+{
+	if (!p->bad_warned) {
+		p->bad_warned = true;
+		dev_warn(d, "%s of 0x%llx (+%zu): not a mapping of this pool (logged once)\n",
+			 what, (unsigned long long)addr, size);
+	}
+}
+
+/*
+ * Copy between a bounce buffer (from bytes into the allocation at unit u) and the driver's memory.  The original
+ * is reached through the kernel's direct map: the module is 64-bit only (see uapi), so there is no highmem.
+ */
+static void vlo_bounce_copy(struct vlo_pool *p, unsigned long u, u64 from, size_t len, bool to_device)
+{
+	void *b = p->va + (u << VLO_UNIT_SHIFT) + from;
+	void *o = phys_to_virt(p->meta[u].orig + from);
+
+	if (!p->meta[u].orig || !len)
+		return;
+	if (to_device)
+		memcpy(b, o, len);
+	else
+		memcpy(o, b, len);
+}
+
+static bool vlo_dir_to_device(int dir)
+{
+	return dir == DMA_TO_DEVICE || dir == DMA_BIDIRECTIONAL;
+}
+
+static bool vlo_dir_from_device(int dir)
+{
+	return dir == DMA_FROM_DEVICE || dir == DMA_BIDIRECTIONAL;
+}
+
+static dma_addr_t vlo_dma_map_page(struct device *d, struct page *page, unsigned long offset, size_t size,
+				   enum dma_data_direction dir, unsigned long attrs)
+{
+	struct vlo_pool *p = vlo_dma_pool(d);
+	long off;
+
+	if (!size || size > VLO_MAX_MAP)
+		return DMA_MAPPING_ERROR;
+	/* Buffers of half a page or more start on a page (a device may do O_DIRECT I/O into them). */
+	off = vlo_pool_alloc(p, size, size >= PAGE_SIZE / 2 ? PAGE_SIZE : VLO_UNIT,
+			     page_to_phys(page) + offset, dir);
+	if (off < 0) {
+		/* virtio_ring fails the add with ENOMEM; virtio_blk requeues, others retry later. */
+		if (!p->full_warned) {
+			p->full_warned = true;
+			dev_info(d, "pool of %zu bytes full: a buffer waits (logged once)\n", p->size);
+		}
+		return DMA_MAPPING_ERROR;
+	}
+	if (vlo_dir_to_device(dir) && !(attrs & DMA_ATTR_SKIP_CPU_SYNC))
+		vlo_bounce_copy(p, off >> VLO_UNIT_SHIFT, 0, size, true);
+	return VIRTIO_LO_POOL_IOVA + off;
+}
+
+static void vlo_dma_unmap_page(struct device *d, dma_addr_t addr, size_t size, enum dma_data_direction dir,
+			       unsigned long attrs)
+{
+	struct vlo_pool *p = vlo_dma_pool(d);
+	long u = vlo_pool_find(p, addr, 0, true);
+
+	if (u < 0 || !p->meta[u].orig) {
+		vlo_bad_dma(p, d, "unmap", addr, size);
+		return;
+	}
+	if (size != p->meta[u].len)
+		vlo_bad_dma(p, d, "unmap with another length", addr, size);
+	/* Exactly the mapped length goes back (or less if the caller says less), never more. */
+	if (vlo_dir_from_device(p->meta[u].dir) && !(attrs & DMA_ATTR_SKIP_CPU_SYNC))
+		vlo_bounce_copy(p, u, 0, min_t(size_t, size, p->meta[u].len), false);
+	vlo_pool_release(p, u);
+}
+
+static void vlo_dma_sync(struct device *d, dma_addr_t addr, size_t size, bool to_device)
+{
+	struct vlo_pool *p = vlo_dma_pool(d);
+	long u = vlo_pool_find(p, addr, size, false);
+
+	if (u < 0) {
+		vlo_bad_dma(p, d, "sync", addr, size);
+		return;
+	}
+	/* Only [addr, addr+size), checked inside the mapping by vlo_pool_find. */
+	if (to_device ? vlo_dir_to_device(p->meta[u].dir) : vlo_dir_from_device(p->meta[u].dir))
+		vlo_bounce_copy(p, u, addr - VIRTIO_LO_POOL_IOVA - ((u64)u << VLO_UNIT_SHIFT), size, to_device);
+}
+
+static void vlo_dma_sync_for_cpu(struct device *d, dma_addr_t addr, size_t size, enum dma_data_direction dir)
+{
+	vlo_dma_sync(d, addr, size, false);
+}
+
+static void vlo_dma_sync_for_device(struct device *d, dma_addr_t addr, size_t size, enum dma_data_direction dir)
+{
+	vlo_dma_sync(d, addr, size, true);
+}
+
+static void vlo_dma_unmap_sg(struct device *d, struct scatterlist *sgl, int nents, enum dma_data_direction dir,
+			     unsigned long attrs)
+{
+	struct scatterlist *sg;
+	int i;
+
+	for_each_sg(sgl, sg, nents, i)
+		vlo_dma_unmap_page(d, sg_dma_address(sg), sg_dma_len(sg), dir, attrs);
+}
+
+static int vlo_dma_map_sg(struct device *d, struct scatterlist *sgl, int nents, enum dma_data_direction dir,
+			  unsigned long attrs)
+{
+	struct scatterlist *sg;
+	int i;
+
+	for_each_sg(sgl, sg, nents, i) {
+		sg_dma_address(sg) = vlo_dma_map_page(d, sg_page(sg), sg->offset, sg->length, dir, attrs);
+		if (sg_dma_address(sg) == DMA_MAPPING_ERROR) {
+			vlo_dma_unmap_sg(d, sgl, i, dir, attrs | DMA_ATTR_SKIP_CPU_SYNC);
+			return -ENOMEM;
+		}
+		sg_dma_len(sg) = sg->length;
+	}
+	return nents;
+}
+
+static void *vlo_dma_alloc(struct device *d, size_t size, dma_addr_t *handle, gfp_t gfp, unsigned long attrs)
+{
+	struct vlo_pool *p = vlo_dma_pool(d);
+	long off = size ? vlo_pool_alloc(p, size, PAGE_SIZE, 0, DMA_BIDIRECTIONAL) : -1;
+
+	if (off < 0)
+		return NULL;
+	*handle = VIRTIO_LO_POOL_IOVA + off;
+	return p->va + off;
+}
+
+static void vlo_dma_free(struct device *d, size_t size, void *vaddr, dma_addr_t handle, unsigned long attrs)
+{
+	struct vlo_pool *p = vlo_dma_pool(d);
+	long u = vlo_pool_find(p, handle, 0, true);
+
+	if (u < 0 || p->meta[u].orig)
+		vlo_bad_dma(p, d, "free", handle, size);
+	else
+		vlo_pool_release(p, u);
+}
+
+static size_t vlo_dma_max_mapping_size(struct device *d)
+{
+	return VLO_MAX_MAP;
+}
+
+static const struct dma_map_ops vlo_dma_ops = {
+	.alloc			= vlo_dma_alloc,
+	.free			= vlo_dma_free,
+	.map_page		= vlo_dma_map_page,
+	.unmap_page		= vlo_dma_unmap_page,
+	.map_sg			= vlo_dma_map_sg,
+	.unmap_sg		= vlo_dma_unmap_sg,
+	.sync_single_for_cpu	= vlo_dma_sync_for_cpu,
+	.sync_single_for_device	= vlo_dma_sync_for_device,
+	.max_mapping_size	= vlo_dma_max_mapping_size,
+};
+
+static void vlo_pdev_release(struct device *d)
+{
+	struct vlo_pdev *pd = container_of(d, struct vlo_pdev, dev);
+
+	vlo_pool_put(pd->pool);
+	kfree(pd);
+}
+
+static atomic_t vlo_pool_seq = ATOMIC_INIT(0);
+
+/* The registered parent device whose DMA operations bounce through pool (takes a pool reference). */
+static struct vlo_pdev *vlo_pdev_create(struct vlo_pool *pool)
+{
+	struct vlo_pdev *pd = kzalloc(sizeof(*pd), GFP_KERNEL);
+	int err;
+
+	if (!pd)
+		return ERR_PTR(-ENOMEM);
+	device_initialize(&pd->dev);
+	pd->dev.parent = vlo_root;
+	pd->dev.release = vlo_pdev_release;
+	kref_get(&pool->ref);
+	pd->pool = pool;
+	pd->dev.coherent_dma_mask = DMA_BIT_MASK(64);
+	pd->dev.dma_mask = &pd->dev.coherent_dma_mask;
+	pd->parms.max_segment_size = VLO_MAX_MAP;
+	pd->parms.segment_boundary_mask = ULONG_MAX;
+	pd->dev.dma_parms = &pd->parms;
+	set_dma_ops(&pd->dev, &vlo_dma_ops);
+	err = dev_set_name(&pd->dev, "pool%u", atomic_inc_return(&vlo_pool_seq));
+	if (!err)
+		err = device_add(&pd->dev);
+	if (err) {
+		put_device(&pd->dev);
+		return ERR_PTR(err);
+	}
+	return pd;
+}
+#endif /* VLO_HAVE_POOL */
+
+/* What the device sees at [addr, addr+len): a pool address (restricted) or a RAM physical address.  NULL: neither. */
+static bool vlo_phys_ok(u64 addr, u64 len);
+static void *vlo_dev_ptr(struct vlo_dev *dev, u64 addr, u64 len)
+{
+	struct vlo_pool *p = dev->pool;
+
+	if (p) {
+		if (!len || addr < VIRTIO_LO_POOL_IOVA || addr - VIRTIO_LO_POOL_IOVA >= p->size ||
+		    len > p->size - (addr - VIRTIO_LO_POOL_IOVA))
+			return NULL;
+		return p->va + (addr - VIRTIO_LO_POOL_IOVA);
+	}
+	return vlo_phys_ok(addr, len) ? phys_to_virt(addr) : NULL;
+}
+
+/* The address the device knows a ring part by. */
+static u64 vlo_ring_addr(struct vlo_dev *dev, void *ptr)
+{
+	if (dev->pool)
+		return VIRTIO_LO_POOL_IOVA + ((u8 *)ptr - (u8 *)dev->pool->va);
+	return virt_to_phys(ptr);
+}
+
 static void vlo_dev_free(struct kref *ref)
 {
 	struct vlo_dev *dev = container_of(ref, struct vlo_dev, ref);
@@ -231,6 +639,7 @@ static void vlo_dev_free(struct kref *ref)
 		eventfd_ctx_put(dev->config_kick);
 	kfree(dev->cfg_wbuf);
 	kfree(dev->config);
+	vlo_pool_put(dev->pool);
 	kfree(dev);
 }
 
@@ -247,7 +656,10 @@ static void vlo_vdev_release(struct device *d)
 /* Ring memory: free now, or when the owner's last mapping goes away. */
 static void vlo_ring_free(struct vlo_ring *r)
 {
-	free_pages_exact(r->mem, r->bytes);
+	if (r->pool)
+		vlo_pool_release(r->pool, r->off >> VLO_UNIT_SHIFT);
+	else
+		free_pages_exact(r->mem, r->bytes);
 	kfree(r);
 }
 
@@ -358,9 +770,11 @@ static bool vlo_walk_chain(struct vlo_queue *q, u16 head, bool *has_out, u64 *la
 		u64 addr = virtio64_to_cpu(vdev, tbl[i].addr);
 		u32 len = virtio32_to_cpu(vdev, tbl[i].len);
 
-		if (len < sizeof(*tbl) || len > 65536 || !vlo_phys_ok(addr, len))
+		if (len < sizeof(*tbl) || len > 65536)
 			return false;
-		tbl = phys_to_virt(addr);
+		tbl = vlo_dev_ptr(q->dev, addr, len);
+		if (!tbl)
+			return false;
 		n = len / sizeof(*tbl);
 		i = 0;
 	}
@@ -425,8 +839,12 @@ static unsigned int vlo_fail_inflight(struct vlo_queue *q)
 			has_out = true;		/* unreadable chain: complete it, as before */
 		else if (!has_out)
 			continue;		/* a receive buffer: left with the driver */
-		if (status >= 0 && last_in && vlo_phys_ok(last_in, 1))
-			*(u8 *)phys_to_virt(last_in) = status;
+		if (status >= 0 && last_in) {
+			u8 *st = vlo_dev_ptr(dev, last_in, 1);
+
+			if (st)
+				*st = status;
+		}
 		e = &q->vr.used->ring[ui & (num - 1)];
 		e->id = cpu_to_virtio32(vdev, h);
 		e->len = cpu_to_virtio32(vdev, 0);
@@ -708,7 +1126,9 @@ static void vlo_del_vqs(struct virtio_device *vdev)
 		if (vq)
 			vring_del_virtqueue(vq);
 		kvfree(inflight);
-		if (ring)
+		if (ring && ring->pool)
+			vlo_ring_free(ring);	/* pool memory: mapped only as part of the pool */
+		else if (ring)
 			vlo_bury_ring(dev->owner, ring);
 	}
 }
@@ -731,13 +1151,25 @@ static struct virtqueue *vlo_setup_vq(struct vlo_dev *dev, unsigned int qi,
 	if (!ring || !inflight)
 		goto nomem;
 	ring->bytes = PAGE_ALIGN(vring_size(num, PAGE_SIZE));
-	ring->mem = alloc_pages_exact(ring->bytes, GFP_KERNEL | __GFP_ZERO | __GFP_NOWARN);
+	if (dev->pool) {
+		/* Restricted: the rings are in the pool too (zeroed), at IOVAs (vlo_ring_addr). */
+		long off = vlo_pool_alloc(dev->pool, ring->bytes, PAGE_SIZE, 0, DMA_BIDIRECTIONAL);
+
+		if (off < 0)
+			goto nomem;
+		ring->pool = dev->pool;
+		ring->off = off;
+		ring->mem = dev->pool->va + off;
+	} else {
+		ring->mem = alloc_pages_exact(ring->bytes, GFP_KERNEL | __GFP_ZERO | __GFP_NOWARN);
+	}
 	if (!ring->mem)
 		goto nomem;
 	vq = vring_new_virtqueue(qi, num, PAGE_SIZE, &dev->vdev, true, ctx,
 				 ring->mem, vlo_notify, callback, name);
 	if (!vq) {
-		free_pages_exact(ring->mem, ring->bytes);
+		vlo_ring_free(ring);
+		ring = NULL;
 		goto nomem;
 	}
 	vq->priv = q;
@@ -1032,6 +1464,13 @@ static void vlo_dev_teardown(struct vlo_dev *dev)
 			break;
 		}
 	}
+#if VLO_HAVE_POOL
+	/* Every buffer is unmapped now (the driver's remove, del_vqs); the pool stays while user space maps it. */
+	if (dev->pdev) {
+		device_unregister(&dev->pdev->dev);
+		dev->pdev = NULL;
+	}
+#endif
 	vlo_dev_put(dev);
 }
 
@@ -1112,9 +1551,22 @@ static long vlo_ioctl_adddev(struct vlo_owner *o, void __user *uarg)
 	    info.config_size > VIRTIO_LO_MAX_CONFIG_SIZE)
 		return -EINVAL;
 	dflags = upstream_abi ? 0 : info.flags;	/* upstream's "padding": ignored there */
-	if ((dflags & ~VIRTIO_LO_DEV_F_SYNC_CONFIG) ||
+	if (upstream_abi)
+		info.pool_kib = 0;			/* upstream's hole */
+	if ((dflags & ~(VIRTIO_LO_DEV_F_SYNC_CONFIG | VIRTIO_LO_DEV_F_RESTRICTED)) ||
 	    ((dflags & VIRTIO_LO_DEV_F_SYNC_CONFIG) && info.config_kick < 0))
 		return -EINVAL;
+	if (dflags & VIRTIO_LO_DEV_F_RESTRICTED) {
+		if (!VLO_HAVE_POOL)
+			return -EOPNOTSUPP;
+		/* ACCESS_PLATFORM is a feature of virtio 1.x devices (virtio 1.2 section 6). */
+		if (!(info.features & BIT_ULL(VIRTIO_F_VERSION_1)) || info.pool_kib > VIRTIO_LO_POOL_MAX_KIB)
+			return -EINVAL;
+	} else if (info.pool_kib) {
+		return -EINVAL;
+	} else if (READ_ONCE(o->restricted)) {
+		return -EPERM;			/* this opener may expose pools only */
+	}
 	if (!info.qinfo)
 		return -EFAULT;
 	qinfo = memdup_user((void __user *)info.qinfo, info.nqueues * sizeof(*qinfo));
@@ -1137,6 +1589,8 @@ static long vlo_ioctl_adddev(struct vlo_owner *o, void __user *uarg)
 	dev->owner = o;
 	dev->nqueues = info.nqueues;
 	dev->dev_features = info.features & ~VLO_MASKED_FEATURES;
+	if (dflags & VIRTIO_LO_DEV_F_RESTRICTED)
+		dev->dev_features |= BIT_ULL(VIRTIO_F_ACCESS_PLATFORM);
 	dev->config_size = info.config_size;
 	spin_lock_init(&dev->cfg_lock);
 	spin_lock_init(&dev->irq_lock);
@@ -1179,6 +1633,29 @@ static long vlo_ioctl_adddev(struct vlo_owner *o, void __user *uarg)
 	dev->vdev.config = &vlo_config_ops;
 	dev->vdev.dev.parent = vlo_root;
 	dev->vdev.dev.release = vlo_vdev_release;
+
+#if VLO_HAVE_POOL
+	if (dflags & VIRTIO_LO_DEV_F_RESTRICTED) {
+		size_t bytes = (size_t)(info.pool_kib ? info.pool_kib : min(pool_kib, VIRTIO_LO_POOL_MAX_KIB)) << 10;
+		struct vlo_pdev *pd;
+
+		for (i = 0; i < info.nqueues; i++)
+			bytes += PAGE_ALIGN(vring_size(qinfo[i].size, PAGE_SIZE));
+		dev->pool = vlo_pool_create(bytes);
+		if (!dev->pool) {
+			err = -ENOMEM;
+			goto out_dev;
+		}
+		pd = vlo_pdev_create(dev->pool);
+		if (IS_ERR(pd)) {
+			err = PTR_ERR(pd);
+			goto out_dev;
+		}
+		dev->pdev = pd;
+		/* virtio_ring maps through the parent's DMA operations (vring_dma_dev). */
+		dev->vdev.dev.parent = &pd->dev;
+	}
+#endif
 
 	if (dev->sync_config) {
 		struct vlo_dev *other;
@@ -1232,9 +1709,9 @@ static long vlo_ioctl_adddev(struct vlo_owner *o, void __user *uarg)
 
 		if (q->vq) {
 			qinfo[i].size = q->num;
-			qinfo[i].desc = virt_to_phys(q->vr.desc);
-			qinfo[i].avail = virt_to_phys(q->vr.avail);
-			qinfo[i].used = virt_to_phys(q->vr.used);
+			qinfo[i].desc = vlo_ring_addr(dev, q->vr.desc);
+			qinfo[i].avail = vlo_ring_addr(dev, q->vr.avail);
+			qinfo[i].used = vlo_ring_addr(dev, q->vr.used);
 		} else {
 			qinfo[i].size = 0;
 			qinfo[i].desc = qinfo[i].avail = qinfo[i].used = 0;
@@ -1273,6 +1750,10 @@ out_teardown:
 	vlo_dev_teardown(dev);
 	return err;
 out_dev:
+#if VLO_HAVE_POOL
+	if (dev->pdev)
+		device_unregister(&dev->pdev->dev);
+#endif
 	vlo_dev_put(dev);
 out_free:
 	kfree(qinfo);
@@ -1478,13 +1959,15 @@ static int vlo_ram_cb(struct resource *res, void *arg)
 	return 0;
 }
 
-static long vlo_ioctl_getram(void __user *uarg)
+static long vlo_ioctl_getram(struct vlo_owner *o, void __user *uarg)
 {
 	struct virtio_lo_ramlist l;
 	struct vlo_ramwalk w = { };
 	long err = 0;
 	u32 n;
 
+	if (READ_ONCE(o->restricted))
+		return -EPERM;
 	if (copy_from_user(&l, uarg, sizeof(l)))
 		return -EFAULT;
 	w.r = kvcalloc(VLO_MAX_RAM_RANGES, sizeof(*w.r), GFP_KERNEL);
@@ -1565,13 +2048,40 @@ static long vlo_ioctl_getqueue(struct vlo_owner *o, void __user *uarg)
 	if (q->vq) {
 		a.size = q->num;
 		a.flags = dev->vqs_live ? VIRTIO_LO_QUEUE_F_ACTIVE : 0;
-		a.desc = virt_to_phys(q->vr.desc);
-		a.avail = virt_to_phys(q->vr.avail);
-		a.used = virt_to_phys(q->vr.used);
+		a.desc = vlo_ring_addr(dev, q->vr.desc);
+		a.avail = vlo_ring_addr(dev, q->vr.avail);
+		a.used = vlo_ring_addr(dev, q->vr.used);
 	}
 	spin_unlock_irqrestore(&dev->irq_lock, flags);
 	vlo_dev_put(dev);
 	return copy_to_user(uarg, &a, sizeof(a)) ? -EFAULT : 0;
+}
+
+static long vlo_ioctl_getpool(struct vlo_owner *o, void __user *uarg)
+{
+	struct virtio_lo_pool a;
+	struct vlo_dev *dev;
+	long err = 0;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	dev = vlo_get_dev(o, a.idx);
+	if (!dev)
+		return -ENODEV;
+	if (!dev->pool) {
+		err = -EINVAL;
+	} else if (a.idx >= (1U << 30)) {
+		err = -ERANGE;		/* mmap offsets stay below 2^63 */
+	} else {
+		a.flags = 0;
+		a.iova = VIRTIO_LO_POOL_IOVA;
+		a.size = dev->pool->size;
+		a.mmap_offset = VIRTIO_LO_POOL_MMAP_BASE + ((u64)a.idx << VIRTIO_LO_POOL_MMAP_SHIFT);
+		if (copy_to_user(uarg, &a, sizeof(a)))
+			err = -EFAULT;
+	}
+	vlo_dev_put(dev);
+	return err;
 }
 
 static long vlo_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
@@ -1604,6 +2114,7 @@ static long vlo_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 				      VIRTIO_LO_EXT_DEVSTATUS | VIRTIO_LO_EXT_GETQUEUE |
 				      VIRTIO_LO_EXT_ABORT_INFLIGHT | VIRTIO_LO_EXT_KICK_ALL |
 				      VIRTIO_LO_EXT_SYNC_CONFIG |
+				      (VLO_HAVE_POOL ? VIRTIO_LO_EXT_RESTRICTED : 0) |
 				      (mmap_ram_only ? VIRTIO_LO_EXT_MMAP_RAM_ONLY : 0),
 		};
 		return copy_to_user(uarg, &e, sizeof(e)) ? -EFAULT : 0;
@@ -1611,7 +2122,7 @@ static long vlo_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	case VIRTIO_LO_SET_IRQFD:
 		return vlo_ioctl_irqfd(o, uarg);
 	case VIRTIO_LO_GET_RAM:
-		return vlo_ioctl_getram(uarg);
+		return vlo_ioctl_getram(o, uarg);
 	case VIRTIO_LO_DEVSTATUS:
 		return vlo_ioctl_devstatus(o, uarg);
 	case VIRTIO_LO_GET_QUEUE:
@@ -1620,6 +2131,11 @@ static long vlo_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return vlo_ioctl_cfgwrite(o, uarg, false);
 	case VIRTIO_LO_CFG_ACK:
 		return vlo_ioctl_cfgwrite(o, uarg, true);
+	case VIRTIO_LO_GET_POOL:
+		return vlo_ioctl_getpool(o, uarg);
+	case VIRTIO_LO_RESTRICT:
+		WRITE_ONCE(o->restricted, true);
+		return 0;
 	}
 	return -ENOTTY;
 }
@@ -1653,6 +2169,50 @@ static const struct vm_operations_struct vlo_vm_ops = {
 	.close = vlo_vm_close,
 };
 
+static void vlo_pool_vm_open(struct vm_area_struct *vma)
+{
+	struct vlo_pool *p = vma->vm_private_data;
+
+	kref_get(&p->ref);
+}
+
+static void vlo_pool_vm_close(struct vm_area_struct *vma)
+{
+	vlo_pool_put(vma->vm_private_data);
+}
+
+static const struct vm_operations_struct vlo_pool_vm_ops = {
+	.open = vlo_pool_vm_open,
+	.close = vlo_pool_vm_close,
+};
+
+/* A restricted device's pool, from rel = mmap offset - VIRTIO_LO_POOL_MMAP_BASE (device index, offset inside). */
+static int vlo_mmap_pool(struct vlo_owner *o, struct vm_area_struct *vma, u64 rel, unsigned long size)
+{
+	u64 idx = rel >> VIRTIO_LO_POOL_MMAP_SHIFT, inner = rel & ((1ULL << VIRTIO_LO_POOL_MMAP_SHIFT) - 1);
+	struct vlo_dev *dev;
+	int err;
+
+	if (idx >= (1U << 30))
+		return -EINVAL;
+	dev = vlo_get_dev(o, idx);
+	if (!dev)
+		return -ENODEV;
+	if (!dev->pool || inner >= dev->pool->size || size > dev->pool->size - inner) {
+		err = -EINVAL;
+	} else {
+		/* Only the pool's own pages (vm_insert_page of each), never a page beyond it. */
+		err = remap_vmalloc_range(vma, dev->pool->va, inner >> PAGE_SHIFT);
+		if (!err) {
+			kref_get(&dev->pool->ref);
+			vma->vm_private_data = dev->pool;
+			vma->vm_ops = &vlo_pool_vm_ops;
+		}
+	}
+	vlo_dev_put(dev);
+	return err;
+}
+
 static int vlo_mmap(struct file *file, struct vm_area_struct *vma)
 {
 	struct vlo_owner *o = file->private_data;
@@ -1664,6 +2224,10 @@ static int vlo_mmap(struct file *file, struct vm_area_struct *vma)
 		return -EINVAL;
 	if ((start >> PAGE_SHIFT) != vma->vm_pgoff || start + size < start)
 		return -EINVAL;
+	if (start >= VIRTIO_LO_POOL_MMAP_BASE)
+		return vlo_mmap_pool(o, vma, start - VIRTIO_LO_POOL_MMAP_BASE, size);
+	if (READ_ONCE(o->restricted))
+		return -EPERM;			/* VIRTIO_LO_RESTRICT, restricted_only: pools only */
 	if (mmap_ram_only &&
 	    region_intersects(start, size, IORESOURCE_SYSTEM_RAM, IORES_DESC_NONE) !=
 	    REGION_INTERSECTS)
@@ -1685,6 +2249,7 @@ static int vlo_open(struct inode *inode, struct file *file)
 
 	if (!o)
 		return -ENOMEM;
+	o->restricted = READ_ONCE(restricted_only);
 	spin_lock_init(&o->idr_lock);
 	idr_init(&o->devs);
 	INIT_LIST_HEAD(&o->sync_devs);
@@ -1751,6 +2316,8 @@ static int __init vlo_init(void)
 	BUILD_BUG_ON(VIRTIO_LO_GCONF != 0x80185014);
 	BUILD_BUG_ON(VIRTIO_LO_SCONF != 0x40185015);
 	BUILD_BUG_ON(VIRTIO_LO_KICK != 0x4018501E);
+	BUILD_BUG_ON(sizeof(struct virtio_lo_pool) != 32);
+	BUILD_BUG_ON(VIRTIO_LO_GET_POOL != 0xC0205047);
 
 	vlo_root = root_device_register("virtio-lo");
 	if (IS_ERR(vlo_root))

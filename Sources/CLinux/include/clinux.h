@@ -26,6 +26,8 @@ static inline unsigned long lb_vlo_devstatus(void) { return VIRTIO_LO_DEVSTATUS;
 static inline unsigned long lb_vlo_get_queue(void) { return VIRTIO_LO_GET_QUEUE; }
 static inline unsigned long lb_vlo_cfg_get(void) { return VIRTIO_LO_CFG_GET; }
 static inline unsigned long lb_vlo_cfg_ack(void) { return VIRTIO_LO_CFG_ACK; }
+static inline unsigned long lb_vlo_get_pool(void) { return VIRTIO_LO_GET_POOL; }
+static inline unsigned long lb_vlo_restrict(void) { return VIRTIO_LO_RESTRICT; }
 
 // eventfd(2), memfd_create(2), getrandom(2); always CLOEXEC.
 int lb_eventfd(unsigned int initval, int nonblock);

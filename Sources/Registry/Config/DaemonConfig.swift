@@ -21,6 +21,11 @@ public struct DeviceConfig {
     public var reconnectReplay = true
     /// `transport = "virtio-lo" | "vduse"`: this device's kernel transport when it differs from `[daemon]`'s.
     public var transport: DaemonConfig.Transport?
+    /// `restricted-memory` (kernel link): nil = the `[daemon]` default. The module then bounces every buffer of
+    /// this device through a pool of its own, and loopbackd maps that pool only (VIRTIO_F_ACCESS_PLATFORM).
+    public var restrictedMemory: Bool?
+    /// `pool-kib`: the pool's room for buffers, beyond the rings (0 = the module's default, 4096 KiB).
+    public var poolKiB: UInt32 = 0
     public var line: Int
     /// The table's keys and values (sorted by key, lines dropped): `reload` restarts a device whose definition
     /// changed and leaves the others alone.
@@ -49,9 +54,11 @@ public struct DaemonConfig {
     /// `[daemon] seccomp`: the system call allow-list installed after start-up (Sources/CLinux/privdrop.c).
     public enum Seccomp: String, Sendable { case off, kill, log }
     public var seccomp: Seccomp = .off
+    /// `[daemon] restricted-memory`: the default of the devices' `restricted-memory` (off: see the README).
+    public var restrictedMemory = false
     public var devices: [DeviceConfig] = []
     /// The keys of `[daemon]` (the reader enforces the list; loopbackd.conf(5) is checked against it).
-    public static let daemonKeys = ["transport", "device-node", "log-level", "poll-us", "control", "user", "seccomp"]
+    public static let daemonKeys = ["transport", "device-node", "log-level", "poll-us", "control", "user", "seccomp", "restricted-memory"]
 
     /// Parses and validates a config document. Every error names the file, the line and the key.
     public static func parse(_ doc: TOMLDocument, registry: DeviceRegistry = .standard) throws(ConfigError) -> DaemonConfig {
@@ -87,6 +94,7 @@ public struct DaemonConfig {
                     c.user = a
                 }
                 if let v = try r.oneOf("seccomp", ["off", "kill", "log"]) { c.seccomp = Seccomp(rawValue: v)! }
+                if let v = try r.bool("restricted-memory") { c.restrictedMemory = v }
                 try r.finish()
             case 2 where t.name[0] == "device":
                 c.devices.append(try parseDevice(t, file: doc.file, registry: registry))
@@ -168,11 +176,15 @@ public struct DaemonConfig {
             guard serve == nil else { throw r.error("transport", "a served device has no kernel transport") }
             transport = Transport(rawValue: v)
         }
+        let restricted = try r.bool("restricted-memory")
+        let poolKiB = try r.int("pool-kib", range: 16...1_048_576)
         let (shape, make) = try deviceType.factory(name, &r, backend)
         try r.finish()
         var d = DeviceConfig(name: name, type: type, backend: backend, serve: serve, line: t.line, shape: shape, make: make)
         d.reconnectReplay = replay
         d.transport = transport
+        d.restrictedMemory = restricted
+        if let poolKiB { d.poolKiB = UInt32(poolKiB) }
         d.definition = t.entries.map { TOMLEntry(key: $0.key, value: $0.value, line: 0) }.sorted { $0.key < $1.key }
         return d
     }

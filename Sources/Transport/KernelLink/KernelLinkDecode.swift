@@ -116,6 +116,18 @@ extension VirtioLoLink {
         return out
     }
 
+    /// GET_POOL's answer, checked: a non-empty page-multiple pool at a non-zero IOVA that does not wrap, at an mmap
+    /// offset that does not wrap and fits off_t, small enough to map. Returns the length to map. Pure.
+    public static func checkPool(iova: UInt64, size: UInt64, mmapOffset: UInt64, pageSize: UInt64 = 4096) -> Int? {
+        // At most 1 GiB of buffers (VIRTIO_LO_POOL_MAX_KIB) plus 64 rings of 32768 entries (< 1 MiB each).
+        let maxPool: UInt64 = (1 << 30) + (64 << 20)
+        guard iova != 0, size > 0, size <= maxPool, size % pageSize == 0, mmapOffset % pageSize == 0,
+              !iova.addingReportingOverflow(size).overflow else { return nil }
+        let (end, o) = mmapOffset.addingReportingOverflow(size)
+        guard !o, end <= UInt64(Int64.max) else { return nil }
+        return Int(exactly: size)
+    }
+
     /// GET_RAM's answer: `returned` entries were written into a buffer of `capacity`; `total` exist. Returns how
     /// many entries to read (never more than the buffer holds) and whether to ask again with a larger buffer.
     public static func ramListCount(returned: UInt32, total: UInt32, capacity: Int) -> (read: Int, retryWith: Int?) {

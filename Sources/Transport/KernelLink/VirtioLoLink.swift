@@ -53,6 +53,10 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         var queueCount = 0
         /// Interrupt eventfds registered with the module (irqfd extension), for passthrough devices.
         var irqFDs: [Int32] = []
+        /// Restricted memory (extension RESTRICTED): the device's pool, the only memory it is given; its rings and
+        /// descriptors carry pool addresses (IOVAs).
+        var restricted = false
+        var pool: GuestMemory?
         init(hostIndex: Int, name: String) { self.hostIndex = hostIndex; self.name = name }
     }
 
@@ -84,6 +88,39 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
     public var hasDeviceStatus: Bool { extensions & UInt64(VIRTIO_LO_EXT_DEVSTATUS) != 0 }
     public var hasIRQFD: Bool { extensions & UInt64(VIRTIO_LO_EXT_IRQFD) != 0 }
     public var hasSyncConfig: Bool { extensions & UInt64(VIRTIO_LO_EXT_SYNC_CONFIG) != 0 }
+    public var hasRestricted: Bool { extensions & UInt64(VIRTIO_LO_EXT_RESTRICTED) != 0 }
+    /// RESTRICT was issued: this fd maps device pools only (System RAM, GET_RAM and unrestricted ADDDEV: EPERM).
+    public private(set) var restrictedOnly = false
+
+    /// VIRTIO_LO_RESTRICT (one-way): from now on the module refuses this fd any memory but the devices' pools.
+    /// For a configuration whose every device is restricted: a bug in a device body (or anything that takes the
+    /// process over later) cannot map kernel memory through the node.
+    public func restrict() throws(DeviceError) {
+        guard fd >= 0, hasRestricted else { throw DeviceError("\(path): the module has no restricted memory (RESTRICTED extension)") }
+        guard lb_ioctl_val(fd, lb_vlo_restrict(), 0) == 0 else { throw DeviceError("\(path): RESTRICT: \(Errno.current)") }
+        restrictedOnly = true
+        Log.info("\(path): restricted: only device pools can be mapped through this node")
+    }
+
+    /// The device's pool, mapped once: one region at the pool's IOVA, backed by the node at its mmap offset.
+    private func mapPool(_ d: Linked) throws(DeviceError) -> GuestMemory {
+        var p = virtio_lo_pool()
+        p.idx = d.kernelIndex
+        guard lb_ioctl_ptr(fd, lb_vlo_get_pool(), &p) == 0 else { throw DeviceError("\(d.name): GET_POOL: \(Errno.current)") }
+        guard let region = VirtioLoLink.checkPool(iova: p.iova, size: p.size, mmapOffset: p.mmap_offset) else {
+            throw DeviceError("\(d.name): GET_POOL: pool 0x\(String(p.iova, radix: 16)) +\(p.size) at offset 0x\(String(p.mmap_offset, radix: 16)) refused")
+        }
+        let m: Mapping
+        do { m = try Mapping(fd: fd, offset: p.mmap_offset, length: region) } catch {
+            throw DeviceError("\(d.name): mmap of its pool (\(p.size) bytes): \(error)")
+        }
+        let info = RegionInfo(guestBase: p.iova, size: p.size, host: m.base, fd: fd, fdOffset: p.mmap_offset,
+                              userAddr: UInt64(UInt(bitPattern: m.base)))
+        let map = m.release()
+        do { return try GuestMemory(regions: [info], mappings: [map], fds: []) } catch {
+            throw DeviceError("\(d.name): pool region refused: \(error)")
+        }
+    }
 
     // MARK: memory
 
@@ -154,9 +191,17 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
 
     /// ADDDEV for host device `index`; blocks until the kernel driver has probed (DRIVER_OK), then activates the
     /// device on the loop. Call from a thread other than the loop's.
-    public func add(_ index: Int) throws(DeviceError) {
+    /// `restricted`: the device gets VIRTIO_LO_DEV_F_RESTRICTED (a pool of `poolKiB` KiB beyond its rings, 0 = the
+    /// module's default) and only its pool is mapped for it; System RAM is mapped only for unrestricted devices.
+    public func add(_ index: Int, restricted: Bool = false, poolKiB: UInt32 = 0) throws(DeviceError) {
         guard fd >= 0 else { throw DeviceError("\(path) is closed") }
-        if memory == nil { try mapMemory() }
+        if restricted {
+            guard hasRestricted else {
+                throw DeviceError("device \(index): restricted-memory needs this project's module with the RESTRICTED extension (\(path) lacks it)")
+            }
+        } else if restrictedOnly {
+            throw DeviceError("device \(index): \(path) maps restricted devices only (every configured device was restricted at start-up); set restricted-memory = true")
+        } else if memory == nil { try mapMemory() }
         let host = self.host
         let name = host.loop.executeAndWait { host.name(index) }
         let info = host.loop.executeAndWait { host.info(index) }
@@ -192,6 +237,11 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
             }
         }
         d.configSize = info.configSize
+        if restricted {
+            dev.flags |= UInt32(VIRTIO_LO_DEV_F_RESTRICTED)
+            dev.pool_kib = poolKiB
+            d.restricted = true
+        }
         // Listed (and, with SYNC_CONFIG, its config eventfd watched) before ADDDEV: the driver's probe writes config
         // while ADDDEV blocks this thread, and the loop answers.
         let listed = host.loop.executeAndWait { () -> DeviceError? in
@@ -220,6 +270,12 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
             d.config = config
             d.offered = info.queueMaxSizes
         }
+        if d.restricted {
+            // Listed and added: a failure here leaves it to removeAll/remove (DELDEV).
+            let pool = try mapPool(d)
+            host.loop.executeAndWait { d.pool = pool }
+            Log.info("\(name): restricted memory: pool of \(pool.regions[0].size >> 10) KiB at IOVA 0x\(String(pool.regions[0].guestBase, radix: 16))")
+        }
         Log.info("\(name): added as virtio-lo device \(dev.idx), driver features 0x\(String(dev.features, radix: 16))")
         let features = VirtioFeatures(rawValue: dev.features)
         let queues: [QueueConfig]
@@ -237,6 +293,9 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
     /// interrupt.
     private func activate(_ d: Linked, features: VirtioFeatures, queues: [QueueConfig]) throws(DeviceError) {
         let i = d.hostIndex
+        // ACCESS_PLATFORM is the transport's (addresses are pool IOVAs, translated by the pool's region), not the
+        // device body's: strip it before the body sees the driver's features.
+        let features = d.restricted ? VirtioFeatures(rawValue: features.rawValue & ~VirtioFeatures.accessPlatform.rawValue) : features
         guard host.setFeatures(i, features) else { throw DeviceError("\(d.name): driver features 0x\(String(features.rawValue, radix: 16)) refused") }
         // The driver may set up fewer queues than offered (virtio_blk: one per CPU); decodeQueues kept the prefix.
         let active = queues
@@ -259,7 +318,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
             }
             if d.irqFDs.count >= active.count { irqs = (0..<active.count).map { .eventfd(d.irqFDs[$0]) } }
         }
-        guard let memory else { throw DeviceError("no memory mapped") }
+        guard let memory = d.restricted ? d.pool : self.memory else { throw DeviceError("\(d.name): no memory mapped") }
         d.queueCount = active.count
         try host.activate(i, queues: active, kickFDs: kicks, interrupts: irqs,
                           configInterrupt: .eventfd(d.configChanged), memory: memory)
@@ -466,6 +525,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
             if lb_ioctl_val(fd, lb_vlo_deldev(), UInt(d.kernelIndex)) != 0 { Log.warning("\(d.name): DELDEV: \(Errno.current)") }
             d.added = false
             closeAll(d)
+            d.pool = nil   // after DELDEV (the module keeps the pool while it is mapped)
         }
         devices = []
         // Unmap only after the devices are gone: the kernel frees the rings at DELDEV.
@@ -492,6 +552,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         }
         if lb_ioctl_val(fd, lb_vlo_deldev(), UInt(d.kernelIndex)) != 0 { Log.warning("\(d.name): DELDEV: \(Errno.current)") }
         closeAll(d)
+        host.loop.executeAndWait { d.pool = nil }
         Log.info("\(d.name): removed (DELDEV of virtio-lo device \(d.kernelIndex))")
     }
 

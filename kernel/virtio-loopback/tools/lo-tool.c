@@ -28,6 +28,12 @@
  *                        kill: a child that ADDDEVs
  *                        without answering is SIGKILLed; it must go at once.
  *
+ *   lo-tool restricted   restricted memory (needs virtio-rng): a restricted
+ *                        rng device's rings and posted buffers are pool
+ *                        addresses, its pool maps and nothing past it does;
+ *                        after VIRTIO_LO_RESTRICT RAM mmap, GET_RAM and an
+ *                        unrestricted ADDDEV fail with EPERM
+ *
  * Build: gcc -static -O2 -Wall -I.. -o lo-tool lo-tool.c -lpthread
  */
 #define _GNU_SOURCE
@@ -497,7 +503,7 @@ static int cmd_bad(void)
 		struct virtio_lo_qinfo q = { .kickfd = -1, .size = 64 };
 		struct virtio_lo_devinfo info = {
 			.device_id = 4, .vendor_id = 0x1af4, .nqueues = 1, .features = F_VERSION_1,
-			.config_size = 16, .config_kick = sfd, .flags = 2, .qinfo = &q,
+			.config_size = 16, .config_kick = sfd, .flags = 4, .qinfo = &q,
 		};
 		struct virtio_lo_cfgwrite w = { .fd = -1, .len = sizeof(buf), .data = (uint64_t)(uintptr_t)buf };
 		int sidx;
@@ -933,12 +939,150 @@ static int cmd_syncconf(const char *mode)
 	return failures ? 1 : 0;
 }
 
+/* ---- restricted memory (extension RESTRICTED) ---- */
+
+#define F_ACCESS_PLATFORM (1ULL << 33)
+
+static int add_restricted(uint64_t features, uint32_t pool_kib, uint32_t flags, int kickfd,
+			  struct virtio_lo_qinfo *q, uint64_t *got)
+{
+	struct virtio_lo_devinfo info = {
+		.device_id = 4, .vendor_id = 0x1af4, .nqueues = 1, .features = features,
+		.flags = flags, .pool_kib = pool_kib, .config_kick = -1, .qinfo = q,
+	};
+	q->kickfd = kickfd;
+	q->size = 64;
+	int r = ioctl(lofd, VIRTIO_LO_ADDDEV, &info);
+	if (got)
+		*got = info.features;
+	return r < 0 ? r : (int)info.idx;
+}
+
+static int in_pool(uint64_t a, uint64_t len, const struct virtio_lo_pool *p)
+{
+	return a >= p->iova && a - p->iova < p->size && len <= p->size - (a - p->iova);
+}
+
+static void check(const char *what, int ok)
+{
+	printf("%s %s\n", ok ? "ok" : "BAD", what);
+	if (!ok)
+		failures++;
+}
+
+/*
+ * The hostile check of restricted mode (needs virtio-rng loaded): a restricted rng device's rings and buffers are
+ * pool addresses; its pool maps, nothing beyond it does; after RESTRICT no RAM, no RAM list, no unrestricted device.
+ */
+static int cmd_restricted(void)
+{
+	struct virtio_lo_ext e;
+	struct virtio_lo_qinfo q = { 0 };
+	struct virtio_lo_pool p = { 0 };
+	struct virtio_lo_mem_range r[4];
+	struct virtio_lo_ramlist l = { .count = 4, .ranges = (uint64_t)(uintptr_t)r };
+	uint64_t feats = 0;
+	int kick = eventfd(0, EFD_CLOEXEC), idx, plain;
+	uint8_t *m;
+
+	if (ioctl(lofd, VIRTIO_LO_GETEXT, &e) < 0)
+		die("GETEXT");
+	check("GETEXT reports RESTRICTED", !!(e.extensions & VIRTIO_LO_EXT_RESTRICTED));
+	if (ioctl(lofd, VIRTIO_LO_GET_RAM, &l) < 0 || l.count == 0)
+		die("GET_RAM");
+	expect_fail("restricted without VERSION_1", add_restricted(0, 0, VIRTIO_LO_DEV_F_RESTRICTED, -1, &q, NULL), EINVAL);
+	expect_fail("pool_kib without RESTRICTED", add_restricted(F_VERSION_1, 64, 0, -1, &q, NULL), EINVAL);
+	expect_fail("pool_kib too large", add_restricted(F_VERSION_1, VIRTIO_LO_POOL_MAX_KIB + 1,
+							 VIRTIO_LO_DEV_F_RESTRICTED, -1, &q, NULL), EINVAL);
+	plain = try_add(4, 1, 64, 0, -1, -1);
+	if (plain < 0)
+		die("ADDDEV (unrestricted rng; is virtio-rng loaded?)");
+	p.idx = plain;
+	expect_fail("GET_POOL of an unrestricted device", ioctl(lofd, VIRTIO_LO_GET_POOL, &p), EINVAL);
+	if (ioctl(lofd, VIRTIO_LO_DELDEV, plain) < 0)
+		die("DELDEV");
+
+	idx = add_restricted(F_VERSION_1, 64, VIRTIO_LO_DEV_F_RESTRICTED, kick, &q, &feats);
+	if (idx < 0)
+		die("ADDDEV restricted");
+	check("driver accepted ACCESS_PLATFORM", !!(feats & F_ACCESS_PLATFORM));
+	p.idx = idx;
+	if (ioctl(lofd, VIRTIO_LO_GET_POOL, &p) < 0)
+		die("GET_POOL");
+	printf("pool: iova 0x%llx size %llu offset 0x%llx\n", (unsigned long long)p.iova,
+	       (unsigned long long)p.size, (unsigned long long)p.mmap_offset);
+	check("pool holds 64 KiB and the ring", p.size >= 64 * 1024 + 4096 && p.size % 4096 == 0);
+	check("rings are pool addresses", in_pool(q.desc, 16 * 64, &p) && in_pool(q.avail, 6 + 2 * 64, &p) &&
+	      in_pool(q.used, 6 + 8 * 64, &p));
+	m = mmap(NULL, p.size, PROT_READ | PROT_WRITE, MAP_SHARED, lofd, p.mmap_offset);
+	check("mmap of the whole pool", m != MAP_FAILED);
+	if (m == MAP_FAILED)
+		return 1;
+	{
+		/* virtio-rng posts its buffer at probe: it must be a pool address too, zeroed. */
+		struct avail *av = (struct avail *)(m + (q.avail - p.iova));
+		struct desc *d = (struct desc *)(m + (q.desc - p.iova));
+		int ok = 1, n = 0;
+
+		for (int t = 0; t < 50 && !av->idx; t++)
+			usleep(20000);
+		for (uint16_t i = 0; i < av->idx && i < 64; i++) {
+			struct desc *x = &d[av->ring[i] % 64];
+			ok &= in_pool(x->addr, x->len, &p);
+			if (ok)
+				for (uint32_t b = 0; b < x->len; b++)
+					ok &= m[x->addr - p.iova + b] == 0;
+			n++;
+		}
+		printf("driver posted %d buffer(s)\n", n);
+		check("posted buffers are zeroed pool addresses", ok);
+	}
+	{
+		void *x = mmap(NULL, p.size + 4096, PROT_READ, MAP_SHARED, lofd, p.mmap_offset);
+		expect_fail("mmap one page past the pool", x == MAP_FAILED ? -1 : 0, EINVAL);
+		x = mmap(NULL, 4096, PROT_READ, MAP_SHARED, lofd, p.mmap_offset + p.size);
+		expect_fail("mmap at the pool's end", x == MAP_FAILED ? -1 : 0, EINVAL);
+		x = mmap(NULL, 4096, PROT_READ, MAP_SHARED, lofd, p.mmap_offset + (1ULL << VIRTIO_LO_POOL_MMAP_SHIFT));
+		expect_fail("mmap of another device's pool", x == MAP_FAILED ? -1 : 0, ENODEV);
+		x = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE, lofd, p.mmap_offset);
+		expect_fail("private mmap of the pool", x == MAP_FAILED ? -1 : 0, EINVAL);
+	}
+	if (ioctl(lofd, VIRTIO_LO_RESTRICT) < 0)
+		die("RESTRICT");
+	{
+		void *x = mmap(NULL, 4096, PROT_READ, MAP_SHARED, lofd, r[0].start);
+		expect_fail("mmap of System RAM after RESTRICT", x == MAP_FAILED ? -1 : 0, EPERM);
+		x = mmap(NULL, 4096, PROT_READ, MAP_SHARED, lofd, 0);
+		expect_fail("mmap of physical page 0 after RESTRICT", x == MAP_FAILED ? -1 : 0, EPERM);
+		expect_fail("GET_RAM after RESTRICT", ioctl(lofd, VIRTIO_LO_GET_RAM, &l), EPERM);
+		expect_fail("unrestricted ADDDEV after RESTRICT", try_add(4, 1, 64, 0, -1, -1), EPERM);
+		x = mmap(NULL, 4096, PROT_READ, MAP_SHARED, lofd, p.mmap_offset);
+		check("the pool still maps after RESTRICT", x != MAP_FAILED);
+		if (x != MAP_FAILED)
+			munmap(x, 4096);
+	}
+	/* The device goes while its pool is mapped: the mapping stays valid until munmap. */
+	if (ioctl(lofd, VIRTIO_LO_DELDEV, idx) < 0)
+		die("DELDEV restricted");
+	{
+		volatile uint8_t *v = m;
+		uint8_t sum = 0;
+
+		for (uint64_t o = 0; o < p.size; o += 4096)
+			sum += v[o];
+		printf("pool readable after DELDEV (%u)\n", sum);
+	}
+	munmap(m, p.size);
+	printf("restricted %s\n", failures ? "FAILED" : "ok");
+	return failures ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
 	const char *node = getenv("VIRTIO_LO_NODE") ? getenv("VIRTIO_LO_NODE") : VIRTIO_LO_DEVICE_NODE;
 
 	if (argc < 2) {
-		fprintf(stderr, "usage: lo-tool serve|ext|bad|adddel|upstream|syncconf ...\n");
+		fprintf(stderr, "usage: lo-tool serve|ext|bad|adddel|upstream|syncconf|restricted ...\n");
 		return 2;
 	}
 	lofd = open(node, O_RDWR | O_CLOEXEC);
@@ -955,6 +1099,8 @@ int main(int argc, char **argv)
 		return cmd_adddel(argc > 2 ? atoi(argv[2]) : 10);
 	if (!strcmp(argv[1], "upstream"))
 		return cmd_upstream();
+	if (!strcmp(argv[1], "restricted"))
+		return cmd_restricted();
 	if (!strcmp(argv[1], "syncconf"))
 		return cmd_syncconf(argc > 2 ? argv[2] : "answer");
 	fprintf(stderr, "unknown command %s\n", argv[1]);

@@ -67,6 +67,10 @@ struct virtio_lo_qinfo {
  *  config_kick  IN   eventfd signalled when the driver writes config space
  *                    (and, extension DEVSTATUS, when the driver status
  *                    changes: reset, DRIVER_OK, FAILED); -1 = none.
+ *  pool_kib     IN   extension RESTRICTED, with VIRTIO_LO_DEV_F_RESTRICTED:
+ *                    KiB of the device's pool for buffers, beyond its rings
+ *                    (0 = the module's default, parameter pool_kib); must be 0
+ *                    without the flag.
  *  flags        IN   extension SYNC_CONFIG: VIRTIO_LO_DEV_F_* (below);
  *                    unknown bits are rejected with EINVAL.  Upstream calls
  *                    this field "padding" and ignores it (so does this module
@@ -87,7 +91,7 @@ struct virtio_lo_devinfo {
 	__u32 config_size;
 	__s32 config_kick;
 	__u32 flags;            /* upstream: padding */
-	__u32 __hole;
+	__u32 pool_kib;         /* RESTRICTED: buffer room; upstream: hole */
 	__u8 *config;
 	struct virtio_lo_qinfo *qinfo;
 };
@@ -139,6 +143,9 @@ struct virtio_lo_kick {
 #define VIRTIO_LO_EXT_KICK_ALL       (1ULL << 6)
 /* ADDDEV flag VIRTIO_LO_DEV_F_SYNC_CONFIG, VIRTIO_LO_CFG_GET, VIRTIO_LO_CFG_ACK */
 #define VIRTIO_LO_EXT_SYNC_CONFIG    (1ULL << 7)
+
+/* ADDDEV flag VIRTIO_LO_DEV_F_RESTRICTED, VIRTIO_LO_GET_POOL, VIRTIO_LO_RESTRICT */
+#define VIRTIO_LO_EXT_RESTRICTED     (1ULL << 8)
 
 /* VIRTIO_LO_GETEXT (24 bytes, all OUT). */
 struct virtio_lo_ext {
@@ -279,5 +286,46 @@ struct virtio_lo_cfgwrite {
 };
 #define VIRTIO_LO_CFG_GET _IOWR('P', 0x45, struct virtio_lo_cfgwrite) /* 0xC0185045 */
 #define VIRTIO_LO_CFG_ACK _IOW('P', 0x46, struct virtio_lo_cfgwrite)  /* 0x40185046 */
+
+/*
+ * Restricted memory (extension RESTRICTED).
+ *
+ * A device added with VIRTIO_LO_DEV_F_RESTRICTED offers VIRTIO_F_ACCESS_PLATFORM
+ * (virtio 1.2 section 6.1: the device accesses memory through the platform's
+ * translation), which its driver always accepts (the virtio core keeps that
+ * transport bit), so virtio_ring maps every buffer through the DMA API.  The
+ * module gives the device DMA operations that bounce through a pool of its own
+ * (pool_kib of buffer room plus its rings), zeroed on every allocation: a
+ * device-readable buffer is copied in at map time (exactly its length), a
+ * device-writable one out at unmap time (exactly the mapped length; a partial
+ * sync copies only that part of the mapping).  Ring and descriptor addresses
+ * are then pool addresses (IOVAs): VIRTIO_LO_POOL_IOVA + offset in the pool,
+ * the same for every device (each device has its own pool).  The device never
+ * sees a kernel address, and user space maps the pool, nothing else:
+ *
+ * VIRTIO_LO_GET_POOL (32 bytes, IN idx, OUT the rest): where device idx's pool
+ * is.  mmap(MAP_SHARED, offset = mmap_offset, length <= size) maps it from
+ * IOVA iova (a page-aligned offset into the pool maps from there on).  Errors:
+ * ENODEV (no such device), EINVAL (not restricted).
+ *
+ * VIRTIO_LO_RESTRICT (no argument): from now on this open file may map pools
+ * only: mmap() of anything else fails with EPERM, ADDDEV without
+ * VIRTIO_LO_DEV_F_RESTRICTED and GET_RAM fail with EPERM.  One-way.  The
+ * module parameter restricted_only=1 makes every open file start so.
+ */
+#define VIRTIO_LO_DEV_F_RESTRICTED  (1U << 1)
+#define VIRTIO_LO_POOL_IOVA         0x10000000000ULL    /* 1 TiB */
+#define VIRTIO_LO_POOL_MMAP_BASE    (1ULL << 60)
+#define VIRTIO_LO_POOL_MMAP_SHIFT   32                  /* offset = base + (idx << shift) */
+#define VIRTIO_LO_POOL_MAX_KIB      (1U << 20)          /* 1 GiB of buffers */
+struct virtio_lo_pool {
+	__u32 idx;
+	__u32 flags;            /* OUT 0 */
+	__u64 iova;
+	__u64 size;             /* bytes, page multiple */
+	__u64 mmap_offset;
+};
+#define VIRTIO_LO_GET_POOL  _IOWR('P', 0x47, struct virtio_lo_pool) /* 0xC0205047 */
+#define VIRTIO_LO_RESTRICT  _IO('P', 0x48)                          /* 0x00005048 */
 
 #endif /* _UAPI_LINUX_VIRTIO_LO_H */
