@@ -13,7 +13,15 @@ open class KernelTarget {
     open func close() {}
 
     /// The virtio devices present now.
-    public static func present() -> Set<String> { Set(Sysfs.list(root).filter { $0.hasPrefix("virtio") }) }
+    /// A restricted device (module extension RESTRICTED) sits under its pool's DMA device: `poolN/virtioM`.
+    public static func present() -> Set<String> {
+        var s = Set<String>()
+        for e in Sysfs.list(root) {
+            if e.hasPrefix("virtio") { s.insert(e) }
+            else if e.hasPrefix("pool") { for v in Sysfs.list("\(root)/\(e)") where v.hasPrefix("virtio") { s.insert("\(e)/\(v)") } }
+        }
+        return s
+    }
 
     /// The kernel device ADDDEV just created (the one new virtioN under /sys/devices/virtio-lo) and its node, as
     /// the type's exposure finds it. The driver registers its node after DRIVER_OK (ADDDEV returns at DRIVER_OK),

@@ -62,4 +62,17 @@ grep -q 'restricted: only device pools' /tmp/loopbackd.log && lb_fail "mixed: no
 hwrng_check 64 /tmp/rnd || lb_fail "mixed: hwrng read"
 odirect check /dev/vda 2M 1M 23 || lb_fail "mixed: O_DIRECT read back"
 loopbackd_stop TERM
+# ab --restricted: the same body with full mapping and with restricted memory, through the kernel's drivers
+# (the README's cost table comes from this with more requests: AB_REQUESTS/AB_ROUNDS)
+for dev in rng0 disk0; do
+  ab_run $dev --driver virtio-lo --restricted --requests ${AB_REQUESTS:-400} --rounds ${AB_ROUNDS:-2}
+  info "ab --restricted $dev: $AB_JSON"
+  [ "$AB_RC" = 0 ] || fail "ab --restricted $dev: exit $AB_RC -- $(tail -n 3 /tmp/ab.err | tr '\n' '|')"
+  case "$AB_JSON" in *'"errors": 0}'*) ;; *) fail "ab --restricted $dev: errors: $AB_JSON";; esac
+  for p in full restricted; do
+    r=$(echo "$AB_JSON" | sed -n "s/.*\"$p\": {[^}]*\"rps\": \([0-9]*\)}.*/\1/p")
+    [ -n "$r" ] && [ "$r" -gt 0 ] || fail "ab --restricted $dev: path $p rps '$r'"
+  done
+done
+[ -z "$(ls /sys/devices/virtio-lo 2>/dev/null | grep -E '^(virtio|pool)')" ] || fail "virtio-lo devices left: $(ls /sys/devices/virtio-lo)"
 pass
