@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/opt/swift/usr/bin:$PATH
 root=$PWD
-targets_all=(split-ring vhost-user-decode vhost-user-server config kernel-link gpio-request vsock-packet console-control input-event sound-request can-request)
+targets_all=(split-ring vhost-user-decode vhost-user-server config kernel-link gpio-request vsock-packet console-control input-event sound-request can-request gpu-command)
 what=${1:-all}
 seconds=${2:-60}
 B=${FUZZ_BUILD_DIR:-$root/.build-fuzz}
@@ -74,7 +74,7 @@ build_target() {
     local t=$1 exe=$B/bin/$1 libs=("$B/obj/libTransport.a") extra=()
     build_lib Transport || return 1
     if [ "$t" = config ] || [ "$t" = gpio-request ] || [ "$t" = vsock-packet ] || [ "$t" = console-control ] \
-        || [ "$t" = input-event ] || [ "$t" = sound-request ] || [ "$t" = can-request ]; then
+        || [ "$t" = input-event ] || [ "$t" = sound-request ] || [ "$t" = can-request ] || [ "$t" = gpu-command ]; then
         build_lib Registry "$B/obj/libTransport.a" || return 1
         libs=("$B/obj/libRegistry.a" "$B/obj/libTransport.a")
         extra=("$B/obj/curing.o" -luring "$B/obj/cgpiod.o" -lgpiod)
