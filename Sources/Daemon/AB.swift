@@ -98,6 +98,7 @@ enum AB {
     /// flight at most and the device's credit respected (`VsockWorkload.flow`).
     static func compareVsockFlow(_ wa: VsockWorkload, _ wb: VsockWorkload, _ d: DeviceConfig, _ o: Options) -> Int32 {
         let depth = o.depth ?? 8, size = o.size ?? 65536
+        guard o.plot == nil else { printErr("loopbackd: error: ab: --plot draws requests, not vsock flows (a table and JSON only)"); return 2 }
         guard size > 0, size <= 65536 else { printErr("loopbackd: error: ab: a vsock packet is 1 to 65536 bytes (--size)"); return 2 }
         let perRun = o.seconds.map { Double($0) / Double(o.rounds) } ?? 1.0
         var rows: [String] = [], json: [String] = [], errors = 0
