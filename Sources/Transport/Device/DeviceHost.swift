@@ -189,6 +189,12 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
         return queues[q].lastAvail
     }
 
+    /// Heads queue `q` will take again before its ring (in-flight record recovered at a resume).
+    public func replayCount(_ i: Int, _ q: Int) -> Int {
+        guard i < slots.count, let queues = slots[i].queues, q < slots[i].queueCount else { return 0 }
+        return queues[q].replayCount
+    }
+
     /// Requests, bytes and errors so far; requests in flight now.
     public func stats(_ i: Int) -> DeviceStats {
         let s = slots[i]
@@ -244,7 +250,8 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
     /// side delivers kicks with `kick(_:_:)` instead.
     public func activate(_ i: Int, queues configs: [QueueConfig], kickFDs: [Int32], interrupts: [Notifier],
                          configInterrupt: Notifier, memory: GuestMemory,
-                         lastAvail: [UInt16]? = nil, usedFromRing: Bool = false) throws(DeviceError) {
+                         lastAvail: [UInt16]? = nil, usedFromRing: Bool = false,
+                         inflightLogs: [UnsafeMutableRawPointer]? = nil) throws(DeviceError) {
         let s = slots[i]
         if s.queues != nil { reset(i) }
         s.kickFDs = kickFDs
@@ -264,6 +271,8 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
                                            interrupt: interrupts[n], lastAvail: lastAvail?[n] ?? 0,
                                            usedFromRing: usedFromRing || passthrough)
                 (q + n).initialize(to: queue)
+                // In-flight record (VDUSE): a resumed queue (usedFromRing) takes its position and replays from it.
+                if let logs = inflightLogs, n < logs.count { q[n].attachInflightLog(logs[n], resume: usedFromRing) }
             } catch {
                 q.deinitialize(count: n)
                 q.deallocate()

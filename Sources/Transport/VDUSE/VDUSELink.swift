@@ -35,6 +35,11 @@ public final class VDUSEDevice: EventHandler {
     private var config: [UInt8] = []
     private var brokenLogged = false
     private var badRequests = 0
+    /// The in-flight record (`SplitQueue.attachInflightLog`): a file in /run, mapped shared, one slot per queue, so
+    /// that a loopbackd started after this one was killed resumes exactly. nil if it could not be made.
+    private var inflightMap: (base: UnsafeMutableRawPointer, length: Int)?
+    private var inflightSlots: [Int] = []
+    public var inflightPath: String { "/run/\(name).vduse-inflight" }
     /// The device is on the vDPA bus (`vdpa dev add` succeeded or it was there already).
     public private(set) var onBus = false
 
@@ -114,6 +119,7 @@ public final class VDUSEDevice: EventHandler {
                 for _ in 0..<n { kicks.append(try FD.eventfd().release()) }
                 configChanged = try FD.eventfd().release()
             } catch { throw DeviceError("\(name): eventfd: \(error)") }
+            mapInflight(fresh: !reopened)
         } catch {
             closeAll(destroy: !reopened)
             throw error
@@ -173,12 +179,36 @@ public final class VDUSEDevice: EventHandler {
         }
     }
 
+    /// Maps (creating it for a new device) the in-flight record; without it a reconnect resumes at the used index.
+    private func mapInflight(fresh: Bool) {
+        var off = 0
+        inflightSlots = offered.map { q in defer { off += (SplitQueue.inflightLogBytes(size: q) + 7) & ~7 }; return off }
+        let length = max(off, 8)
+        let f = open(inflightPath, O_RDWR | O_CLOEXEC | O_NOFOLLOW | (fresh ? O_CREAT | O_TRUNC : 0), 0o600)
+        guard f >= 0 else {
+            Log.warning("\(name): no in-flight record (\(inflightPath): \(Errno.current)): a reconnect resumes at the used index")
+            return
+        }
+        defer { FD.close(f) }
+        var st = stat()
+        guard fstat(f, &st) == 0, st.st_mode & S_IFMT == S_IFREG, fresh || Int(st.st_size) == length,
+              !fresh || ftruncate(f, off_t(length)) == 0 else {
+            Log.warning("\(name): \(inflightPath) does not fit this device: a reconnect resumes at the used index")
+            return
+        }
+        let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0)
+        guard let p, p != MAP_FAILED else { Log.warning("\(name): mmap of \(inflightPath): \(Errno.current)"); return }
+        inflightMap = (p, length)
+    }
+
     private func closeAll(destroy: Bool) {
         for k in kicks { FD.close(k) }
         kicks = []
         if configChanged >= 0 { FD.close(configChanged); configChanged = -1 }
         if fd >= 0 { FD.close(fd); fd = -1 }
+        if let m = inflightMap { munmap(m.base, m.length); inflightMap = nil }
         guard destroy else { return }
+        unlink(inflightPath)
         // The vDPA device is released asynchronously after `dev del`: VDUSE_DESTROY_DEV says EBUSY until then.
         var nameBuf = [CChar](repeating: 0, count: Int(VDUSE_NAME_MAX))
         for (i, c) in name.utf8CString.enumerated() where i < nameBuf.count - 1 { nameBuf[i] = c }
@@ -324,9 +354,14 @@ public final class VDUSEDevice: EventHandler {
         }
         let irqs = (0..<queues.count).map { Notifier.vduseIRQ(fd: fd, queue: Int32($0)) }
         memory = mem
+        let logs = inflightMap.map { m in (0..<queues.count).map { m.base + inflightSlots[$0] } }
         try host.activate(hostIndex, queues: queues, kickFDs: hostKicks, interrupts: irqs,
                           configInterrupt: .eventfd(configChanged), memory: mem,
-                          lastAvail: lastAvail, usedFromRing: resuming)
+                          lastAvail: lastAvail, usedFromRing: resuming, inflightLogs: logs)
+        if resuming, logs != nil {
+            let replayed = (0..<queues.count).reduce(0) { $0 + host.replayCount(hostIndex, $1) }
+            Log.info("\(name): resumed from the in-flight record: \(replayed) request(s) taken again")
+        }
         Log.info("\(name): DRIVER_OK, \(queues.count) queue(s), features 0x\(String(host.features(hostIndex).rawValue, radix: 16)), \(mem.count) IOVA region(s) mapped")
     }
 

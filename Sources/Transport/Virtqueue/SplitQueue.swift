@@ -149,6 +149,16 @@ public struct SplitQueue: ~Copyable {
 
     public static let maxSize: UInt16 = 32768
 
+    /// An in-flight record in memory that outlives this process (VDUSE reconnect; `attachInflightLog`), or nil.
+    /// Layout: u16 next avail index, u16 used index whose heads are cleared, u32 queue size, then one byte per head
+    /// (1: taken from the ring, its completion not yet published).
+    var inflight: UnsafeMutableRawPointer?
+    /// Heads recovered from the record that were in flight when the previous process died: taken again first.
+    var replay: UnsafeMutablePointer<UInt16>?
+    public private(set) var replayCount = 0
+    var lastPopWasReplay = false
+    public static func inflightLogBytes(size: UInt16) -> Int { 8 + Int(size) }
+
     /// Validates ring geometry. `lastAvail` / `used` start from the given values (vhost-user SET_VRING_BASE; after a
     /// reconnect the used index is re-read from the ring so completions are never lost or repeated).
     public init(config c: QueueConfig, maxSize: UInt16, memory: MemoryView, features: VirtioFeatures,
@@ -197,7 +207,7 @@ public struct SplitQueue: ~Copyable {
         }
     }
 
-    deinit { segments.deallocate() }
+    deinit { segments.deallocate(); replay?.deallocate() }
 
     public var isBroken: Bool { fault != nil }
 
@@ -207,13 +217,21 @@ public struct SplitQueue: ~Copyable {
 
     /// Number of chains the driver has made available and we have not consumed (no fault checks).
     public var availIdx: UInt16 { atomic16(avail + 2).pointee.load(ordering: .acquiring) }
-    public var hasAvailable: Bool { fault == nil && !stopped && availIdx != lastAvail }
+    public var hasAvailable: Bool { fault == nil && !stopped && (replayCount > 0 || availIdx != lastAvail) }
 
     // MARK: - Consuming chains
 
     /// Takes the next available chain, fully validated, or nil when the ring is empty or the queue broke.
     public mutating func pop() -> Chain? {
         guard fault == nil, !stopped else { return nil }
+        if replayCount > 0 {
+            let head = replay![replayCount - 1]
+            replayCount -= 1
+            lastPopWasReplay = true
+            if let c = walk(head: head) { taken &+= 1; return c }
+            return nil
+        }
+        lastPopWasReplay = false
         // Acquire: the ring entries and descriptors the driver wrote before bumping avail.idx are visible.
         let idx = atomic16(avail + 2).pointee.load(ordering: .acquiring)
         if idx == lastAvail { return nil }
@@ -224,6 +242,11 @@ public struct SplitQueue: ~Copyable {
         if let c = walk(head: head) {
             lastAvail &+= 1
             taken &+= 1
+            if let log = inflight {
+                // Flag first, then the index: a process killed between the two is recognised by `recoverInflight`.
+                log.storeBytes(of: 1, toByteOffset: 8 + Int(head), as: UInt8.self)
+                log.storeBytes(of: lastAvail, as: UInt16.self)
+            }
             return c
         }
         return nil
@@ -293,7 +316,16 @@ public struct SplitQueue: ~Copyable {
     }
 
     /// Gives back the last popped chain (a device that cannot take it now, e.g. no free request slot).
-    public mutating func undoPop() { lastAvail &-= 1; taken &-= 1 }
+    public mutating func undoPop() {
+        taken &-= 1
+        if lastPopWasReplay { replayCount += 1; return }   // the head is still in the replay buffer
+        lastAvail &-= 1
+        if let log = inflight {
+            let head = (avail + 4 + 2 * Int(lastAvail & mask)).load(as: UInt16.self).littleEndian
+            log.storeBytes(of: lastAvail, as: UInt16.self)
+            if head < size { log.storeBytes(of: 0, toByteOffset: 8 + Int(head), as: UInt8.self) }
+        }
+    }
 
     // MARK: - Returning chains
 
@@ -321,6 +353,17 @@ public struct SplitQueue: ~Copyable {
         // Release: the used elements (and the data written into buffers) are visible before the index.
         atomic16(used + 2).pointee.store(new, ordering: .releasing)
         publishedUsed = new
+        if let log = inflight {
+            // The driver has these heads back: clear them, then say so (a process killed in between leaves used.idx
+            // ahead of the record's used index, and `recoverInflight` clears the rest).
+            var i = old
+            while i != new {
+                let id = (used + 4 + 8 * Int(i & mask)).load(as: UInt32.self).littleEndian
+                if id < UInt32(size) { log.storeBytes(of: 0, toByteOffset: 8 + Int(id), as: UInt8.self) }
+                i &+= 1
+            }
+            log.storeBytes(of: new, toByteOffset: 2, as: UInt16.self)
+        }
         // Full fence: our used.idx store must be ordered before the load of used_event / avail.flags, or we could
         // miss a driver that just re-enabled interrupts (the store-load case release/acquire does not cover).
         atomicMemoryFence(ordering: .sequentiallyConsistent)
@@ -389,7 +432,7 @@ public struct SplitQueue: ~Copyable {
                 }
                 chains &+= 1
                 if chains >= SplitQueue.chainBudget || bytes >= SplitQueue.byteBudget {
-                    if fault == nil && availIdx != lastAvail { yielded = true }
+                    if fault == nil && (replayCount > 0 || availIdx != lastAvail) { yielded = true }
                     publish()
                     if yielded { return }
                     chains = 0
@@ -403,5 +446,62 @@ public struct SplitQueue: ~Copyable {
             if rechecks >= 64 { yielded = true; break }
         }
         publish()
+    }
+
+    // MARK: - In-flight record (a restarted device process resumes exactly; VDUSE reconnect)
+
+    /// Records this queue's in-flight heads at `log` (`inflightLogBytes(size:)` bytes of memory that outlives the
+    /// process, e.g. a file in /run mapped shared). `resume` false: a fresh queue, the record is reset. `resume`
+    /// true: the queue was built on rings a killed process was serving (`usedFromRing`): the next avail index and
+    /// the heads that were taken but never completed come from the record (`recoverInflight`), and those heads are
+    /// taken again before the ring. Returns false (record reset, queue unchanged) when the record does not fit the
+    /// ring (another size, or indexes further apart than the ring).
+    @discardableResult
+    public mutating func attachInflightLog(_ log: UnsafeMutableRawPointer, resume: Bool) -> Bool {
+        inflight = log
+        if replay == nil { replay = .allocate(capacity: Int(size)) }
+        if resume, let r = SplitQueue.recoverInflight(log: log, size: size, avail: avail, used: used,
+                                                      availIdx: availIdx, usedIdx: nextUsed) {
+            lastAvail = r.lastAvail
+            replayCount = 0
+            for h in r.heads { replay![replayCount] = h; replayCount += 1 }
+            return true
+        }
+        log.storeBytes(of: lastAvail, as: UInt16.self)
+        log.storeBytes(of: nextUsed, toByteOffset: 2, as: UInt16.self)
+        log.storeBytes(of: UInt32(size), toByteOffset: 4, as: UInt32.self)
+        (log + 8).initializeMemory(as: UInt8.self, repeating: 0, count: Int(size))
+        return !resume
+    }
+
+    /// What a killed process left: (1) used entries it published but had not cleared in the record (used.idx ahead
+    /// of the record's used index) are cleared; (2) a head flagged but whose avail index was not yet stored is the
+    /// one at the record's next avail slot (a correct driver never makes a head available again while the device
+    /// holds it), so that slot counts as taken; (3) the heads still flagged were taken and never completed. Pure
+    /// apart from the clearing in (1) (unit-tested). Nil if the record is not for this ring.
+    static func recoverInflight(log: UnsafeMutableRawPointer, size: UInt16, avail: UnsafeMutableRawPointer,
+                                used: UnsafeMutableRawPointer, availIdx: UInt16, usedIdx: UInt16)
+        -> (lastAvail: UInt16, heads: [UInt16])? {
+        let mask = size &- 1
+        guard log.load(fromByteOffset: 4, as: UInt32.self) == UInt32(size) else { return nil }
+        var lastAvail = log.load(as: UInt16.self)
+        var cleared = log.load(fromByteOffset: 2, as: UInt16.self)
+        guard usedIdx &- cleared <= size, availIdx &- lastAvail <= size, lastAvail &- usedIdx <= size else { return nil }
+        while cleared != usedIdx {
+            let id = (used + 4 + 8 * Int(cleared & mask)).load(as: UInt32.self).littleEndian
+            if id < UInt32(size) { log.storeBytes(of: 0, toByteOffset: 8 + Int(id), as: UInt8.self) }
+            cleared &+= 1
+        }
+        log.storeBytes(of: cleared, toByteOffset: 2, as: UInt16.self)
+        if availIdx != lastAvail {
+            let h = (avail + 4 + 2 * Int(lastAvail & mask)).load(as: UInt16.self).littleEndian
+            if h < size && log.load(fromByteOffset: 8 + Int(h), as: UInt8.self) == 1 {
+                lastAvail &+= 1
+                log.storeBytes(of: lastAvail, as: UInt16.self)
+            }
+        }
+        var heads: [UInt16] = []
+        for h in 0..<size where log.load(fromByteOffset: 8 + Int(h), as: UInt8.self) == 1 { heads.append(h) }
+        return (lastAvail, heads)
     }
 }

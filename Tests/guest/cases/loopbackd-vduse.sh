@@ -34,6 +34,7 @@ info "$(grep -m1 DRIVER_OK /tmp/loopbackd.log)"
 loopbackd_stop TERM
 wait_for 10 gone /dev/vda || fail "/dev/vda still present after SIGTERM"
 gone /dev/vduse/loopbackd-disk0 || fail "/dev/vduse/loopbackd-disk0 still present after SIGTERM (no VDUSE_DESTROY_DEV)"
+gone /run/loopbackd-disk0.vduse-inflight || fail "in-flight record left after SIGTERM"
 odirect checkb /tmp/disk0.img 2M 1M 21 || fail "backing file does not hold the data after SIGTERM"
 
 # restart: a new device, the data is still there
@@ -52,6 +53,7 @@ kill -0 $READER 2>/dev/null && info "after SIGKILL: a read waits for the device 
 # restart: loopbackd reopens /dev/vduse/loopbackd-disk0 and resumes the rings
 loopbackd_start
 wait_for 20 grep -q "reconnect" /tmp/loopbackd.log || lb_fail "no reconnect"
+wait_for 5 grep -q "resumed from the in-flight record" /tmp/loopbackd.log || lb_fail "not resumed from the in-flight record"
 info "$(grep -m2 -i reconnect /tmp/loopbackd.log | tr '\n' '|')"
 i=0; while kill -0 $READER 2>/dev/null && [ $i -lt 100 ]; do usleep 100000; i=$((i+1)); done
 kill -0 $READER 2>/dev/null && lb_fail "the read waiting since SIGKILL did not complete after reconnect"
@@ -68,6 +70,7 @@ for round in 1 2; do
   usleep 300000
   loopbackd_start
   wait_for 20 grep -q "reconnected to the running device" /tmp/loopbackd.log || lb_fail "mid-I/O round $round: no reconnect"
+  info "mid-I/O round $round: $(grep -m1 'in-flight record' /tmp/loopbackd.log)"
   i=0; while kill -0 $R 2>/dev/null && [ $i -lt 200 ]; do usleep 100000; i=$((i+1)); done
   wait $R || lb_fail "mid-I/O round $round: readers: $(cat /tmp/r.log)"
   kill $W; wait $W 2>/dev/null
