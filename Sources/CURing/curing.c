@@ -12,7 +12,10 @@ int lb_uring_create(unsigned entries, int event_fd, struct lb_uring **out) {
     int e = io_uring_queue_init(entries, &r->ring, 0);
     if (e < 0) { free(r); return e; }
     if (event_fd >= 0) {
-        e = io_uring_register_eventfd(&r->ring, event_fd);
+        // "async": the eventfd signals only completions posted after io_uring_enter returned. What io_uring
+        // completes inline while submitting (a read from the page cache) the caller reaps right after the submit
+        // (BlockDevice.submitAndReap), in the same loop turn, without an eventfd wake-up and read for it.
+        e = io_uring_register_eventfd_async(&r->ring, event_fd);
         if (e < 0) { io_uring_queue_exit(&r->ring); free(r); return e; }
     }
     *out = r;

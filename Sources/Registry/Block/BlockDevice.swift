@@ -258,9 +258,8 @@ public final class BlockDevice: VirtioDevice, EventHandler {
 
     public func queueNotified(_ index: Int) {
         guard queues != nil, index < queueCount else { return }
-        if blocked[index] { return }   // resumed when a completion frees a slot
-        process(index)
-        submit()
+        if !blocked[index] { process(index) }   // a blocked queue resumes when a completion frees a slot
+        submitAndReap()
     }
 
     /// Waits until the kernel is done with every request (it writes into guest memory), then forgets the queues.
@@ -291,7 +290,23 @@ public final class BlockDevice: VirtioDevice, EventHandler {
         _ = FD.drain(eventFD)   // before reaping: a CQE posted after our last peek signals again
         reap()
         resumeBlocked()
-        submit()
+        submitAndReap()
+    }
+
+    /// Submits the queued SQEs and completes at once what io_uring finished inline. The ring's eventfd signals only
+    /// completions posted later (registered "async", curing.c), so every submit must be followed by this reap
+    /// before the loop sleeps, or an inline completion would never be seen. Inline completions free slots, which may
+    /// let a blocked queue queue more: a few rounds, then another turn of the loop for the rest.
+    private func submitAndReap() {
+        var rounds = 0
+        repeat {
+            submit()
+            reap()
+            resumeBlocked()
+            rounds += 1
+        } while unsubmitted > 0 && rounds < 4
+        // Still queued (io_uring said EAGAIN/EBUSY, or four rounds of inline completions): run again next turn.
+        if unsubmitted > 0 && queueCount > 0 { faults.again(queue: 0) }
     }
 
     // MARK: Queue processing
