@@ -1,6 +1,6 @@
 // libFuzzer target: the kernel link's pure decoding (Sources/Transport/KernelLink/KernelLinkDecode.swift): the
 // /proc/iomem parser, the RAM range checks, the queue table from ADDDEV/GET_QUEUE, the GET_RAM count logic and the
-// GETEXT classification. Oracles: no trap; every accepted RAM range is page aligned, non-empty, does not wrap and
+// GETEXT classification, GET_POOL's answer. Oracles: no trap; every accepted RAM range is page aligned, non-empty, does not wrap and
 // fits an mmap offset; every decoded queue is a power of two within what was offered, with rings that do not wrap.
 import Glibc
 import Transport
@@ -53,6 +53,12 @@ public func kernelLinkFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             }
         }
         _ = KernelFlavor.classify(probeErrno: Int32(bitPattern: f.u32()), version: f.u32(), extensions: f.u64()).deleteWithDELDEV
+        // GET_POOL's answer (restricted memory): an accepted pool maps exactly its size, page-aligned, no wrap.
+        let (iova, psize, off) = (f.u64(), f.u64(), f.u64())
+        if let n = VirtioLoLink.checkPool(iova: iova, size: psize, mmapOffset: off) {
+            fuzzCheck(UInt64(n) == psize && psize > 0 && psize % 4096 == 0 && off % 4096 == 0 && iova != 0, "checkPool \(iova) \(psize) \(off)")
+            fuzzCheck(!iova.addingReportingOverflow(psize).overflow && off <= UInt64(Int64.max) - psize, "checkPool wraps: \(iova) \(psize) \(off)")
+        }
     }
     return 0
 }

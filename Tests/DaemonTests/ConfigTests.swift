@@ -81,6 +81,22 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(d.devices[0].shape.deviceID, 4)
     }
 
+    func testRestrictedMemoryOptions() throws {
+        let c = try DaemonConfig.parse(TOML.parse("[daemon]\ntransport = \"virtio-lo\"\nrestricted-memory = true\n"
+            + "[device.r]\ntype = \"rng\"\n[device.d]\ntype = \"blk\"\npath = \"/x\"\nrestricted-memory = false\npool-kib = 2048\n",
+            file: "t"))
+        XCTAssertTrue(c.restrictedMemory)
+        XCTAssertNil(c.devices[0].restrictedMemory, "unset: the [daemon] default applies")
+        XCTAssertEqual(c.devices[0].poolKiB, 0, "0: the module's default")
+        XCTAssertEqual(c.devices[1].restrictedMemory, false)
+        XCTAssertEqual(c.devices[1].poolKiB, 2048)
+        XCTAssertFalse(try DaemonConfig.parse(TOML.parse("[device.r]\ntype = \"rng\"\n", file: "t")).restrictedMemory, "off by default")
+        expectError("[device.r]\ntype = \"rng\"\npool-kib = 8\n", line: 3, "between 16 and 1048576")
+        expectError("[device.r]\ntype = \"rng\"\npool-kib = 2097152\n", line: 3, "between 16 and 1048576")
+        expectError("[device.r]\ntype = \"rng\"\nrestricted-memory = \"yes\"\n", line: 3, "expected a boolean")
+        expectError("[daemon]\nrestricted-memory = 1\n[device.r]\ntype = \"rng\"\n", line: 2, "expected a boolean")
+    }
+
     func testBrokenCopyExitsTwoWithFileAndLine() {
         // The "done when" check: a broken copy of the shipped file exits 2 with FILE:LINE.
         let fd = open(shipped, O_RDONLY)
