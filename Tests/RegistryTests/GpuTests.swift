@@ -300,6 +300,7 @@ final class GpuTests: XCTestCase {
         XCTAssertTrue(c.visible); XCTAssertEqual([c.hotX, c.hotY, c.x, c.y, c.firstPixel], [3, 4, 100, 200, 0xff11_2233])
         r = try cursor(VirtioGPU.cmdMoveCursor, 1, 300, 400, 0)
         XCTAssertEqual(loop.executeAndWait { self.rec.moves.last.map { [$0.0, $0.1] } }, [300, 400])
+        XCTAssertTrue(loop.executeAndWait { self.dev.command(["info"]) }.text.contains("cursor=20@300,400"))
         // With room, a response is written: errors for a bad scanout, a resource that is not 64×64, a bad hot spot.
         try create(21, .b8g8r8a8, 32, 32)
         XCTAssertEqual(try cursor(VirtioGPU.cmdUpdateCursor, 9, 0, 0, 20, room: 24).type, VirtioGPU.respErrInvalidScanoutID)
@@ -342,6 +343,7 @@ final class GpuTests: XCTestCase {
             XCTAssertFalse(loop.executeAndWait { self.dev.command(bad) }.ok, "\(bad)")
         }
         XCTAssertTrue(loop.executeAndWait { self.dev.command(["info"]) }.text.contains("scanout 1 mode=1024x768 connected=yes"))
+        XCTAssertTrue(loop.executeAndWait { self.dev.command(["info"]) }.text.contains("resource=0 rect=0x0+0+0 cursor=0@0,0 output=recording"))
     }
 
     func testResetFreesEveryResource() throws {

@@ -523,7 +523,7 @@ public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice {
             var lines: [String] = ["resources=\(resourceCount) memory=\(memoryUsed) budget=\(memoryBudget) commands=\(commands) errors=\(errors) transfers=\(transfers) flushes=\(flushes)"]
             for i in 0..<scanoutCount {
                 let s = scanouts[i]
-                lines.append("scanout \(i) mode=\(s.mode.width)x\(s.mode.height) connected=\(s.connected ? "yes" : "no") resource=\(s.resource) rect=\(s.rect.width)x\(s.rect.height)+\(s.rect.x)+\(s.rect.y) output=\(outputs[i].describe)")
+                lines.append("scanout \(i) mode=\(s.mode.width)x\(s.mode.height) connected=\(s.connected ? "yes" : "no") resource=\(s.resource) rect=\(s.rect.width)x\(s.rect.height)+\(s.rect.x)+\(s.rect.y) cursor=\(s.cursorResource)@\(s.cursorX),\(s.cursorY) output=\(outputs[i].describe)")
             }
             return (true, lines.joined(separator: "\n"))
         default:

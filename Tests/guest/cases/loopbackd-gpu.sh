@@ -1,4 +1,5 @@
 # virtio-gpu through the module with the kernel's own virtio-gpu DRM driver (fbdev emulation and fbcon built in).
+# The first client also sets a 64x64 cursor and moves it: loopbackd reports the moved position (cursor queue).
 # loopbackd serves a gpu with one 800x600 scanout and a file output (/tmp/gpu-0.ppm, at most every 50 ms, the last
 # flushed frame always). gputool (Tests/guest/tools/gputool.c, DRM ioctls only) makes a dumb buffer of the
 # connector's preferred mode (the EDID's), XRGB8888 (virtio-gpu B8G8R8X8), fills it with a known pattern, SET_CRTC +
@@ -39,8 +40,8 @@ up() { # $1 = tag: the DRM card of the virtio device, its connector connected wi
   wait_for 10 sh -c "gputool modes $CARD | grep -q 'connected ${W}x${H}'" || lb_fail "$1: connector: $(gputool modes $CARD 2>&1 | tr '\n' '|')"
   info "$1: $CARD $(gputool modes $CARD | head -1)"
 }
-draw() { # $1 = seed: the pattern on screen (held by gputool), then the PPM equals it
-  bg_start /tmp/draw$1.log gputool draw "$CARD" "$1" 600
+draw() { # $1 = seed [$2 $3 = cursor position]: the pattern on screen (held by gputool), then the PPM equals it
+  bg_start /tmp/draw$1.log gputool draw "$CARD" "$1" 600 ${2:+$2 $3}
   DRAW=$BGPID
   wait_for 20 grep -q READY /tmp/draw$1.log || lb_fail "draw $1: $(cat /tmp/draw$1.log | tr '\n' '|')"
   grep -q "MODE $W $H" /tmp/draw$1.log || fail "draw $1: preferred mode $(head -1 /tmp/draw$1.log), want $W $H"
@@ -51,7 +52,11 @@ undraw() { kill $DRAW 2>/dev/null; wait $DRAW 2>/dev/null; DRAW=; }
 
 up start
 [ -c /dev/fb0 ] && info "fbdev emulation: /dev/fb0 ($(cat /sys/class/graphics/fb0/name 2>/dev/null))"
-draw 1
+draw 1 100 50
+# the cursor (the driver's cursor plane: UPDATE_CURSOR, then MOVE_CURSOR on the cursor queue) is at the moved position
+cursor_at() { loopbackd ctl --socket /tmp/ctl.sock device gpu0 info 2>/dev/null | grep -q "^scanout 0 .* cursor=[1-9][0-9]*@$1,$2 "; }
+wait_for 10 cursor_at 110 70 || lb_fail "cursor: $(loopbackd ctl --socket /tmp/ctl.sock device gpu0 info 2>&1 | tr '\n' '|')"
+info "cursor: $(loopbackd ctl --socket /tmp/ctl.sock device gpu0 info | grep -o 'cursor=[^ ]*')"
 undraw
 # fbcon takes the scanout back when the DRM client closes; a new client draws again
 draw 2

@@ -1,10 +1,13 @@
 // gputool: the guest side of the gpu case, through DRM/KMS ioctls only (no libdrm; the structures below are the
 // kernel's uapi/drm/drm.h and drm_mode.h, stable ABI).
-//   gputool draw /dev/dri/cardN SEED SECONDS   find a connected connector and its first (preferred) mode, make a
+//   gputool draw /dev/dri/cardN SEED SECONDS [X Y]
+//                                               find a connected connector and its first (preferred) mode, make a
 //                                               dumb buffer of that size (XRGB8888: virtio-gpu's B8G8R8X8), fill it
-//                                               with pattern(SEED), SET_CRTC it, DIRTYFB the whole frame; print
-//                                               "MODE W H" and "READY", then hold the buffer (and DRM master) for
-//                                               SECONDS; "redraw" on stdin is not read: a second draw is a second run
+//                                               with pattern(SEED), SET_CRTC it, DIRTYFB the whole frame; with X Y
+//                                               also a 64x64 ARGB8888 cursor (the legacy cursor ioctl: the driver's
+//                                               cursor plane, UPDATE_CURSOR on the cursor queue) at (X, Y), then
+//                                               moved to (X + 10, Y + 20) (MOVE_CURSOR); print "MODE W H" and "READY",
+//                                               then hold the buffers (and DRM master) for SECONDS
 //   gputool check FILE.ppm W H SEED            the PPM (P6, 8-bit) is W x H and equals pattern(SEED) in RGB
 //   gputool modes /dev/dri/cardN               print each connector's status and modes ("CONN id connected WxH ...")
 // pattern(SEED) at (x, y): R = x & 255, G = y & 255, B = ((x >> 8) | (y >> 8) << 4) ^ SEED: every row and column
@@ -47,10 +50,12 @@ struct drm_mode_crtc {
 };
 struct drm_mode_fb_dirty_cmd { uint32_t fb_id, flags, color, num_clips; uint64_t clips_ptr; };
 struct drm_clip_rect { uint16_t x1, y1, x2, y2; };
+struct drm_mode_cursor { uint32_t flags, crtc_id; int32_t x, y; uint32_t width, height, handle; };
 
 #define DRM_IOCTL_SET_MASTER _IO('d', 0x1e)
 #define DRM_IOCTL_MODE_GETRESOURCES _IOWR('d', 0xA0, struct drm_mode_card_res)
 #define DRM_IOCTL_MODE_SETCRTC _IOWR('d', 0xA2, struct drm_mode_crtc)
+#define DRM_IOCTL_MODE_CURSOR _IOWR('d', 0xA3, struct drm_mode_cursor)
 #define DRM_IOCTL_MODE_GETCONNECTOR _IOWR('d', 0xA7, struct drm_mode_get_connector)
 #define DRM_IOCTL_MODE_ADDFB _IOWR('d', 0xAE, struct drm_mode_fb_cmd)
 #define DRM_IOCTL_MODE_DIRTYFB _IOWR('d', 0xB1, struct drm_mode_fb_dirty_cmd)
@@ -105,7 +110,7 @@ static struct drm_mode_get_connector connector(int fd, uint32_t *crtc, struct dr
     return found;
 }
 
-static int draw(const char *dev, int seed, int seconds) {
+static int draw(const char *dev, int seed, int seconds, int cx, int cy) {
     int fd = open(dev, O_RDWR | O_CLOEXEC);
     if (fd < 0) die(dev);
     xioctl(fd, DRM_IOCTL_SET_MASTER, 0);   // already master when nobody else holds it
@@ -138,6 +143,20 @@ static int draw(const char *dev, int seed, int seconds) {
     struct drm_clip_rect clip = { 0, 0, (uint16_t)w, (uint16_t)h };
     struct drm_mode_fb_dirty_cmd dirty = { .fb_id = fb.fb_id, .num_clips = 1, .clips_ptr = (uintptr_t)&clip };
     if (xioctl(fd, DRM_IOCTL_MODE_DIRTYFB, &dirty) && errno != ENOSYS) die("DIRTYFB");
+    if (cx >= 0) {
+        // A 64x64 cursor image: opaque, colour from the seed.
+        struct drm_mode_create_dumb cc = { .height = 64, .width = 64, .bpp = 32 };
+        if (xioctl(fd, DRM_IOCTL_MODE_CREATE_DUMB, &cc)) die("CREATE_DUMB cursor");
+        struct drm_mode_map_dumb cm = { .handle = cc.handle };
+        if (xioctl(fd, DRM_IOCTL_MODE_MAP_DUMB, &cm)) die("MAP_DUMB cursor");
+        uint32_t *cp = mmap(0, cc.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, cm.offset);
+        if (cp == MAP_FAILED) die("mmap cursor");
+        for (int k = 0; k < 64 * 64; k++) cp[k] = 0xff000000u | (uint32_t)seed * 0x010203u;
+        struct drm_mode_cursor cur = { .flags = 1 /* BO */, .crtc_id = crtc, .x = cx, .y = cy, .width = 64, .height = 64, .handle = cc.handle };
+        if (xioctl(fd, DRM_IOCTL_MODE_CURSOR, &cur)) die("CURSOR");
+        struct drm_mode_cursor mv = { .flags = 2 /* MOVE */, .crtc_id = crtc, .x = cx + 10, .y = cy + 20 };
+        if (xioctl(fd, DRM_IOCTL_MODE_CURSOR, &mv)) die("CURSOR move");
+    }
     printf("MODE %d %d\nREADY\n", w, h);
     fflush(stdout);
     sleep(seconds);
@@ -171,7 +190,8 @@ static int check(const char *file, int w, int h, int seed) {
 }
 
 int main(int argc, char **argv) {
-    if (argc == 5 && !strcmp(argv[1], "draw")) return draw(argv[2], atoi(argv[3]), atoi(argv[4]));
+    if (argc == 5 && !strcmp(argv[1], "draw")) return draw(argv[2], atoi(argv[3]), atoi(argv[4]), -1, -1);
+    if (argc == 7 && !strcmp(argv[1], "draw")) return draw(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]), atoi(argv[6]));
     if (argc == 6 && !strcmp(argv[1], "check")) return check(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
     if (argc == 3 && !strcmp(argv[1], "modes")) {
         int fd = open(argv[2], O_RDWR | O_CLOEXEC);
@@ -180,6 +200,6 @@ int main(int argc, char **argv) {
         connector(fd, &crtc, &m, 1);
         return 0;
     }
-    fprintf(stderr, "usage: gputool draw DEV SEED SECONDS | check FILE.ppm W H SEED | modes DEV\n");
+    fprintf(stderr, "usage: gputool draw DEV SEED SECONDS [X Y] | check FILE.ppm W H SEED | modes DEV\n");
     return 2;
 }
