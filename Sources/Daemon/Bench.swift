@@ -129,6 +129,7 @@ enum Bench {
     }
 
     static func run(_ config: DaemonConfig, _ o: Options) -> Int32 {
+        if o.concurrent { return BenchConcurrent.run(config, o) }
         let withWorkload = Set(DeviceRegistry.standard.types.values.filter { $0.workload != nil }.map(\.name))
         let chosen = config.devices.filter { withWorkload.contains($0.type) && (o.device == nil || $0.name == o.device) }
         guard !chosen.isEmpty else {

@@ -17,6 +17,8 @@ public struct Options: Equatable {
     /// ab with a vsock device and --socket: the back-end's hybrid vsock path (its driver connections reach PATH_PORT).
     public var udsPath: String?
     public var poll = false
+    /// bench: every device of the file at once on one event loop (one driver thread per device).
+    public var concurrent = false
     public var relay = false
     public var direct = false
     /// ab --driver virtio-lo --restricted: the second path is the same body in-process with restricted memory.
@@ -90,6 +92,7 @@ public struct Options: Equatable {
             case "--socket": o.socket = try value(a)
             case "--uds-path": o.udsPath = try value(a)
             case "--poll": o.poll = true
+            case "--concurrent": o.concurrent = true
             case "--relay": o.relay = true
             case "--direct": o.direct = true
             case "--restricted": o.restricted = true
@@ -123,6 +126,7 @@ public struct Options: Equatable {
     usage: loopbackd [-c FILE] [--log-level LEVEL] [--duration SECONDS]
            loopbackd --check -c FILE
            loopbackd bench [-c FILE] [--device NAME] [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
+           loopbackd bench --concurrent [-c FILE] [--seconds S] [--json]
            loopbackd ab -c FILE --device NAME [--socket PATH [--uds-path PATH]] [--driver sim|virtio-lo|auto] [--poll] [--relay | --direct | --restricted]
                         [--rounds N] [--requests N | --seconds S] [--depth N] [--size BYTES] [--plot FILE.svg] [--json]
            loopbackd ctl [--socket PATH | -c FILE] [--json] status | stats | add [TOML] | remove NAME | reload | device NAME WORD...
@@ -143,6 +147,10 @@ public struct Options: Equatable {
            reconnect); --direct: both straight between driver and backend (reconnect = "reset"); --relay: both
            through loopbackd without the shadow ring, like the original adapter; --restricted (kernel driver only):
            full RAM mapping against restricted memory (the module's bounce pool), both in-process
+    bench --concurrent: every device of FILE with a workload at once, all on one event loop (pinned to the first
+           CPU when there are two or more), one simulated driver thread per device doing queue-depth-1 round trips
+           in notify mode for S seconds (default 5) after 1 s of warm-up: per-device req/s, p50/p99/max, the
+           aggregate, fairness within each type (slowest/fastest device) and the loop thread's CPU use
     bench and ab measure queue-depth-1 latency by default; any of these selects throughput mode (MB/s, IOPS and
     p50/p99 latency at that depth, per path and mode):
       --depth N             requests in flight per queue (1 to 1024; default 1)

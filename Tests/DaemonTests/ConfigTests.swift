@@ -123,6 +123,22 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(Daemon.main(arguments: ["--version"]), 0)
     }
 
+    /// `bench --concurrent`: every device of the file at once on one loop; each one serves its driver (no device
+    /// starved: every one completes requests) and the run reports no errors.
+    func testBenchConcurrentServesEveryDevice() throws {
+        let dir = "/tmp/loopbackd-conc-\(getpid())"
+        mkdir(dir, 0o700)
+        defer { for f in ["d.img", "c.conf"] { unlink("\(dir)/\(f)") }; rmdir(dir) }
+        let path = "\(dir)/c.conf"
+        let text = "[daemon]\ntransport = \"sim\"\n[device.r0]\ntype = \"rng\"\n[device.r1]\ntype = \"rng\"\n"
+            + "[device.d0]\ntype = \"blk\"\npath = \"\(dir)/d.img\"\ncreate-mib = 4\n[device.i0]\ntype = \"i2c\"\nsimulated = true\n"
+        let fd = open(path, O_CREAT | O_TRUNC | O_WRONLY, 0o600)
+        XCTAssertEqual(text.utf8.count, text.withCString { write(fd, $0, strlen($0)) })
+        close(fd)
+        XCTAssertEqual(try Options.parse(["bench", "--concurrent"]).concurrent, true)
+        XCTAssertEqual(Daemon.main(arguments: ["bench", "--concurrent", "-c", path, "--seconds", "1", "--json"]), 0)
+    }
+
     func testRunStopsAfterDurationWithWorkingDevices() throws {
         // The sim transport end to end through the daemon's own wiring (the demo a person sees).
         let img = "/tmp/loopbackd-test-\(getpid()).img"

@@ -70,6 +70,8 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     public var isLoopThread: Bool { threadID != 0 && lb_gettid() == threadID }
+    /// The loop thread's Linux thread id while it runs (0 otherwise): for its CPU time in /proc (bench).
+    public var loopThreadID: Int32 { threadID }
 
     // MARK: registration (loop thread)
 
