@@ -203,7 +203,10 @@ extension VsockWorkload {
                 let b = driver.alloc(VirtioVsock.headerSize + size)
                 let p = driver.host(b) + VirtioVsock.headerSize
                 for i in 0..<size { (p + i).storeBytes(of: UInt8(truncatingIfNeeded: i &* 13 | 1), as: UInt8.self) }
-                guard let h = txq.addChain(readable: [(b, UInt32(VirtioVsock.headerSize + size))], writable: []) else { res.errors = 1; return res }
+                guard let h = txq.addChain(readable: [(b, UInt32(VirtioVsock.headerSize + size))], writable: []) else {
+                    Log.error("vsock flow: depth \(depth) needs \(depth + 1) free transmit descriptors; the queue (size \(txq.size)) has fewer")
+                    res.errors = 1; return res
+                }
                 heads.append(h); bufs.append(b)
             }
             let cb = driver.alloc(VirtioVsock.headerSize)
