@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Footprint of the release binary (issue "near the floor", item 3): stripped size, whether the standard library's
 # regex/string-processing modules crept back in, start-up time from exec to READY=1 (systemd notify protocol: every
-# device open and listening), idle RSS (total and anonymous) with three served devices. Each start-up figure is the
-# median of N runs. Usage: scripts/footprint.sh [BINARY] [RUNS]   (default .build/release/loopbackd, 20)
+# device open and listening), idle RSS (total and anonymous) with three served devices, then per device type: the
+# code and data its folder compiles to (Sources/Registry/TYPE/*.o of the release build, before linking) and the
+# anonymous memory of a loopbackd serving one device of that type, idle (no front-end). Each start-up figure is
+# the median of N runs. Usage: scripts/footprint.sh [BINARY] [RUNS]   (default .build/release/loopbackd, 20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "${1:-.build/release/loopbackd}"); runs=${2:-20}
@@ -64,3 +66,31 @@ print(f"idle RSS (3 served devices, 1 s after READY): {st['VmRSS']} total, {st['
       f"{st['RssFile']} file (the binary's pages)")
 p.terminate(); p.wait()
 PY
+
+# ---- per device type
+objdir=$(dirname "$bin")/../x86_64-unknown-linux-gnu/release/Registry.build
+[ -d "$objdir" ] || objdir=.build/x86_64-unknown-linux-gnu/release/Registry.build
+declare -A extra=([rng]='' [blk]="path = \"$tmp/one.img\"
+create-mib = 8" [console]='console = "echo"' [input]='simulated = true' [i2c]='simulated = true' [gpio]='simulated = true'
+  [vsock]="guest-cid = 3
+uds-path = \"$tmp/v.sock\"" [sound]='playback = "null"
+capture = "null"' [can]='simulated = true' [gpu]='output = "none"')
+declare -A folder=([rng]=Rng [blk]=Block [console]=Console [input]=Input [i2c]=I2C [gpio]=GPIO [vsock]=Vsock [sound]=Sound [can]=CAN [gpu]=GPU)
+echo "per device type: code+data of Sources/Registry/TYPE (object files), anonymous RSS serving one idle device"
+for t in rng blk console input i2c gpio vsock sound can gpu; do
+  code=0
+  if [ -d "$objdir" ]; then
+    for f in Sources/Registry/${folder[$t]}/*.swift; do
+      o=$objdir/$(basename "$f").o
+      [ -f "$o" ] && code=$((code + $(size "$o" | awk 'NR==2 {print $1 + $2}')))
+    done
+  fi
+  printf '[daemon]\ntransport = "none"\ncontrol = "none"\n[device.d0]\ntype = "%s"\n%s\nserve = "%s/one.sock"\n' "$t" "${extra[$t]}" "$tmp" > "$tmp/one.conf"
+  rm -f "$tmp/one.sock"
+  "$tmp/loopbackd" -c "$tmp/one.conf" > "$tmp/one.log" 2>&1 & p=$!
+  for _ in $(seq 100); do [ -S "$tmp/one.sock" ] && break; sleep 0.02; done
+  sleep 0.3
+  anon=$(awk '/^RssAnon/ {print $2}' /proc/$p/status 2>/dev/null || echo "?")
+  kill -TERM $p 2>/dev/null; wait $p 2>/dev/null || true
+  printf '  %-8s code+data %7d B   anonymous RSS %6s kB\n' "$t" "$code" "$anon"
+done
