@@ -36,6 +36,20 @@ struct FuzzInput {
     }
     /// The rest of the input.
     mutating func rest() -> UnsafeBufferPointer<UInt8> { bytes(remaining) }
+    /// `total` bytes at guest address `base` cut into 1-3 buffers at fuzzed places (a driver may split a request
+    /// anywhere), each (address, length, device-writable).
+    mutating func pieces(_ base: UInt64, _ total: Int, writable: Bool) -> [(UInt64, UInt32, Bool)] {
+        guard total > 0 else { return [] }
+        let n = 1 + below(3)
+        var out: [(UInt64, UInt32, Bool)] = []
+        var off = 0
+        for i in 0..<n where off < total {
+            let len = i == n - 1 ? total - off : 1 + below(max(total - off, 1))
+            out.append((base + UInt64(off), UInt32(len), writable))
+            off += len
+        }
+        return out
+    }
 }
 
 /// Crashes the fuzzer with a message: a violated invariant is a finding, like a sanitizer report.

@@ -98,30 +98,8 @@ public func canRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         var ids: [Int] = []
         for _ in segs { ids.append(freeIDs[k].removeLast()) }
         chainOf[k][ids[0]] = ids
-        for (i, seg) in segs.enumerated() {
-            let d = desc + 16 * ids[i]
-            d.storeBytes(of: seg.0.littleEndian, as: UInt64.self)
-            d.storeBytes(of: seg.1.littleEndian, toByteOffset: 8, as: UInt32.self)
-            let flags: UInt16 = (i + 1 < segs.count ? 1 : 0) | (seg.2 ? 2 : 0)
-            d.storeBytes(of: flags.littleEndian, toByteOffset: 12, as: UInt16.self)
-            d.storeBytes(of: UInt16(i + 1 < segs.count ? ids[i + 1] : 0).littleEndian, toByteOffset: 14, as: UInt16.self)
-        }
-        avail.storeBytes(of: UInt16(ids[0]).littleEndian, toByteOffset: 4 + 2 * Int(availIdx[k] % qsize), as: UInt16.self)
-        availIdx[k] &+= 1
-        avail.storeBytes(of: availIdx[k].littleEndian, toByteOffset: 2, as: UInt16.self)
+        fuzzMakeAvailable(desc: desc, avail: avail, ids: ids, segs: segs, availIdx: &availIdx[k], qsize: qsize)
         return ids[0]
-    }
-    func pieces(_ base: UInt64, _ total: Int, writable: Bool) -> [(UInt64, UInt32, Bool)] {
-        guard total > 0 else { return [] }
-        let n = 1 + f.below(3)
-        var out: [(UInt64, UInt32, Bool)] = []
-        var off = 0
-        for i in 0..<n where off < total {
-            let len = i == n - 1 ? total - off : 1 + f.below(max(total - off, 1))
-            out.append((base + UInt64(off), UInt32(len), writable))
-            off += len
-        }
-        return out
     }
     func checkUsed() {
         guard live else { return }
@@ -202,14 +180,14 @@ public func canRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
                 f.fill(p + 16, readable - 16)
             } else { f.fill(p, readable) }
             host(w).storeBytes(of: 0xee, as: UInt8.self)
-            let h = submit(VirtioCAN.txQueue, pieces(r, readable, writable: false) + pieces(w, room, writable: true))
+            let h = submit(VirtioCAN.txQueue, f.pieces(r, readable, writable: false) + f.pieces(w, room, writable: true))
             if h >= 0 { where_[VirtioCAN.txQueue][h] = room > 0 ? w : 0 }
             dev.queueNotified(VirtioCAN.txQueue)
         case 3, 4:      // receive buffers
             for _ in 0..<(1 + f.below(4)) {
                 let n = f.u8() < 220 ? [24, 80, 16, 20][f.below(4)] : f.below(100)
                 let b = buffer(max(n, 1))
-                let h = submit(VirtioCAN.rxQueue, pieces(b, n, writable: true))
+                let h = submit(VirtioCAN.rxQueue, f.pieces(b, n, writable: true))
                 if h >= 0 { where_[VirtioCAN.rxQueue][h] = b }
             }
             dev.queueNotified(VirtioCAN.rxQueue)
@@ -218,7 +196,7 @@ public func canRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             let out = f.u8() < 230 ? 2 : f.below(5), room = f.u8() < 230 ? 1 : f.below(3)
             let o = buffer(max(out, 1)), i = buffer(max(room, 1))
             host(o).storeBytes(of: t.littleEndian, as: UInt16.self)
-            let h = submit(VirtioCAN.controlQueue, pieces(o, out, writable: false) + pieces(i, room, writable: true))
+            let h = submit(VirtioCAN.controlQueue, f.pieces(o, out, writable: false) + f.pieces(i, room, writable: true))
             if h >= 0 { where_[VirtioCAN.controlQueue][h] = room > 0 ? i : 0 }
             dev.queueNotified(VirtioCAN.controlQueue)
         case 6, 7:      // frames from the bus

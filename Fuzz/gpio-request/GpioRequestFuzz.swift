@@ -81,31 +81,9 @@ public func gpioRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         let desc = host(guestBase + b), avail = host(guestBase + b + 256)
         var ids: [Int] = []
         for _ in segs { ids.append(nextDesc[k] % Int(qsize)); nextDesc[k] += 1 }
-        for (i, seg) in segs.enumerated() {
-            let d = desc + 16 * ids[i]
-            d.storeBytes(of: seg.0.littleEndian, as: UInt64.self)
-            d.storeBytes(of: seg.1.littleEndian, toByteOffset: 8, as: UInt32.self)
-            let flags: UInt16 = (i + 1 < segs.count ? 1 : 0) | (seg.2 ? 2 : 0)
-            d.storeBytes(of: flags.littleEndian, toByteOffset: 12, as: UInt16.self)
-            d.storeBytes(of: UInt16(i + 1 < segs.count ? ids[i + 1] : 0).littleEndian, toByteOffset: 14, as: UInt16.self)
-        }
-        avail.storeBytes(of: UInt16(ids[0]).littleEndian, toByteOffset: 4 + 2 * Int(availIdx[k] % qsize), as: UInt16.self)
-        availIdx[k] &+= 1
-        avail.storeBytes(of: availIdx[k].littleEndian, toByteOffset: 2, as: UInt16.self)
+        fuzzMakeAvailable(desc: desc, avail: avail, ids: ids, segs: segs, availIdx: &availIdx[k], qsize: qsize)
     }
     /// Splits `total` bytes at `base` into 1-3 segments.
-    func pieces(_ base: UInt64, _ total: Int, writable: Bool) -> [(UInt64, UInt32, Bool)] {
-        guard total > 0 else { return [] }
-        let n = 1 + f.below(3)
-        var out: [(UInt64, UInt32, Bool)] = []
-        var off = 0
-        for i in 0..<n where off < total {
-            let len = i == n - 1 ? total - off : 1 + f.below(max(total - off, 1))
-            out.append((base + UInt64(off), UInt32(len), writable))
-            off += len
-        }
-        return out
-    }
     func checkUsed() {
         for k in 0..<2 where live {
             let used = host(guestBase + ringBase(k) + 512)
@@ -138,7 +116,7 @@ public func gpioRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
                 host(r).storeBytes(of: line.littleEndian, toByteOffset: 2, as: UInt16.self)
                 host(r).storeBytes(of: v.littleEndian, toByteOffset: 4, as: UInt32.self)
             } else { f.fill(host(r), max(readable, 1)) }
-            submit(0, pieces(r, readable, writable: false) + pieces(w, room, writable: true))
+            submit(0, f.pieces(r, readable, writable: false) + f.pieces(w, room, writable: true))
             if live { dev.queueNotified(0) }
         case 3, 4:      // an event buffer
             let readable = f.u8() < 32 ? f.below(5) : 2
@@ -146,7 +124,7 @@ public func gpioRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             let r = buffer(max(readable, 2)), w = buffer(max(room, 1))
             host(r).storeBytes(of: UInt16(f.below(lines + 2)).littleEndian, as: UInt16.self)
             host(w).storeBytes(of: 0xee, as: UInt8.self)
-            submit(1, pieces(r, readable, writable: false) + pieces(w, room, writable: true))
+            submit(1, f.pieces(r, readable, writable: false) + f.pieces(w, room, writable: true))
             if live {
                 dev.queueNotified(1)
                 if room >= 1 {

@@ -86,29 +86,7 @@ public func gpuCommandFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         let desc = host(guestBase + b), avail = host(guestBase + b + 256)
         var ids: [Int] = []
         for _ in segs { ids.append(nextDesc[k] % Int(qsize)); nextDesc[k] += 1 }
-        for (i, seg) in segs.enumerated() {
-            let d = desc + 16 * ids[i]
-            d.storeBytes(of: seg.0.littleEndian, as: UInt64.self)
-            d.storeBytes(of: seg.1.littleEndian, toByteOffset: 8, as: UInt32.self)
-            let flags: UInt16 = (i + 1 < segs.count ? 1 : 0) | (seg.2 ? 2 : 0)
-            d.storeBytes(of: flags.littleEndian, toByteOffset: 12, as: UInt16.self)
-            d.storeBytes(of: UInt16(i + 1 < segs.count ? ids[i + 1] : 0).littleEndian, toByteOffset: 14, as: UInt16.self)
-        }
-        avail.storeBytes(of: UInt16(ids[0]).littleEndian, toByteOffset: 4 + 2 * Int(availIdx[k] % qsize), as: UInt16.self)
-        availIdx[k] &+= 1
-        avail.storeBytes(of: availIdx[k].littleEndian, toByteOffset: 2, as: UInt16.self)
-    }
-    func pieces(_ base: UInt64, _ total: Int, writable: Bool) -> [(UInt64, UInt32, Bool)] {
-        guard total > 0 else { return [] }
-        let n = 1 + f.below(3)
-        var out: [(UInt64, UInt32, Bool)] = []
-        var off = 0
-        for i in 0..<n where off < total {
-            let len = i == n - 1 ? total - off : 1 + f.below(max(total - off, 1))
-            out.append((base + UInt64(off), UInt32(len), writable))
-            off += len
-        }
-        return out
+        fuzzMakeAvailable(desc: desc, avail: avail, ids: ids, segs: segs, availIdx: &availIdx[k], qsize: qsize)
     }
     func checkUsed() {
         for k in 0..<2 where live {
@@ -168,7 +146,7 @@ public func gpuCommandFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
                         host(e).storeBytes(of: len.littleEndian, toByteOffset: 16 * k + 8, as: UInt32.self)
                         host(e).storeBytes(of: UInt32(0), toByteOffset: 16 * k + 12, as: UInt32.self)
                     }
-                    extra = pieces(e, 16 * given - (f.u8() < 16 ? f.below(16) : 0), writable: false)
+                    extra = f.pieces(e, 16 * given - (f.u8() < 16 ? f.below(16) : 0), writable: false)
                 }
             default:
                 fields = [small(6), small(4), small(100), small(100)]
@@ -187,7 +165,7 @@ public func gpuCommandFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             let room = f.u8() < 220 ? rooms[f.below(3)] : f.below(1100)
             let w = buffer(max(room, 1))
             memset(host(w), 0xee, max(room, 1))
-            submit(0, pieces(r, req, writable: false) + extra + pieces(w, room, writable: true))
+            submit(0, f.pieces(r, req, writable: false) + extra + f.pieces(w, room, writable: true))
             if live { dev.queueNotified(0); checkResponse(w, room) }
         case 7:       // a cursorq command
             let type = f.u8() < 240 ? (f.bool() ? VirtioGPU.cmdUpdateCursor : VirtioGPU.cmdMoveCursor) : f.u32()
@@ -203,7 +181,7 @@ public func gpuCommandFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             let room = f.u8() < 200 ? 0 : f.below(40)
             let w = buffer(max(room, 1))
             memset(host(w), 0xee, max(room, 1))
-            submit(1, pieces(r, max(req, 1), writable: false) + pieces(w, room, writable: true))
+            submit(1, f.pieces(r, max(req, 1), writable: false) + f.pieces(w, room, writable: true))
             if live { dev.queueNotified(1); checkResponse(w, room) }
         case 8:       // hot-plug, events_clear
             _ = dev.setConnected(f.below(scanouts + 1), f.bool())

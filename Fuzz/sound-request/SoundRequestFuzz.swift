@@ -104,30 +104,8 @@ public func soundRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt 
         var ids: [Int] = []
         for _ in segs { ids.append(free[k].removeLast()) }
         chainOf[k][ids[0]] = ids
-        for (i, seg) in segs.enumerated() {
-            let d = desc + 16 * ids[i]
-            d.storeBytes(of: seg.0.littleEndian, as: UInt64.self)
-            d.storeBytes(of: seg.1.littleEndian, toByteOffset: 8, as: UInt32.self)
-            let flags: UInt16 = (i + 1 < segs.count ? 1 : 0) | (seg.2 ? 2 : 0)
-            d.storeBytes(of: flags.littleEndian, toByteOffset: 12, as: UInt16.self)
-            d.storeBytes(of: UInt16(i + 1 < segs.count ? ids[i + 1] : 0).littleEndian, toByteOffset: 14, as: UInt16.self)
-        }
-        avail.storeBytes(of: UInt16(ids[0]).littleEndian, toByteOffset: 4 + 2 * Int(availIdx[k] % qsize), as: UInt16.self)
-        availIdx[k] &+= 1
-        avail.storeBytes(of: availIdx[k].littleEndian, toByteOffset: 2, as: UInt16.self)
+        fuzzMakeAvailable(desc: desc, avail: avail, ids: ids, segs: segs, availIdx: &availIdx[k], qsize: qsize)
         return ids[0]
-    }
-    func pieces(_ base: UInt64, _ total: Int, writable: Bool) -> [(UInt64, UInt32, Bool)] {
-        guard total > 0 else { return [] }
-        let n = 1 + f.below(3)
-        var out: [(UInt64, UInt32, Bool)] = []
-        var off = 0
-        for i in 0..<n where off < total {
-            let len = i == n - 1 ? total - off : 1 + f.below(max(total - off, 1))
-            out.append((base + UInt64(off), UInt32(len), writable))
-            off += len
-        }
-        return out
     }
     let known: Set<UInt32> = [VirtioSnd.sOK, VirtioSnd.sBadMsg, VirtioSnd.sNotSupp, VirtioSnd.sIOErr]
     func checkUsed() {
@@ -215,7 +193,7 @@ public func soundRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt 
             }
             let resp = f.u8() < 220 ? [4, 4 + 32, 4 + 64, 4 + 80][f.below(4)] : f.below(200)
             let w = buffer(max(resp, 1))
-            let h = submit(VirtioSnd.controlQueue, pieces(r, reqLen, writable: false) + pieces(w, resp, writable: true))
+            let h = submit(VirtioSnd.controlQueue, f.pieces(r, reqLen, writable: false) + f.pieces(w, resp, writable: true))
             if h >= 0 { at[0][h] = w; room[0][h] = resp }
             dev.queueNotified(VirtioSnd.controlQueue)
         case 3, 4, 5:   // I/O messages
@@ -227,12 +205,12 @@ public func soundRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt 
                 let st = f.u8() < 240 ? 8 : f.below(12)
                 let hb = buffer(max(hdr, 1)), db = buffer(max(dataLen, 1)), sb = buffer(max(st, 1))
                 if hdr >= 4 { le(sid, host(hb), 0) }
-                var segs = pieces(hb, hdr, writable: false)
+                var segs = f.pieces(hb, hdr, writable: false)
                 if k == VirtioSnd.txQueue {
                     f.fill(host(db), min(dataLen, 64))
-                    segs += pieces(db, dataLen, writable: false) + pieces(sb, st, writable: true)
+                    segs += f.pieces(db, dataLen, writable: false) + f.pieces(sb, st, writable: true)
                 } else {
-                    segs += pieces(db, dataLen, writable: true) + pieces(sb, st, writable: true)
+                    segs += f.pieces(db, dataLen, writable: true) + f.pieces(sb, st, writable: true)
                 }
                 memset(host(sb), 0xee, max(st, 1))
                 let h = submit(k, segs)
@@ -245,7 +223,7 @@ public func soundRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt 
             for _ in 0..<(1 + f.below(3)) {
                 let n = f.u8() < 230 ? 8 : f.below(16)
                 let b = buffer(max(n, 1))
-                let h = submit(VirtioSnd.eventQueue, pieces(b, n, writable: true))
+                let h = submit(VirtioSnd.eventQueue, f.pieces(b, n, writable: true))
                 if h >= 0 { at[1][h] = b; room[1][h] = n }
             }
             dev.queueNotified(VirtioSnd.eventQueue)

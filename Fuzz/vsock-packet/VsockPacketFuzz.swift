@@ -99,33 +99,11 @@ public func vsockPacketFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         guard ids.count == segs.count else { return }   // ring full: the driver waits
         for i in ids { inUse[k][i] = true }
         chainIDs[k][ids[0]] = ids
-        for (i, seg) in segs.enumerated() {
-            let d = desc + 16 * ids[i]
-            d.storeBytes(of: seg.0.littleEndian, as: UInt64.self)
-            d.storeBytes(of: seg.1.littleEndian, toByteOffset: 8, as: UInt32.self)
-            let flags: UInt16 = (i + 1 < segs.count ? 1 : 0) | (seg.2 ? 2 : 0)
-            d.storeBytes(of: flags.littleEndian, toByteOffset: 12, as: UInt16.self)
-            d.storeBytes(of: UInt16(i + 1 < segs.count ? ids[i + 1] : 0).littleEndian, toByteOffset: 14, as: UInt16.self)
-        }
         room[k][ids[0]] = segs.filter { $0.2 }.reduce(0) { $0 + Int($1.1) }
         firstAddr[k][ids[0]] = segs[0].0
-        avail.storeBytes(of: UInt16(ids[0]).littleEndian, toByteOffset: 4 + 2 * Int(availIdx[k] % qsize), as: UInt16.self)
-        availIdx[k] &+= 1
-        avail.storeBytes(of: availIdx[k].littleEndian, toByteOffset: 2, as: UInt16.self)
+        fuzzMakeAvailable(desc: desc, avail: avail, ids: ids, segs: segs, availIdx: &availIdx[k], qsize: qsize)
     }
     /// `total` bytes at `base` as one contiguous buffer cut into 1-3 segments.
-    func pieces(_ base: UInt64, _ total: Int, writable: Bool) -> [(UInt64, UInt32, Bool)] {
-        guard total > 0 else { return [] }
-        let n = 1 + f.below(3)
-        var out: [(UInt64, UInt32, Bool)] = []
-        var off = 0
-        for i in 0..<n where off < total {
-            let len = i == n - 1 ? total - off : 1 + f.below(max(total - off, 1))
-            out.append((base + UInt64(off), UInt32(len), writable))
-            off += len
-        }
-        return out
-    }
     func checkUsed() {
         for k in 0..<3 where live {
             let used = host(guestBase + ringBase(k) + 512)
@@ -187,7 +165,7 @@ public func vsockPacketFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
                 f.fill(host(b) + hdr, payload)
             } else { f.fill(host(b), max(readable, 1)) }
             let before = availIdx[1]
-            submit(1, pieces(b, readable, writable: false))
+            submit(1, f.pieces(b, readable, writable: false))
             // The device takes the driver's credit from packets it accepts (a refused one changes nothing; one that
             // found the ring full was never made available).
             if availIdx[1] != before && readable >= hdr && validateVsockHeader(h, payload: payload, guestCID: 3) == nil {
@@ -204,7 +182,7 @@ public func vsockPacketFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
                 let b = guestBase + UInt64(rxSlotBase + 256 * slot)
                 memset(host(b), 0xee, n)
                 let before = availIdx[0]
-                submit(0, pieces(b, n, writable: true))
+                submit(0, f.pieces(b, n, writable: true))
                 if availIdx[0] != before {
                     let head = Int(host(guestBase + ringBase(0) + 256).load(fromByteOffset: 4 + 2 * Int(before % qsize), as: UInt16.self).littleEndian)
                     rxSlotUsed[slot] = true
@@ -214,7 +192,7 @@ public func vsockPacketFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             if live { dev.queueNotified(0) }
         case 7:            // an event buffer
             let n = f.u8() < 224 ? 4 + f.below(8) : f.below(4)
-            submit(2, pieces(buffer(max(n, 1)), n, writable: true))
+            submit(2, f.pieces(buffer(max(n, 1)), n, writable: true))
             if live { dev.queueNotified(2) }
         case 8:            // the host side
             let conns = Array(fake.conns.keys).sorted()
