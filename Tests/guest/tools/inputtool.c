@@ -7,7 +7,8 @@
 //   inputtool read NODE COUNT TIMEOUT_S      print COUNT events ("type code value", SYN_REPORT included) of NODE
 //   inputtool read NODE COUNT TIMEOUT_S noled   the same, not counting EV_LED events (the reader's own LED writes
 //                                            come back to it) nor a SYN_REPORT that closes a group left empty
-//   inputtool led NODE CODE VALUE            write EV_LED CODE VALUE + SYN_REPORT to NODE (the status path)
+//   inputtool led NODE CODE VALUE [nosyn]    write EV_LED CODE VALUE + SYN_REPORT to NODE (the status path); with
+//                                            nosyn the EV_LED alone (see cmd_led)
 //   inputtool find NAME                      print the /dev/input/eventN whose EVIOCGNAME is NAME
 #include <dirent.h>
 #include <errno.h>
@@ -138,10 +139,14 @@ static int cmd_read(const char *node, int count, int timeout_s, int noled) {
     return got == count ? 0 : 1;
 }
 
-static int cmd_led(const char *node, int code, int value) {
+// The input core hands an EV_LED to the device (virtinput_status) as soon as it is injected, and every event the
+// device then sends joins the same pending packet until a SYN_REPORT: a device that answers the LED quickly gets its
+// events split by this tool's own SYN_REPORT (input_inject_event takes the event lock per event, so one write() of
+// both does not help). "nosyn" leaves the SYN out: the device's first SYN_REPORT then flushes the LED with it.
+static int cmd_led(const char *node, int code, int value, int syn) {
     int fd = openev(node, O_WRONLY);
     emit(fd, EV_LED, code, value);
-    emit(fd, EV_SYN, SYN_REPORT, 0);
+    if (syn) emit(fd, EV_SYN, SYN_REPORT, 0);
     return 0;
 }
 
@@ -166,8 +171,9 @@ int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "caps")) return cmd_caps(argv[2]);
     if (argc == 5 && !strcmp(argv[1], "read")) return cmd_read(argv[2], atoi(argv[3]), atoi(argv[4]), 0);
     if (argc == 6 && !strcmp(argv[1], "read") && !strcmp(argv[5], "noled")) return cmd_read(argv[2], atoi(argv[3]), atoi(argv[4]), 1);
-    if (argc == 5 && !strcmp(argv[1], "led")) return cmd_led(argv[2], atoi(argv[3]), atoi(argv[4]));
+    if (argc == 5 && !strcmp(argv[1], "led")) return cmd_led(argv[2], atoi(argv[3]), atoi(argv[4]), 1);
+    if (argc == 6 && !strcmp(argv[1], "led") && !strcmp(argv[5], "nosyn")) return cmd_led(argv[2], atoi(argv[3]), atoi(argv[4]), 0);
     if (argc == 3 && !strcmp(argv[1], "find")) return cmd_find(argv[2]);
-    fprintf(stderr, "usage: inputtool uinput NAME GOFILE [NEXTFILE] | caps NODE | read NODE COUNT TIMEOUT_S | led NODE CODE VALUE | find NAME\n");
+    fprintf(stderr, "usage: inputtool uinput NAME GOFILE [NEXTFILE] | caps NODE | read NODE COUNT TIMEOUT_S | led NODE CODE VALUE [nosyn] | find NAME\n");
     return 2;
 }

@@ -55,11 +55,13 @@ cat > /tmp/expect <<'EXP'
 1 330 0
 0 0 0
 EXP
-# The reader sees its own LED write come back (EV_LED + SYN_REPORT): "noled" leaves those out.
+# The reader sees its own LED write come back: "noled" leaves it out. The LED goes without its SYN_REPORT ("nosyn"):
+# written after it, that SYN_REPORT could land inside the replayed touch group (CI saw "1 330 1|0 0 0|3 0 100"),
+# because the input core passes the LED to the device before the writer's next event is injected.
 bg_start /tmp/events inputtool read "$NODE" 14 20 noled
 r=$BGPID
 usleep 300000
-inputtool led "$NODE" 0 1 || fail "LED write on $NODE"
+inputtool led "$NODE" 0 1 nosyn || fail "LED write on $NODE"
 wait $r || fail "read on $NODE: got [$(tr '\n' '|' < /tmp/events)]"
 cmp -s /tmp/expect /tmp/events || fail "events differ: got [$(tr '\n' '|' < /tmp/events)]"
 info "14 events in 4 groups after the LED write"
