@@ -64,6 +64,12 @@ public final class CANDevice: VirtioDevice, CANEndpointDelegate {
 
     public private(set) var started = false
     public private(set) var status: UInt16 = 0
+    /// What the driver last asked of the controller in this process (START accepted → true; STOP or a bus-off the
+    /// driver was told of → false), and whether it asked anything yet: a vhost-user ring restart (the front-end's
+    /// replay after a back-end restart, a VM pause) reactivates the device without the driver resetting, so its
+    /// START is not sent again (see `activate`).
+    private var driverWantsStarted = false
+    private var controlSeen = false
     /// The transmit request waiting for the socket: its head, where its result goes, its frame.
     private var txWaiting = false
     private var txHead: UInt16 = 0
@@ -133,6 +139,26 @@ public final class CANDevice: VirtioDevice, CANEndpointDelegate {
         endpoint.configure(fd: features.contains(VirtioCAN.fFD), rtr: features.contains(VirtioCAN.fRTR))
         stopController()   // initially STOPPED
         status = 0
+        // A control ring that does not start at 0 belongs to a driver that did not reset: it already sent START or
+        // STOP (a fresh driver's rings start at index 0; vhost-user carries the position in SET_VRING_BASE).
+        guard c.queues[VirtioCAN.controlQueue].lastAvail != 0 else { driverWantsStarted = false; controlSeen = false; return }
+        if controlSeen && driverWantsStarted && endpoint.isUp {
+            // The same process, rings restarted (VM pause, front-end reconnect): the controller runs on as before.
+            started = true
+            endpoint.setReceiving(true)
+            hostReadable = true
+        } else if !controlSeen || driverWantsStarted {
+            // A new process serving a driver whose controller state it never saw (or an interface that went down
+            // meanwhile): announce bus-off, which virtio_can turns into CAN_STATE_BUS_OFF; the CAN core's restart
+            // (restart-ms, or `ip link set ... type can restart`) then sends START. A driver that had stopped the
+            // controller ignores it (its state is STOPPED, above BUS_OFF). Without this the driver would think the
+            // controller started and see every frame answered NOT_OK.
+            stats.busOffs &+= 1
+            driverWantsStarted = false
+            status |= VirtioCAN.statusBusOff
+            Log.info("can: \(endpoint.description): rings resumed with the controller state unknown or lost: bus-off announced so the driver restarts it")
+            configInterrupt.signal()
+        }
     }
 
     public func reset() {
@@ -210,6 +236,7 @@ public final class CANDevice: VirtioDevice, CANEndpointDelegate {
         }
         var result = VirtioCAN.resultNotOK
         if c.readableBytes >= 2, c.read(into: header, length: 2) == 2 {
+            controlSeen = true
             switch UInt16(littleEndian: header.loadUnaligned(as: UInt16.self)) {
             case VirtioCAN.ctrlStart:
                 if endpoint.isUp {
@@ -222,6 +249,7 @@ public final class CANDevice: VirtioDevice, CANEndpointDelegate {
                         hostReadable = true
                     }
                     result = VirtioCAN.resultOK
+                    driverWantsStarted = true
                     // The spec lets the device omit this notification; the kernel module keeps a copy of the config.
                     if had != status { configInterrupt.signal() }
                 } else {
@@ -229,6 +257,7 @@ public final class CANDevice: VirtioDevice, CANEndpointDelegate {
                 }
             case VirtioCAN.ctrlStop:
                 if started { stats.stops &+= 1 }
+                driverWantsStarted = false
                 stopController()
                 result = VirtioCAN.resultOK
             default:
@@ -268,6 +297,7 @@ public final class CANDevice: VirtioDevice, CANEndpointDelegate {
         stats.busOffs &+= 1
         Log.info("can: \(endpoint.description): bus-off (or the interface went down): controller stopped, driver notified")
         stopController()
+        driverWantsStarted = false
         status |= VirtioCAN.statusBusOff
         configInterrupt.signal()
     }
