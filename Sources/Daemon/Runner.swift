@@ -192,10 +192,12 @@ final class Runner: @unchecked Sendable {
 
     private func discard(_ body: VirtioDevice, _ index: Int?) {
         let host = self.host!
-        loop.executeAndWait {
-            if let index { host.remove(index) }
+        let durable = loop.executeAndWait { () -> (@Sendable () -> Void)? in
+            let durable = index.flatMap { host.remove($0) }
             (body as? VhostUserFrontendDevice)?.shutdown()
+            return durable
         }
+        durable?()
     }
 
     /// Stops one device: its driver sees a hot-unplug (DELDEV on the kernel link, the simulated driver resets,
@@ -204,11 +206,13 @@ final class Runner: @unchecked Sendable {
     func stopDevice(_ d: RunningDevice) throws(DeviceError) {
         if let s = d.server { s.stop() } else { try link?.detach(index: d.index) }
         let host = self.host!
-        loop.executeAndWait {
-            host.remove(d.index)
+        let durable = loop.executeAndWait { () -> (@Sendable () -> Void)? in
+            let durable = host.remove(d.index)
             (d.body as? VhostUserFrontendDevice)?.shutdown()
             self.devices.removeAll { $0 === d }
+            return durable
         }
+        durable?()   // the image's fdatasync on this (main) thread: the loop serves the other devices meanwhile
         Log.info("\(d.config.name): removed")
     }
 

@@ -247,6 +247,35 @@ final class BlockTests: XCTestCase {
         XCTAssertEqual(drv.status & DeviceStatus.needsReset, 0)
     }
 
+    /// A live remove completes the in-flight requests on the loop but leaves the image's fdatasync to the caller (a
+    /// flush to slow storage must not stall the loop's other devices): the returned closure syncs through its own
+    /// duplicate of the fd, still valid after the body is gone, and closes it. Devices with nothing durable return nil.
+    func testRemoveReturnsTheFdatasyncForTheCallerAfterTheBodyIsGone() throws {
+        let path = makeFile(size: 1 << 20, byte: 0)
+        weak var gone: BlockDevice?
+        let idx: Int
+        do {
+            let dev = try BlockDevice(path: path, readOnly: false, queues: 1, queueSize: 64)
+            gone = dev
+            let drv = try start(dev)
+            let b = Buffers(drv, dataBytes: 4096)
+            memset(drv.host(b.data), 0x5a, 4096)
+            let r = try request(drv, drv.queues[0], b, type: VirtioBlk.typeOut, sector: 8, dataBytes: 4096)
+            XCTAssertEqual(r.status, VirtioBlk.statusOK)
+            idx = 0
+        }
+        func fds() -> Int { var n = 0; if let d = opendir("/proc/self/fd") { while readdir(d) != nil { n += 1 }; closedir(d) }; return n }
+        let durable = loop.executeAndWait { self.host.remove(idx) }
+        XCTAssertNil(gone, "the body is released by remove")
+        let before = fds()
+        XCTAssertNotNil(durable, "a blk device leaves its fdatasync to the caller")
+        durable?()
+        XCTAssertEqual(fds(), before - 1, "the closure closes its duplicate of the image fd")
+        XCTAssertEqual(fileBytes(path, offset: 8 * 512, count: 4096), [UInt8](repeating: 0x5a, count: 4096))
+        let rng = loop.executeAndWait { self.host.add(name: "rng", device: RngDevice()) }
+        XCTAssertNil(loop.executeAndWait { self.host.remove(rng) }, "nothing durable: flushed on the loop, nil")
+    }
+
     func testWriteThroughWithoutFlushFeature() throws {
         let path = makeFile(size: 1 << 20)
         let dev = try BlockDevice(path: path, readOnly: false, queues: 1, queueSize: 64)

@@ -284,6 +284,23 @@ public final class BlockDevice: VirtioDevice, EventHandler {
         if lb_fdatasync(fd) != 0 { Log.error("block \(path): fdatasync: \(Errno.current)") }
     }
 
+    /// Completes everything in flight on the loop; the fdatasync runs on the caller's thread through a duplicate of
+    /// the image's fd (same open file: its completed writes are covered), after this body may be gone.
+    public func flushForRemoval() -> (@Sendable () -> Void)? {
+        waitAll(deliver: queues != nil)
+        let d = dup(fd)
+        guard d >= 0 else {
+            Log.warning("block \(path): dup for the off-loop fdatasync: \(Errno.current); syncing on the loop")
+            if lb_fdatasync(fd) != 0 { Log.error("block \(path): fdatasync: \(Errno.current)") }
+            return nil
+        }
+        let p = path
+        return {
+            if lb_fdatasync(d) != 0 { Log.error("block \(p): fdatasync: \(Errno.current)") }
+            close(d)
+        }
+    }
+
     // MARK: EventHandler (the ring's eventfd)
 
     public func handleEvent(token: UInt32, events: UInt32) {

@@ -135,11 +135,13 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
         return slots.count - 1
     }
 
-    /// Removes device `i` for good (live remove, reload): flushes and resets it and releases the body; a later
-    /// `add` may reuse the index. The driver side must have let go of it first.
-    public func remove(_ i: Int) {
-        guard i < slots.count, !freeIndices.contains(i) else { return }
-        slots[i].device.flush()
+    /// Removes device `i` for good (live remove, reload): completes its in-flight requests, resets it and releases
+    /// the body; a later `add` may reuse the index. The driver side must have let go of it first. Returns the
+    /// durable part of its flush (`VirtioDevice.flushForRemoval`) for the caller to run off the loop.
+    @discardableResult
+    public func remove(_ i: Int) -> (@Sendable () -> Void)? {
+        guard i < slots.count, !freeIndices.contains(i) else { return nil }
+        let durable = slots[i].device.flushForRemoval()
         reset(i)
         let gone = RemovedDevice()
         let t = DeviceTrampoline.make(gone)
@@ -149,6 +151,7 @@ public final class DeviceHost: EventHandler, Poller, DeferredWork {
         hot[i].kickFDs = nil
         slots[i] = Slot(name: "", device: gone)
         freeIndices.append(i)
+        return durable
     }
     /// True for the index of a removed device (not reused yet).
     public func isRemoved(_ i: Int) -> Bool { freeIndices.contains(i) }

@@ -73,6 +73,11 @@ public protocol VirtioDevice: AnyObject {
     /// Flush buffered data to stable storage (SIGTERM, driver gone). Called before `reset`, so an asynchronous
     /// device first completes its in-flight requests (their writes must be covered by the flush).
     func flush()
+    /// Live remove or reload (on the loop): like `flush`, but the slow durable part (fdatasync of a blk image) is
+    /// returned for the caller to run off the loop thread, so one device's flush to slow storage (an SD card) never
+    /// stalls the other devices of the process. In-flight requests are completed before it returns, as for `flush`.
+    /// nil: nothing left to do. Exit paths call `flush` (the loop has nobody left to serve).
+    func flushForRemoval() -> (@Sendable () -> Void)?
     /// Queue-level stop and start (crosvm's `stop_queue`/`start_queue`): true if the device can have one queue
     /// stopped and started again while the others run (a vhost-user front-end re-programming one ring: GET_VRING_BASE,
     /// a new kick fd), instead of a whole-device reset that would end a vsock connection or a sound stream.
@@ -100,6 +105,7 @@ extension VirtioDevice {
     public func stopQueue(_ index: Int) {}
     public func startQueue(_ index: Int) {}
     public func flush() {}
+    public func flushForRemoval() -> (@Sendable () -> Void)? { flush(); return nil }
     /// Devices that complete every request inside `queueNotified` have nothing in flight.
     public func quiesce() {}
     public var passthroughRings: Bool { false }

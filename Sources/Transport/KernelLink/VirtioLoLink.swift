@@ -543,13 +543,15 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         guard flavor.deleteWithDELDEV else {
             throw DeviceError("\(d.name): upstream virtio-lo cannot remove one device (its DELDEV is unsafe); restart loopbackd instead")
         }
-        host.loop.executeAndWait {
+        let durable = host.loop.executeAndWait { () -> (@Sendable () -> Void)? in
             for (f, r) in d.registrations { host.loop.unregister(fd: f, registration: r) }
             d.registrations = []
             d.added = false
-            host.device(d.hostIndex).flush()
+            let durable = host.device(d.hostIndex).flushForRemoval()
             host.reset(d.hostIndex)
+            return durable
         }
+        durable?()   // fdatasync here, not on the loop (other devices keep running)
         if lb_ioctl_val(fd, lb_vlo_deldev(), UInt(d.kernelIndex)) != 0 { Log.warning("\(d.name): DELDEV: \(Errno.current)") }
         closeAll(d)
         host.loop.executeAndWait { d.pool = nil }

@@ -161,13 +161,16 @@ public final class VDUSEDevice: EventHandler {
             if r != 0 && r != -ENODEV { Log.warning("\(name): vdpa dev del: \(Errno(-r))") }
             onBus = false
         }
-        host.loop.executeAndWait {
+        let durable = host.loop.executeAndWait { () -> (@Sendable () -> Void)? in
+            var durable: (@Sendable () -> Void)?
             if self.host.isActive(self.hostIndex) {
-                self.host.device(self.hostIndex).flush()
+                durable = self.host.device(self.hostIndex).flushForRemoval()
                 self.host.reset(self.hostIndex)
             }
             self.memory = nil
+            return durable
         }
+        durable?()   // fdatasync on this thread, not on the loop
         removeFromLoop()
         closeAll(destroy: true)
     }

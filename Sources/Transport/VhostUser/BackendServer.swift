@@ -32,6 +32,7 @@ final class ServedDevice: VirtioDevice {
         context = nil
     }
     func flush() { inner.flush() }
+    func flushForRemoval() -> (@Sendable () -> Void)? { inner.flushForRemoval() }
     func quiesce() { inner.quiesce() }
     var supportsQueueRestart: Bool { inner.supportsQueueRestart }
     func stopQueue(_ index: Int) { inner.stopQueue(index) }
