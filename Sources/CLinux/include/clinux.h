@@ -42,6 +42,7 @@ int lb_ioctl_val(int fd, unsigned long req, unsigned long arg);
 // epoll_event is packed on x86_64; this unpacked copy is what Swift sees.
 struct lb_epoll_event { uint32_t events; uint64_t data; };
 enum { LB_EPOLLIN = 0x001, LB_EPOLLOUT = 0x004, LB_EPOLLERR = 0x008, LB_EPOLLHUP = 0x010, LB_EPOLLRDHUP = 0x2000 };
+#define LB_EPOLLET 0x80000000u
 enum { LB_EPOLL_CTL_ADD = 1, LB_EPOLL_CTL_DEL = 2, LB_EPOLL_CTL_MOD = 3 };
 int lb_epoll_create(void);
 int lb_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data);
