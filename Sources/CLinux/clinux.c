@@ -71,6 +71,9 @@ int lb_read_signalfd(int fd) {
 }
 
 ssize_t lb_sendmsg_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+    return lb_sendmsg_fds_flags(sock, buf, len, fds, nfds, 0);
+}
+ssize_t lb_sendmsg_fds_flags(int sock, const void *buf, size_t len, const int *fds, int nfds, int flags) {
     struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
     union { char buf[CMSG_SPACE(sizeof(int) * 8)]; struct cmsghdr align; } u;
     struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
@@ -86,17 +89,20 @@ ssize_t lb_sendmsg_fds(int sock, const void *buf, size_t len, const int *fds, in
         memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
     }
     ssize_t r;
-    do { r = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
+    do { r = sendmsg(sock, &msg, MSG_NOSIGNAL | flags); } while (r < 0 && errno == EINTR);
     return r;
 }
 
 ssize_t lb_recvmsg_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated) {
+    return lb_recvmsg_fds_flags(sock, buf, len, fds, maxfds, nfds, truncated, 0);
+}
+ssize_t lb_recvmsg_fds_flags(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated, int flags) {
     struct iovec iov = { .iov_base = buf, .iov_len = len };
     union { char buf[CMSG_SPACE(sizeof(int) * 16)]; struct cmsghdr align; } u;
     struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf };
     *nfds = 0; *truncated = 0;
     ssize_t r;
-    do { r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC); } while (r < 0 && errno == EINTR);
+    do { r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | flags); } while (r < 0 && errno == EINTR);
     if (r < 0) return r;
     if (msg.msg_flags & MSG_CTRUNC) *truncated = 1;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {

@@ -59,6 +59,9 @@ ssize_t lb_sendmsg_fds(int sock, const void *buf, size_t len, const int *fds, in
 // Receives up to len bytes and up to maxfds fds (all CLOEXEC). *nfds gets the count; extra fds are closed and
 // *truncated set when the control data was cut (MSG_CTRUNC).
 ssize_t lb_recvmsg_fds(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated);
+// The same with extra sendmsg/recvmsg flags (MSG_DONTWAIT: never blocks, whatever O_NONBLOCK a peer set).
+ssize_t lb_sendmsg_fds_flags(int sock, const void *buf, size_t len, const int *fds, int nfds, int flags);
+ssize_t lb_recvmsg_fds_flags(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds, int *truncated, int flags);
 
 // A spin-wait hint (x86 pause / arm yield).
 static inline void lb_cpu_relax(void) {
