@@ -11,7 +11,15 @@ func startServer(host: DeviceHost, name: String, device: VirtioDevice, path: Str
 }
 
 /// `backend = "vhost-user:PATH"`: the device is forwarded to an external backend.
+/// A type's front-end companion (a forwarded gpu's display server) is built here, on the device's loop's terms.
 func makeFrontend(_ d: DeviceConfig, socket: String, loop: EventLoop, relay: Bool = false, replay: Bool? = nil) throws(DeviceError) -> VirtioDevice {
-    try VhostUserFrontendDevice(socketPath: socket, deviceID: d.shape.deviceID, queueSizes: d.shape.queueSizes,
-                                configSize: d.shape.configSize, loop: loop, relay: relay, replay: replay ?? d.reconnectReplay)
+    let fe = try VhostUserFrontendDevice(socketPath: socket, deviceID: d.shape.deviceID, queueSizes: d.shape.queueSizes,
+                                         configSize: d.shape.configSize, loop: loop, relay: relay, replay: replay ?? d.reconnectReplay)
+    if let c = d.shape.companion {
+        do { fe.companion = try c.make(loop) } catch {
+            loop.executeAndWait { fe.shutdown() }
+            throw DeviceError("\(d.name): \(error)")
+        }
+    }
+    return fe
 }

@@ -6,6 +6,20 @@ public struct DeviceShape: Sendable, Equatable {
     public var deviceID: UInt32
     public var queueSizes: [UInt16]
     public var configSize: Int
+    /// A forwarded type's addition to the vhost-user front-end, also something the back-end cannot be asked for
+    /// (a forwarded gpu: its scanouts and outputs, served on the display protocol's socket).
+    public var companion: FrontendCompanionMaker? = nil
+}
+
+/// Builds a forwarded device's `VhostUserFrontendCompanion` on the device's loop (`makeFrontend`).
+public struct FrontendCompanionMaker: @unchecked Sendable, Equatable {
+    /// What it is made from (equality: the same options).
+    public let what: String
+    public let make: (EventLoop) throws(DeviceError) -> VhostUserFrontendCompanion
+    public init(what: String, make: @escaping (EventLoop) throws(DeviceError) -> VhostUserFrontendCompanion) {
+        self.what = what; self.make = make
+    }
+    public static func == (a: Self, b: Self) -> Bool { a.what == b.what }
 }
 
 /// One device type: its config `type` name, the keys its `[device.NAME]` table accepts besides the common ones

@@ -554,10 +554,21 @@ final class GpuTests: XCTestCase {
         fails(t + "file-write = \"sometimes\"\n", line: 3, "file-write")
         fails(t + "memory-budget-mib = 0\n", line: 3, "memory-budget-mib")
         fails(t + "queues = 2\n", line: 3, "forwarded")
-        fails(t + "backend = \"vhost-user:/s\"\nmode = \"640x480\"\n", line: 4, "forwarded")
+        // Forwarded: the display options configure loopbackd's side of the display protocol; edid and
+        // file-write "demand" do not apply.
+        fails(t + "backend = \"vhost-user:/s\"\nedid = false\n", line: 4, "back-end offers")
+        fails(t + "backend = \"vhost-user:/s\"\nfile-write = \"demand\"\n", line: 4, "snapshot")
+        fails(t + "backend = \"vhost-user:/s\"\nmode = \"10x10\"\n", line: 4, "WxH")
         let c = try parse(t + "scanouts = 2\nmodes = [\"640x480\", \"1920x1080\"]\noutputs = [\"none\", \"file:/tmp/x\"]\nfile-write = \"demand\"\n")
         XCTAssertEqual(c.devices[0].shape, DeviceShape(deviceID: 16, queueSizes: [64, 64], configSize: 16))
+        XCTAssertNil(c.devices[0].shape.companion)
         let f = try parse(t + "backend = \"vhost-user:/s\"\nqueues = 2\nqueue-size = 256\n")
-        XCTAssertEqual(f.devices[0].shape, DeviceShape(deviceID: 16, queueSizes: [256, 256], configSize: 16))
+        let fs = f.devices[0].shape
+        XCTAssertEqual([fs.deviceID, UInt32(fs.configSize)], [16, 16])
+        XCTAssertEqual(fs.queueSizes, [256, 256])
+        XCTAssertNotNil(fs.companion, "a forwarded gpu always serves the display protocol")
+        let g = try parse(t + "backend = \"vhost-user:/s\"\nscanouts = 2\nmode = \"640x480\"\noutput = \"file:/tmp/x\"\n")
+        XCTAssertNotEqual(g.devices[0].shape.companion, fs.companion)
+        XCTAssertTrue(g.devices[0].shape.companion?.what.contains("640x480") ?? false)
     }
 }

@@ -15,7 +15,10 @@ import Transport
 ///   edid               bool, default true: offer VIRTIO_GPU_F_EDID
 ///   queue-size         power of two 2-1024, default 64 (both queues); forwarded 1-32768, default 256
 ///   queues             forwarded only: 1-64, default 2
-/// Forwarded (`backend = "vhost-user:…"`): the back-end has the display; only `queue-size` and `queues` apply.
+/// Forwarded (`backend = "vhost-user:…"`, e.g. QEMU's vhost-user-gpu): the back-end has the resources and
+/// loopbackd serves the display protocol's front-end side (`GpuDisplayServer`): `scanouts`, `mode(s)`,
+/// `output(s)`, `file-write`, `file-interval-ms` as above, `memory-budget-mib` bounds the scanouts' host copies;
+/// `edid` does not apply (the back-end offers the feature; loopbackd answers GET_EDID).
 extension DeviceType {
     public static var gpu: DeviceType {
         DeviceType(name: "gpu", keys: ["scanouts", "mode", "modes", "output", "outputs", "file-write", "file-interval-ms",
@@ -38,17 +41,13 @@ extension DeviceType {
         if qs & (qs - 1) != 0 { throw r.error("queue-size", "must be a power of two, found \(qs)") }
         let queues = try r.int("queues", range: 1...64)
         let size = UInt16(qs)
-        guard backend == .inproc else {
-            for (k, v) in [("scanouts", scanouts != nil), ("mode", mode != nil), ("modes", modes != nil), ("output", output != nil),
-                           ("outputs", outputs != nil), ("file-write", fileWrite != nil), ("file-interval-ms", interval != nil),
-                           ("memory-budget-mib", budget != nil), ("edid", edid != nil)] where v {
-                throw r.error(k, "a forwarded gpu's display is its vhost-user back-end's; only queue-size and queues apply")
-            }
-            let shape = DeviceShape(deviceID: VirtioGPU.deviceID, queueSizes: Array(repeating: size, count: Int(queues ?? 2)),
-                                    configSize: VirtioGPU.configSize)
-            return (shape, { () throws(DeviceError) -> VirtioDevice in throw DeviceError("\(name): forwarded gpu has no in-process body") })
+        if backend == .inproc, queues != nil { throw r.error("queues", "only for a forwarded gpu; in-process it has the spec's 2 queues") }
+        if backend != .inproc, edid != nil {
+            throw r.error("edid", "a forwarded gpu's back-end offers VIRTIO_GPU_F_EDID itself; loopbackd answers its GET_EDID")
         }
-        if queues != nil { throw r.error("queues", "only for a forwarded gpu; in-process it has the spec's 2 queues") }
+        if backend != .inproc, fileWrite == "demand" {
+            throw r.error("file-write", "\"demand\" needs `loopbackd ctl device NAME snapshot`, which a forwarded gpu does not have: use \"flush\"")
+        }
         if mode != nil && modes != nil { throw r.error("modes", "give mode (every scanout) or modes (one per scanout), not both") }
         if output != nil && outputs != nil { throw r.error("outputs", "give output (every scanout) or outputs (one per scanout), not both") }
         let n = Int(scanouts ?? Int64(modes?.count ?? outputs?.count ?? 1))
@@ -80,6 +79,18 @@ extension DeviceType {
         }
         let when: FileGpuOutput.When = fileWrite == "demand" ? .demand : .flush(intervalNs: UInt64(interval ?? 100) * 1_000_000)
         let budgetBytes = Int(budget ?? 64) << 20
+        guard backend == .inproc else {
+            // Forwarded: the back-end has the resources; loopbackd serves the display protocol (GpuDisplayServer)
+            // with these scanouts and outputs, its pictures within the budget.
+            let what = "gpu display: modes \(ms.map { "\($0.width)x\($0.height)" }), outputs \(specs), \(when), \(budgetBytes)"
+            let companion = FrontendCompanionMaker(what: what) { (loop: EventLoop) throws(DeviceError) -> VhostUserFrontendCompanion in
+                let outs = specs.enumerated().map { $0.element.make(scanout: $0.offset, when: when) }
+                return try GpuDisplayServer(name: name, modes: ms, outputs: outs, memoryBudget: budgetBytes, loop: loop)
+            }
+            let shape = DeviceShape(deviceID: VirtioGPU.deviceID, queueSizes: Array(repeating: size, count: Int(queues ?? 2)),
+                                    configSize: VirtioGPU.configSize, companion: companion)
+            return (shape, { () throws(DeviceError) -> VirtioDevice in throw DeviceError("\(name): forwarded gpu has no in-process body") })
+        }
         let withEDID = edid ?? true
         let shape = DeviceShape(deviceID: VirtioGPU.deviceID, queueSizes: [size, size], configSize: VirtioGPU.configSize)
         return (shape, { () throws(DeviceError) -> VirtioDevice in

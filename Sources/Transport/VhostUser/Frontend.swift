@@ -2,6 +2,18 @@ import Glibc
 import Synchronization
 import CLinux
 
+/// What a device type adds to the vhost-user front-end's conversation: a forwarded gpu's display protocol
+/// (VHOST_USER_GPU_SET_SOCKET and the front-end side of vhost-user-gpu.rst). Every call comes on the device's loop.
+public protocol VhostUserFrontendCompanion: AnyObject {
+    /// Before every ring set-up (the first one at DRIVER_OK, and each reconnect's), before SET_FEATURES: the
+    /// messages to send first, each with the fds it carries. The front-end owns the fds from here on (closes them
+    /// once sent, or on failure).
+    func ringsStarting() throws(DeviceError) -> [(request: VhostUserRequest, fds: [Int32])]
+    /// The rings stopped (driver reset), the back-end connection was lost, or the device shuts down: whatever
+    /// `ringsStarting` opened for the old conversation is closed.
+    func ringsStopped()
+}
+
 /// A device whose body lives in an external vhost-user back-end (a vhost-device-* daemon, qemu-storage-daemon,
 /// another loopbackd): loopbackd is the vhost-user front-end and forwards the driver's rings, memory, kicks and
 /// interrupts (cloud-hypervisor's generic vhost-user device, crosvm's vhost_user_frontend).
@@ -45,6 +57,8 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
     /// The back-end's features without vhost-user's bit 30 and what loopbackd's rings cannot do.
     public private(set) var offeredFeatures: VirtioFeatures = []
     public let loop: EventLoop
+    /// Set by the daemon right after `init` (before the loop serves the device): a forwarded gpu's display server.
+    public var companion: VhostUserFrontendCompanion?
 
     /// Protocol features this front-end implements.
     public static let protocolFeatures: VhostUserProtocolFeatures = [.mq, .replyAck, .config, .configureMemSlots, .backendReq]
@@ -242,6 +256,8 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         connectJob = nil
         if context != nil { reset() }
         closeConnection()
+        companion?.ringsStopped()
+        companion = nil
         if timerRegistration >= 0 { loop.unregister(fd: timerFD, registration: timerRegistration); timerRegistration = -1 }
         if scanRegistration >= 0 { loop.unregister(fd: scanFD, registration: scanRegistration); scanRegistration = -1 }
         closeEverything()
@@ -539,6 +555,9 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         for f in kickFDs { FD.close(f) }
         kickFDs = []
         context = nil
+        // QEMU's vhost-user-gpu front-end closes the display socket when the device stops (set_status without
+        // DRIVER_OK, hw/display/vhost-user-gpu.c); the next start sends a fresh one.
+        companion?.ringsStopped()
     }
 
     // MARK: rings
@@ -597,6 +616,22 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         // Loop thread: the whole exchange within `loopBudgetMs`.
         setupStep = "the ring set-up"
         let c = try loopConversation()
+        if let companion {
+            // QEMU's order (hw/display/vhost-user-gpu.c, set_status at DRIVER_OK): GPU_SET_SOCKET, then the start
+            // of the rings (SET_FEATURES, SET_MEM_TABLE, vrings). A back-end of a previous conversation got its
+            // own socket; this one gets a fresh one.
+            companion.ringsStopped()
+            let extra: [(request: VhostUserRequest, fds: [Int32])]
+            do { extra = try companion.ringsStarting() } catch { throw .local("\(error)") }
+            var pending = extra.flatMap { $0.fds }
+            defer { for f in pending { FD.close(f) } }
+            for m in extra {
+                setupStep = "\(m.request)"
+                try c.request(m.request, fds: m.fds)
+                for f in m.fds { FD.close(f) }
+                pending.removeAll { m.fds.contains($0) }
+            }
+        }
         var bits = acked.rawValue | (backendFeatures & Self.protocolFeaturesBit)
         // Replay: the back-end must not use EVENT_IDX: it would read used_event from the shadow ring (which the
         // driver never writes) and write avail_event (which is ours: `InflightTracker.pump`). Without it, it
@@ -653,6 +688,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         channelRegistration = -1
         ringsSetUp = false
         sentRegions = []
+        companion?.ringsStopped()
     }
 
     private func connectionLost(_ why: VhostUserError) {

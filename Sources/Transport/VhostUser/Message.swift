@@ -166,6 +166,8 @@ public enum VhostUserError: Error, Equatable, Sendable, CustomStringConvertible 
     case configSize(UInt32)
     case tooManyRegions(Int)
     case badRegion(String)
+    /// The front-end itself could not prepare a message (a companion's socketpair failed).
+    case local(String)
     case featuresNotOffered(UInt64)
     case protocolFeaturesNotOffered(UInt64)
     case ringAddress(index: Int, String)
@@ -201,6 +203,7 @@ public enum VhostUserError: Error, Equatable, Sendable, CustomStringConvertible 
         case .configSize(let s): return "config access of \(s) bytes exceeds 256"
         case .tooManyRegions(let n): return "\(n) memory regions exceed the limit"
         case .badRegion(let s): return "bad memory region: \(s)"
+        case .local(let s): return "front-end: \(s)"
         case .featuresNotOffered(let f): return "features 0x\(String(f, radix: 16)) were not offered"
         case .protocolFeaturesNotOffered(let f): return "protocol features 0x\(String(f, radix: 16)) were not offered"
         case .ringAddress(let i, let s): return "vring \(i): \(s)"
