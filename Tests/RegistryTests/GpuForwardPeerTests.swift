@@ -29,7 +29,7 @@ final class GpuForwardPeerTests: XCTestCase {
         if let loop, let host { loop.executeAndWait { host.shutdown(); self.frontend?.shutdown() }; loop.stopAndJoin() }
         peer?.stop()
         if let p = peer, testRun?.hasSucceeded == false { print("vhost-user-gpu log:\n\(p.logText)") }
-        for f in ["gpu.sock", "peer.log", "g-0.ppm", "g-0.ppm.tmp"] { unlink("\(dir)/\(f)") }
+        for f in ["gpu.sock", "peer.log", "g-0.ppm", "g-0.ppm.tmp", "g-1.ppm"] { unlink("\(dir)/\(f)") }
         rmdir(dir)
     }
 
@@ -102,7 +102,7 @@ final class GpuForwardPeerTests: XCTestCase {
             [device.g]
             type = "gpu"
             backend = "vhost-user:\(sock)"
-            mode = "\(Self.w)x\(Self.h)"
+            modes = ["\(Self.w)x\(Self.h)", "640x480"]
             output = "file:\(dir)/g"
             file-interval-ms = 10
             """, file: "t")).devices.first?.shape)
@@ -120,12 +120,15 @@ final class GpuForwardPeerTests: XCTestCase {
         let d = try SimDriver(host: hst, index: idx, ramSize: 16 << 20)
         try d.start(accept: { $0.intersection([.version1, VirtioGPU.fEDID]) })
         let ctrl = d.queues[0], cur = d.queues[1]
+        // num_scanouts (config offset 8) is the display's: 2 configured.
+        XCTAssertEqual(d.readConfig(offset: 8, count: 4), [2, 0, 0, 0])
 
         // GET_DISPLAY_INFO: the back-end asks the display server; scanout 0 = the configured mode, enabled.
         let info = try command(d, ctrl, hdr(VirtioGPU.cmdGetDisplayInfo), respSize: VirtioGPU.displayInfoSize)
         XCTAssertEqual(u32(info, 0), VirtioGPU.respOKDisplayInfo)
         XCTAssertEqual([u32(info, 32), u32(info, 36), u32(info, 40)], [Self.w, Self.h, 1])
-        XCTAssertEqual(u32(info, 24 + 24 + 16), 0, "scanout 1 not configured")
+        XCTAssertEqual([u32(info, 56), u32(info, 60), u32(info, 64)], [640, 480, 1])
+        XCTAssertEqual(u32(info, 24 + 48 + 16), 0, "scanout 2 not configured")
         // GET_EDID: ours (GpuEDID.block), through the back-end, when it offers VIRTIO_GPU_F_EDID. Debian's 7.2
         // does not (its vhost-user-gpu predates GET_EDID: the command gets ERR_UNSPEC, "TODO handle ctrl 10a");
         // the display server's GET_EDID answer is checked against a scripted back-end in GpuDisplayServerTests.

@@ -17,14 +17,16 @@ import Transport
 /// uses for its framebuffers. The host copy is kept and presented as B8G8R8X8; the cursor's 64×64 image as
 /// B8G8R8A8 (ARGB8888, Linux's cursor format).
 ///
-/// Hostile back-end: every size is checked before anything is read into place (header `size` against the
-/// request's fixed size; UPDATE: the rectangle inside the scanout's picture, computed in 64 bits, and `size` =
-/// 20 + w·h·4 exactly); a scanout's picture is at most `maxSide` pixels a side and all pictures together stay
-/// within `memoryBudget`; unknown requests, replies where requests belong, stray fds and truncated control data
-/// end the display connection with a log line naming the cause. Reads are non-blocking and bounded per wake-up
-/// (`readsPerEvent`), so a flood delays the loop's other devices by at most one bound. No allocation per
-/// message: the receive buffer, payload buffer and reply buffer are allocated once; a picture only when a
-/// scanout's size changes.
+/// Wire format: the codec in Transport/VhostUser/GpuDisplay.swift (`VhostUserGpuReceiver` reads whole messages
+/// with their fds, `VhostUserGpuMessage.decode` checks every size, count and scanout id, `VhostUserGpuReply`
+/// encodes the answers). Hostile back-end: on top of the codec's checks, UPDATE rectangles must lie inside the
+/// scanout's picture (64-bit), a scanout's picture is at most `maxSide` pixels a side and all pictures together
+/// stay within `memoryBudget`; anything the codec or these checks refuse ends the display connection with a log
+/// line naming the cause (the back-end keeps its rings; a new display socket comes with the next ring set-up).
+/// Reads are non-blocking and bounded per wake-up (`messagesPerEvent`, `bytesPerEvent`), so a flood delays the
+/// loop's other devices by at most one bound. Memory: the pictures (within `memoryBudget`) and one receive buffer
+/// of the largest message they allow (UPDATE of a whole picture: 20 + `memoryBudget` bytes at most, touched only
+/// as far as messages reach), allocated once; no allocation per frame or cursor message.
 public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, GpuFrameSource {
     public let name: String
     public let modes: [GpuMode]
@@ -33,35 +35,12 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
     public let loop: EventLoop
     /// Largest scanout side accepted from the back-end (a driver's SET_SCANOUT rectangle may exceed the mode).
     public static let maxSide: UInt32 = 16384
-    static let readsPerEvent = 16
-    static let receiveBytes = 64 << 10
-
-    // vhost-user-gpu.rst: header = le32 request, le32 flags, le32 size; flags bit 2 = reply.
-    static let headerSize = 12
-    static let replyFlag: UInt32 = 0x4
-    // Protocol features (vhost-user-gpu.rst): EDID = bit 0, DMABUF2 = bit 1.
-    static let protocolEDID: UInt64 = 1 << 0
-    static let protocolDMABUF2: UInt64 = 1 << 1
-    public static let offeredProtocolFeatures = protocolEDID | protocolDMABUF2
-
-    enum Request: UInt32 {
-        case getProtocolFeatures = 1, setProtocolFeatures, getDisplayInfo, cursorPos, cursorPosHide, cursorUpdate,
-             scanout, update, dmabufScanout, dmabufUpdate, getEDID, dmabufScanout2
-    }
-    /// Payload sizes of the requests with fixed payloads (UPDATE: its 20-byte head; the pixels follow).
-    static func payloadSize(_ r: Request) -> Int {
-        switch r {
-        case .getProtocolFeatures, .getDisplayInfo: return 0
-        case .setProtocolFeatures: return 8
-        case .cursorPos, .cursorPosHide, .scanout: return 12
-        case .cursorUpdate: return 12 + 8 + cursorBytes
-        case .update, .dmabufUpdate: return 20
-        case .dmabufScanout: return 40
-        case .dmabufScanout2: return 48
-        case .getEDID: return 4
-        }
-    }
-    static let cursorBytes = VirtioGPU.cursorSide * VirtioGPU.cursorSide * 4
+    static let messagesPerEvent = 64
+    static let bytesPerEvent = 8 << 20
+    /// Protocol features offered (vhost-user-gpu.rst): GET_EDID, and DMABUF_SCANOUT2 (its modifier tells a
+    /// linear buffer, the only kind mapped here, from a tiled one).
+    public static let offeredProtocolFeatures: VhostUserGpuProtocolFeatures = [.edid, .dmabuf2]
+    static let cursorBytes = VhostUserGpuMessage.cursorImageBytes
 
     private struct Scanout {
         var pixels: UnsafeMutableRawPointer?
@@ -83,22 +62,9 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
     private var registration = -1
     private var outputsStarted = false
 
-    // Receive state: a header, then the fixed payload (or UPDATE's head), then UPDATE's pixels row by row.
-    private enum Phase { case header, payload, pixels }
-    private var phase = Phase.header
-    private var request: Request = .getProtocolFeatures
-    private var size = 0
-    private let rbuf: UnsafeMutableRawPointer
-    private let acc: UnsafeMutableRawPointer
-    private var accLen = 0
-    private let reply: UnsafeMutableRawPointer
-    static let replyBytes = headerSize + VirtioGPU.edidResponseSize
-    private var pendingFDs: [Int32] = []
-    // UPDATE in progress.
-    private var upScanout = 0
-    private var upRect = GpuRect(x: 0, y: 0, width: 0, height: 0)
-    private var upRow = 0, upCol = 0
-    private var negotiated: UInt64 = 0
+    private let receiver: VhostUserGpuReceiver
+    private let reply: UnsafeMutableRawBufferPointer
+    private var negotiated: VhostUserGpuProtocolFeatures = []
     private let edids: [[UInt8]]
 
     /// Counters (tests, logs): messages handled, UPDATEs applied, connections closed for a protocol violation.
@@ -119,9 +85,11 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
             return Scanout(cursor: c)
         }
         edids = modes.enumerated().map { GpuEDID.block(mode: $0.element, scanout: $0.offset) }
-        rbuf = .allocate(byteCount: Self.receiveBytes, alignment: 16)
-        acc = .allocate(byteCount: Self.payloadSize(.cursorUpdate), alignment: 16)
-        reply = .allocate(byteCount: Self.replyBytes, alignment: 16)
+        // The largest message: CURSOR_UPDATE, or an UPDATE of a whole picture the budget allows.
+        let largest = min(memoryBudget, Int(Self.maxSide) * Int(Self.maxSide) * 4, Int(UInt32.max) - 64)
+        receiver = VhostUserGpuReceiver(limits: VhostUserGpuLimits(scanouts: modes.count,
+                                                                   maxPayload: max(VhostUserGpuMessage.cursorUpdateBytes, VhostUserGpuUpdate.byteCount + largest)))
+        reply = .allocate(byteCount: VhostUserGpuHeader.byteCount + VhostUserGpuReply.edidBytes, alignment: 16)
     }
 
     deinit {
@@ -132,7 +100,7 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
             s.cursor.deallocate()
             if let m = s.dmabuf { munmap(m, s.dmabufLength) }
         }
-        rbuf.deallocate(); acc.deallocate(); reply.deallocate()
+        reply.deallocate()
     }
 
     // MARK: VhostUserFrontendCompanion
@@ -153,12 +121,21 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
         }
         fd = sv[0]
         connections += 1
-        phase = .header; accLen = 0; negotiated = 0
+        negotiated = []
         return [(.gpuSetSocket, [sv[1]])]
     }
 
     public func ringsStopped() {
         closeConnection()
+    }
+
+    /// virtio_gpu_config (§5.7.4): num_scanouts (offset 8) is the display's, not the back-end's (QEMU's front-end
+    /// overrides it the same way: hw/display/vhost-user-gpu.c get_config).
+    public func configRead(offset: Int, _ buffer: UnsafeMutableRawBufferPointer) {
+        let n = UInt32(modes.count).littleEndian
+        withUnsafeBytes(of: n) { v in
+            for k in 0..<buffer.count where offset + k >= 8 && offset + k < 12 { buffer[k] = v[offset + k - 8] }
+        }
     }
 
     /// Closes the display connection; every scanout and cursor shows nothing (the back-end's next conversation
@@ -169,8 +146,7 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
             FD.close(fd)
         }
         fd = -1; registration = -1
-        for f in pendingFDs { FD.close(f) }
-        pendingFDs = []
+        receiver.consume()   // a message cut short: its bytes and fds are dropped
         for i in 0..<scanouts.count {
             unmapDmabuf(i)
             if scanouts[i].shown { scanouts[i].shown = false; outputs[i].scanoutChanged(frame: nil) }
@@ -214,150 +190,74 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
     // MARK: receiving
 
     public func handleEvent(token: UInt32, events: UInt32) {
-        for _ in 0..<Self.readsPerEvent {
+        var bytes = 0
+        for _ in 0..<Self.messagesPerEvent {
             guard fd >= 0 else { return }
-            var fds: (Int32, Int32, Int32, Int32) = (-1, -1, -1, -1)
-            var n: Int32 = 0, truncated: Int32 = 0
-            let r = withUnsafeMutableBytes(of: &fds) {
-                lb_recvmsg_fds(fd, rbuf, Self.receiveBytes, $0.baseAddress!.assumingMemoryBound(to: Int32.self), 4, &n, &truncated)
-            }
-            if n > 0 {
-                withUnsafeBytes(of: &fds) { b in for k in 0..<Int(n) { pendingFDs.append(b.load(fromByteOffset: 4 * k, as: Int32.self)) } }
-            }
-            if truncated != 0 || pendingFDs.count > 2 { violation("file descriptors sent without a DMABUF_SCANOUT to take them"); return }
-            if r == 0 {
-                Log.info("\(name): vhost-user-gpu display: the back-end closed the display connection")
-                closeConnection()
+            do throws(VhostUserGpuError) {
+                guard case .message(let h) = try receiver.receive(fd) else { return }
+                let m = try VhostUserGpuMessage.decode(h, payload: receiver.payload, fdCount: receiver.fdCount, limits: receiver.limits)
+                messages &+= 1
+                let ok = handle(m, receiver.payload)
+                receiver.consume()
+                guard ok else { return }
+                bytes += Int(h.size)
+                if bytes >= Self.bytesPerEvent { return }   // the rest waits for the next turn of the loop
+            } catch {
+                if case .scanoutID(.getEDID, _, _) = error {
+                    // A driver may ask for any scanout id the virtio spec allows; the back-end relays it and waits
+                    // for a reply of the EDID's size: answer the error virtio-gpu has for it, keep the display.
+                    receiver.consume()
+                    guard send(.edid(type: VirtioGPU.respErrInvalidScanoutID, data: [])) else { return }
+                    continue
+                }
+                if case .peerClosed(midMessage: false) = error {
+                    Log.info("\(name): vhost-user-gpu display: the back-end closed the display connection")
+                    closeConnection()
+                } else {
+                    violation("\(error)")
+                }
                 return
             }
-            if r < 0 {
-                if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { return }
-                Log.warning("\(name): vhost-user-gpu display: \(Errno.current); closing the display connection")
-                closeConnection()
-                return
-            }
-            guard consume(r) else { return }
-            if r < Self.receiveBytes { return }
         }
-    }
-
-    /// Feeds `len` received bytes through the state machine; false once the connection was closed.
-    private func consume(_ len: Int) -> Bool {
-        var pos = 0
-        while pos < len {
-            switch phase {
-            case .header:
-                let k = min(Self.headerSize - accLen, len - pos)
-                (acc + accLen).copyMemory(from: rbuf + pos, byteCount: k)
-                accLen += k; pos += k
-                if accLen == Self.headerSize {
-                    accLen = 0
-                    guard header() else { return false }
-                }
-            case .payload:
-                let k = min(size - accLen, len - pos)
-                (acc + accLen).copyMemory(from: rbuf + pos, byteCount: k)
-                accLen += k; pos += k
-                if accLen == size {
-                    accLen = 0
-                    phase = .header
-                    guard dispatch() else { return false }
-                }
-            case .pixels:
-                pos += pixels(rbuf + pos, len - pos)
-            }
-        }
-        return true
-    }
-
-    /// A complete header in `acc`: checks it and starts the payload.
-    private func header() -> Bool {
-        let rq = le32(acc, 0), flags = le32(acc, 4), sz = le32(acc, 8)
-        guard let r = Request(rawValue: rq) else { violation("unknown request \(rq) (size \(sz))"); return false }
-        guard flags & Self.replyFlag == 0 else { violation("\(r) with the reply flag: a reply where a request belongs"); return false }
-        let want = Self.payloadSize(r)
-        if r == .update {
-            guard Int(sz) >= want else { violation("UPDATE of \(sz) bytes: shorter than its 20-byte head"); return false }
-        } else if Int(sz) != want {
-            violation("\(r) with a \(sz)-byte payload; want \(want)")
-            return false
-        }
-        request = r
-        size = want
-        messages &+= 1
-        if want == 0 { return dispatch() }
-        phase = .payload
-        upTotal = UInt64(sz)
-        return true
-    }
-    private var upTotal: UInt64 = 0
-
-    /// UPDATE's pixels: copied row by row into the scanout's picture; the flush goes out after the last row.
-    private func pixels(_ p: UnsafeRawPointer, _ n: Int) -> Int {
-        let rowBytes = Int(upRect.width) * 4
-        let stride = Int(scanouts[upScanout].width) * 4
-        guard let pic = scanouts[upScanout].pixels else { return n }
-        var used = 0
-        while used < n && upRow < Int(upRect.height) {
-            let k = min(rowBytes - upCol, n - used)
-            let dst = pic + (Int(upRect.y) + upRow) * stride + Int(upRect.x) * 4 + upCol
-            dst.copyMemory(from: p + used, byteCount: k)
-            used += k; upCol += k
-            if upCol == rowBytes { upCol = 0; upRow += 1 }
-        }
-        if upRow == Int(upRect.height) {
-            phase = .header
-            updateDone()
-        }
-        return used
-    }
-
-    private func updateDone() {
-        updates &+= 1
-        let s = upScanout
-        guard scanouts[s].shown, let p = scanouts[s].pixels else { return }
-        outputs[s].flush(frame: frame(s, p), damage: upRect)
     }
 
     // MARK: requests
 
-    /// A whole message (fixed payload in `acc`). False once the connection was closed.
-    private func dispatch() -> Bool {
-        switch request {
+    /// One decoded message (`payload`: its bytes, pixels after the fixed part). False once the connection was closed.
+    private func handle(_ m: VhostUserGpuMessage, _ payload: UnsafeRawBufferPointer) -> Bool {
+        switch m {
         case .getProtocolFeatures:
-            return send(.getProtocolFeatures, u64: Self.offeredProtocolFeatures)
-        case .setProtocolFeatures:
-            let f = le64(acc, 0)
-            guard f & ~Self.offeredProtocolFeatures == 0 else {
-                violation("SET_PROTOCOL_FEATURES 0x\(String(f, radix: 16)) beyond the offered 0x\(String(Self.offeredProtocolFeatures, radix: 16))")
+            return send(.protocolFeatures(Self.offeredProtocolFeatures.rawValue))
+        case .setProtocolFeatures(let f):
+            let set = VhostUserGpuProtocolFeatures(rawValue: f)
+            guard Self.offeredProtocolFeatures.isSuperset(of: set) else {
+                violation("SET_PROTOCOL_FEATURES 0x\(String(f, radix: 16)) beyond the offered 0x\(String(Self.offeredProtocolFeatures.rawValue, radix: 16))")
                 return false
             }
-            negotiated = f
+            negotiated = set
             return true
         case .getDisplayInfo:
-            return sendDisplayInfo()
-        case .getEDID:
-            return sendEDID(Int(le32(acc, 0)))
-        case .cursorPos, .cursorPosHide, .cursorUpdate:
-            return cursorMessage()
-        case .scanout:
-            let s = le32(acc, 0), w = le32(acc, 4), h = le32(acc, 8)
-            guard let i = scanoutIndex(s, "SCANOUT") else { return false }
+            return send(.displayInfo(type: VirtioGPU.respOKDisplayInfo,
+                                     modes: modes.map { VhostUserGpuDisplayMode(width: $0.width, height: $0.height, enabled: 1) }))
+        case .getEDID(let s):
+            // A scanout out of range never gets here (the codec refuses it).
+            return send(.edid(type: VirtioGPU.respOKEDID, data: edids[Int(s)]))
+        case .cursorPos(let p), .cursorPosHide(let p):
+            return cursorMessage(p, hide: m.request == .cursorPosHide, hot: nil, image: nil)
+        case .cursorUpdate(let p, let hotX, let hotY):
+            return cursorMessage(p, hide: false, hot: (hotX, hotY), image: payload.baseAddress! + m.fixedBytes)
+        case .scanout(let v):
+            let i = Int(v.scanout)
             unmapDmabuf(i)
-            if w == 0 || h == 0 { return disable(i) }
-            return show(i, w, h)
-        case .update:
-            return startUpdate()
-        case .dmabufScanout, .dmabufScanout2:
-            return dmabufScanout()
-        case .dmabufUpdate:
-            return dmabufUpdate()
+            if v.width == 0 || v.height == 0 { return disable(i) }
+            return show(i, v.width, v.height)
+        case .update(let u):
+            return update(u, pixels: payload.baseAddress! + m.fixedBytes)
+        case .dmabufScanout(let d):
+            return dmabufScanout(d, fd: receiver.takeFD(0))
+        case .dmabufUpdate(let u):
+            return dmabufUpdate(u)
         }
-    }
-
-    private func scanoutIndex(_ s: UInt32, _ what: String) -> Int? {
-        guard s < UInt32(scanouts.count) else { violation("\(what) for scanout \(s); \(scanouts.count) configured"); return nil }
-        return Int(s)
     }
 
     private func disable(_ i: Int) -> Bool {
@@ -390,51 +290,48 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
         return true
     }
 
-    private func startUpdate() -> Bool {
-        let s = le32(acc, 0)
-        let r = GpuRect(x: le32(acc, 4), y: le32(acc, 8), width: le32(acc, 12), height: le32(acc, 16))
-        guard let i = scanoutIndex(s, "UPDATE") else { return false }
-        guard scanouts[i].shown else { violation("UPDATE for scanout \(i), which shows nothing (no SCANOUT before)"); return false }
+    /// UPDATE: the rectangle's rows (packed, w × 4 bytes each) into the scanout's picture, then the flush.
+    private func update(_ u: VhostUserGpuUpdate, pixels src: UnsafeRawPointer) -> Bool {
+        let i = Int(u.scanout)
+        let r = GpuRect(x: u.x, y: u.y, width: u.width, height: u.height)
+        guard scanouts[i].shown, let pic = scanouts[i].pixels else {
+            violation("UPDATE for scanout \(i), which shows nothing (no SCANOUT before)")
+            return false
+        }
         guard r.fits(scanouts[i].width, scanouts[i].height) else {
             violation("UPDATE (\(r.x),\(r.y)) \(r.width)x\(r.height) outside scanout \(i)'s \(scanouts[i].width)x\(scanouts[i].height)")
             return false
         }
-        let want = 20 + UInt64(r.width) * UInt64(r.height) * 4
-        guard upTotal == want else {
-            violation("UPDATE \(r.width)x\(r.height) with \(upTotal) bytes; want \(want)")
-            return false
+        let rowBytes = Int(r.width) * 4, stride = Int(scanouts[i].width) * 4
+        for row in 0..<Int(r.height) {
+            (pic + (Int(r.y) + row) * stride + Int(r.x) * 4).copyMemory(from: src + row * rowBytes, byteCount: rowBytes)
         }
-        upScanout = i; upRect = r; upRow = 0; upCol = 0
-        if r.isEmpty { updateDone(); return true }
-        phase = .pixels
+        updates &+= 1
+        if !r.isEmpty { outputs[i].flush(frame: frame(i, pic), damage: r) }
         return true
     }
 
-    private func cursorMessage() -> Bool {
-        let s = le32(acc, 0), x = le32(acc, 4), y = le32(acc, 8)
-        guard let i = scanoutIndex(s, "\(request)") else { return false }
+    private func cursorMessage(_ p: VhostUserGpuCursorPos, hide: Bool, hot: (UInt32, UInt32)?, image: UnsafeRawPointer?) -> Bool {
+        let i = Int(p.scanout), x = p.x, y = p.y
         scanouts[i].cursorX = x; scanouts[i].cursorY = y
-        switch request {
-        case .cursorUpdate:
+        if let hot, let image {
             cursorUpdates &+= 1
-            scanouts[i].hotX = le32(acc, 12); scanouts[i].hotY = le32(acc, 16)
-            scanouts[i].cursor.copyMemory(from: acc + 20, byteCount: Self.cursorBytes)
+            scanouts[i].hotX = hot.0; scanouts[i].hotY = hot.1
+            scanouts[i].cursor.copyMemory(from: image, byteCount: Self.cursorBytes)
             scanouts[i].cursorKnown = true
             scanouts[i].cursorVisible = true
             presentCursor(i)
-        case .cursorPosHide:
+        } else if hide {
             if scanouts[i].cursorVisible {
                 scanouts[i].cursorVisible = false
                 outputs[i].cursorChanged(image: nil, hotX: 0, hotY: 0, x: x, y: y)
             }
-        default:
+        } else if scanouts[i].cursorKnown && !scanouts[i].cursorVisible {
             // CURSOR_POS shows the cursor at (x, y) (QEMU: dpy_mouse_set(..., visible)).
-            if scanouts[i].cursorKnown && !scanouts[i].cursorVisible {
-                scanouts[i].cursorVisible = true
-                presentCursor(i)
-            } else {
-                outputs[i].cursorMoved(x: x, y: y)
-            }
+            scanouts[i].cursorVisible = true
+            presentCursor(i)
+        } else {
+            outputs[i].cursorMoved(x: x, y: y)
         }
         return true
     }
@@ -454,30 +351,26 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
     /// anything else (another format, a tiled modifier, a buffer smaller than its stride × height, a memfd that
     /// could still shrink under the mapping) is refused with a log line: the scanout shows nothing, the
     /// connection stays.
-    private func dmabufScanout() -> Bool {
-        let fd = pendingFDs.isEmpty ? -1 : pendingFDs.removeFirst()
+    private func dmabufScanout(_ d: VhostUserGpuDmabufScanout, fd: Int32) -> Bool {
         defer { FD.close(fd) }
-        let s = le32(acc, 0)
-        let r = GpuRect(x: le32(acc, 4), y: le32(acc, 8), width: le32(acc, 12), height: le32(acc, 16))
-        let fw = le32(acc, 20), fh = le32(acc, 24), stride = le32(acc, 28), fourcc = le32(acc, 36)
-        let modifier: UInt64 = request == .dmabufScanout2 ? le64(acc, 40) : 0
-        guard let i = scanoutIndex(s, "\(request)") else { return false }
+        let i = Int(d.scanout)
+        let r = GpuRect(x: d.x, y: d.y, width: d.width, height: d.height)
         unmapDmabuf(i)
-        guard fd >= 0 else { return disable(i) }
+        guard fd >= 0, !d.disables else { return disable(i) }
         func refuse(_ why: String) -> Bool {
             Log.warning("\(name): vhost-user-gpu display: scanout \(i): dmabuf refused: \(why); the scanout shows nothing")
             return disable(i)
         }
-        // DRM fourcc codes (drm_fourcc.h): XR24, AR24 = B8G8R8X8 / B8G8R8A8 in memory.
-        guard fourcc == 0x3432_5258 || fourcc == 0x3432_5241 else { return refuse("format 0x\(String(fourcc, radix: 16)), only XRGB8888/ARGB8888") }
-        guard modifier == 0 else { return refuse("modifier 0x\(String(modifier, radix: 16)): only linear buffers can be mapped") }
-        guard !r.isEmpty, r.fits(fw, fh), UInt64(stride) >= UInt64(fw) * 4 else {
-            return refuse("rectangle (\(r.x),\(r.y)) \(r.width)x\(r.height) in a \(fw)x\(fh) buffer of stride \(stride)")
+        // DRM fourcc codes (drm_fourcc.h): XR24, AR24 = B8G8R8X8 / B8G8R8A8 in memory. The codec checked the
+        // rectangle against the buffer and, for linear buffers, the stride against its width.
+        guard d.fourcc == 0x3432_5258 || d.fourcc == 0x3432_5241 else {
+            return refuse("format 0x\(String(UInt32(bitPattern: d.fourcc), radix: 16)), only XRGB8888/ARGB8888")
         }
-        let length = UInt64(stride) * UInt64(fh)
+        if let mod = d.modifier, mod != 0 { return refuse("modifier 0x\(String(mod, radix: 16)): only linear buffers can be mapped") }
+        let length = UInt64(d.fdStride) * UInt64(d.fdHeight)
         let end = lseek(fd, 0, SEEK_END)
         guard end >= 0, UInt64(end) >= length, length <= UInt64(memoryBudget) else {
-            return refuse("buffer of \(end) bytes for stride \(stride) × \(fh) rows")
+            return refuse("buffer of \(end) bytes for stride \(d.fdStride) × \(d.fdHeight) rows")
         }
         // A memfd (udmabuf's backing) could be truncated under the mapping (SIGBUS on the loop): only sealed.
         let seals = fcntl(fd, 1034 /* F_GET_SEALS */)
@@ -485,7 +378,7 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
         let m = mmap(nil, Int(length), PROT_READ, MAP_SHARED, fd, 0)
         guard let m, m != MAP_FAILED else { return refuse("mmap: \(Errno.current)") }
         guard show(i, r.width, r.height) else { munmap(m, Int(length)); return false }
-        scanouts[i].dmabuf = m; scanouts[i].dmabufLength = Int(length); scanouts[i].dmabufStride = Int(stride)
+        scanouts[i].dmabuf = m; scanouts[i].dmabufLength = Int(length); scanouts[i].dmabufStride = Int(d.fdStride)
         scanouts[i].dmabufRect = r
         return true
     }
@@ -497,10 +390,9 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
 
     /// DMABUF_UPDATE: copy the damaged rectangle out of the mapped buffer, flush, and always answer: the back-end
     /// waits for this reply before it processes the driver's next command (vg_wait_ok).
-    private func dmabufUpdate() -> Bool {
-        let s = le32(acc, 0)
-        let r = GpuRect(x: le32(acc, 4), y: le32(acc, 8), width: le32(acc, 12), height: le32(acc, 16))
-        guard let i = scanoutIndex(s, "DMABUF_UPDATE") else { return false }
+    private func dmabufUpdate(_ u: VhostUserGpuUpdate) -> Bool {
+        let i = Int(u.scanout)
+        let r = GpuRect(x: u.x, y: u.y, width: u.width, height: u.height)
         if let m = scanouts[i].dmabuf, let pic = scanouts[i].pixels, scanouts[i].shown {
             // The damage is in buffer coordinates; the picture is the scanout's rectangle of the buffer.
             let sr = scanouts[i].dmabufRect
@@ -516,62 +408,20 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
                 outputs[i].flush(frame: frame(i, pic), damage: GpuRect(x: d.x - sr.x, y: d.y - sr.y, width: d.width, height: d.height))
             }
         }
-        return send(.dmabufUpdate, bytes: 0)
+        return send(.dmabufUpdateDone)
     }
 
     // MARK: replies
 
-    private func putHeader(_ r: Request, _ size: Int) {
-        put32(reply, 0, r.rawValue); put32(reply, 4, Self.replyFlag); put32(reply, 8, UInt32(size))
-    }
-
-    private func send(_ r: Request, u64 v: UInt64) -> Bool {
-        putHeader(r, 8)
-        put64(reply, 12, v)
-        return sendReply(20)
-    }
-
-    private func send(_ r: Request, bytes: Int) -> Bool {
-        putHeader(r, bytes)
-        return sendReply(Self.headerSize + bytes)
-    }
-
-    /// virtio_gpu_resp_display_info (virtio 1.2 §5.7.6.8): header, then per scanout rect + enabled + flags.
-    private func sendDisplayInfo() -> Bool {
-        let body = VirtioGPU.displayInfoSize
-        let p = reply + Self.headerSize
-        memset(p, 0, body)
-        put32(p, 0, VirtioGPU.respOKDisplayInfo)
-        for (i, m) in modes.enumerated() {
-            let o = VirtioGPU.hdrSize + 24 * i
-            put32(p, o + 8, m.width); put32(p, o + 12, m.height); put32(p, o + 16, 1)
-        }
-        return send(.getDisplayInfo, bytes: body)
-    }
-
-    /// virtio_gpu_resp_edid (§5.7.6.8): header, le32 size, padding, 1024 bytes. A scanout out of range gets
-    /// ERR_INVALID_SCANOUT_ID in the same-sized reply (the back-end waits for exactly that size).
-    private func sendEDID(_ s: Int) -> Bool {
-        let body = VirtioGPU.edidResponseSize
-        let p = reply + Self.headerSize
-        memset(p, 0, body)
-        if s < modes.count {
-            put32(p, 0, VirtioGPU.respOKEDID)
-            put32(p, 24, UInt32(edids[s].count))
-            edids[s].withUnsafeBytes { (p + 32).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        } else {
-            put32(p, 0, VirtioGPU.respErrInvalidScanoutID)
-        }
-        return send(.getEDID, bytes: body)
-    }
-
-    /// Replies are small (at most 1,068 bytes) and the back-end waits for each: one non-blocking send; a back-end
-    /// whose socket buffer is full is not reading its replies and is dropped.
-    private func sendReply(_ n: Int) -> Bool {
+    /// Replies are small (at most 1,068 bytes) and the back-end waits for each before it sends anything else that
+    /// needs one: one non-blocking send; a back-end whose socket buffer is full is not reading its replies and is
+    /// dropped.
+    private func send(_ r: VhostUserGpuReply) -> Bool {
         guard fd >= 0 else { return false }
-        let r = lb_send_nowait(fd, reply, n)
-        guard r == n else {
-            violation(r < 0 ? "reply not sent: \(Errno.current)" : "reply not sent: the back-end does not read its replies")
+        guard let n = r.encode(into: reply) else { violation("cannot encode the reply to \(r.request) (loopbackd bug)"); return false }
+        let sent = lb_send_nowait(fd, reply.baseAddress, n)
+        guard sent == n else {
+            violation(sent < 0 ? "reply not sent: \(Errno.current)" : "reply not sent: the back-end does not read its replies")
             return false
         }
         return true

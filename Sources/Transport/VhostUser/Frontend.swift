@@ -12,6 +12,13 @@ public protocol VhostUserFrontendCompanion: AnyObject {
     /// The rings stopped (driver reset), the back-end connection was lost, or the device shuts down: whatever
     /// `ringsStarting` opened for the old conversation is closed.
     func ringsStopped()
+    /// After a config space read was answered from the back-end's config: fields the front-end owns (a forwarded
+    /// gpu: num_scanouts, QEMU's front-end's too).
+    func configRead(offset: Int, _ buffer: UnsafeMutableRawBufferPointer)
+}
+
+extension VhostUserFrontendCompanion {
+    public func configRead(offset: Int, _ buffer: UnsafeMutableRawBufferPointer) {}
 }
 
 /// A device whose body lives in an external vhost-user back-end (a vhost-device-* daemon, qemu-storage-daemon,
@@ -350,6 +357,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
 
     public func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {
         config.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<offset + buffer.count])) }
+        companion?.configRead(offset: offset, buffer)
     }
 
     public func writeConfig(offset: Int, from buffer: UnsafeRawBufferPointer) {
