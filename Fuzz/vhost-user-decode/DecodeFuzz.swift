@@ -39,6 +39,7 @@ private func encode(_ m: VhostUserMessage) -> (VhostUserRequest, [UInt8]) {
     case .remMemReg(let x): r = .remMemReg; w.append(UInt64(0)); w.appendRegion(x)
     case .setStatus(let s): r = .setStatus; w.append(UInt64(s))
     case .getStatus: r = .getStatus
+    case .gpuSetSocket: r = .gpuSetSocket
     }
     return (r, Array(w.bytes[VhostUserHeader.byteCount...]))
 }

@@ -306,7 +306,7 @@ final class VhostUserTests: LoopTestCase {
             c("unsupported SET_LOG_BASE", VURawClient.message(.setLogBase, payload: u64(0))) { $0 == .unsupportedRequest(.setLogBase) },
             c("GET_CONFIG not negotiated", VURawClient.message(.getConfig, payload: u32s([0, 8, 0]) + [UInt8](repeating: 0, count: 8))) { $0 == .notNegotiated(.getConfig) },
             c("GET_CONFIG above 256", VURawClient.message(.getConfig, payload: u32s([0, 300, 0]) + [UInt8](repeating: 0, count: 300)), pre: negotiateAll) { $0 == .configSize(300) },
-            c("features not offered", VURawClient.message(.setFeatures, payload: u64(1 << 40))) { if case .featuresNotOffered = $0 { true } else { false } },
+            c("features not offered", VURawClient.message(.setFeatures, payload: u64(1 << 41))) { if case .featuresNotOffered = $0 { true } else { false } },
             c("protocol features not offered", VURawClient.message(.setProtocolFeatures, payload: u64(1 << 12))) { if case .protocolFeaturesNotOffered = $0 { true } else { false } },
             c("disconnect mid-message", Array(VURawClient.message(.setVringAddr, payload: [UInt8](repeating: 0, count: 40)).prefix(22)), halfClose: true) { $0 == .peerClosed(midMessage: true) },
         ]

@@ -92,4 +92,17 @@ if [ ! -x "$cache/qemu10/usr/bin/qemu-system-x86_64" ]; then
   mv "$cache/qemu10.tmp" "$cache/qemu10" ||
     log "QEMU 10 (bookworm-backports qemu-system-x86) not unpacked: the vhost-input case will fail"
 fi
+# Its virtio-gpu devices (vhost-user-gpu-pci for the vhost-gpu case) are modules, in bookworm-backports'
+# qemu-system-common: only its hw-display-*.so are unpacked into <cache>/qemu10/usr/lib/x86_64-linux-gnu/qemu (7.2's
+# modules fail to load into 10: "undefined symbol"); the case points QEMU_MODULE_DIR there. Once.
+q10mods=$cache/qemu10/usr/lib/x86_64-linux-gnu/qemu
+if [ -x "$cache/qemu10/usr/bin/qemu-system-x86_64" ] && [ ! -f "$q10mods/hw-display-virtio-gpu-pci.so" ]; then
+  rm -rf "$cache/qemu10-common.tmp" &&
+  ( cd "$cache/debs" && rm -f qemu-system-common_*bpo12* && apt-get download -qq qemu-system-common/bookworm-backports 2>/dev/null ) &&
+  dpkg -x "$cache"/debs/qemu-system-common_*bpo12*.deb "$cache/qemu10-common.tmp" &&
+  mkdir -p "$q10mods" && cp "$cache"/qemu10-common.tmp/usr/lib/x86_64-linux-gnu/qemu/hw-display-*.so "$q10mods/" &&
+  QEMU_MODULE_DIR=$q10mods "$cache/qemu10/usr/bin/qemu-system-x86_64" -device vhost-user-gpu-pci,help 2>/dev/null | grep -q chardev ||
+    log "QEMU 10's display modules (bookworm-backports qemu-system-common) not unpacked: the vhost-gpu case will fail"
+  rm -rf "$cache/qemu10-common.tmp"
+fi
 log "done (${kernels[*]})"

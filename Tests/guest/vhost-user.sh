@@ -87,6 +87,9 @@ elif [ -f "$cache/snd-virtio-$kver/virtio_snd.ko" ]; then cp "$cache/snd-virtio-
 # the vsock case: the kernel's AF_VSOCK virtio transport (the case insmods it) and vsocktool (setup.sh)
 ( img_stage_modules "$root" "$kver" vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport ) || exit 2
 [ -x "$cache/vsocktool" ] && cp "$cache/vsocktool" "$root/bin/vsocktool"
+# the gpu case: the kernel's virtio-gpu DRM driver with its DRM helpers (the case insmods them), gputool (setup.sh)
+( img_stage_modules "$root" "$kver" virtio-gpu ) || exit 2
+[ -x "$cache/gputool" ] && cp "$cache/gputool" "$root/bin/gputool"
 cp "$here/lib.sh" "$root/tests/lib.sh"
 img_write_init "$root"
 # The same runner runs on every boot (also after the reboot case's reboot -f); /init sources it after the modules.
@@ -119,11 +122,14 @@ snd_in=$work/snd-in.wav
 "$cache/sndtool" mkwav 48000 2 96000 2 "$snd_in" || { echo "vhost-user.sh: no sndtool (Tests/guest/setup.sh builds it)" >&2; exit 2; }
 vsock_sock=$work/vsock.sock
 vsock_uds=$work/v.sock
+gpu_sock=$work/gpu.sock
+ctl_sock=$work/ctl.sock
 conf=$work/loopbackd.conf
 cat > "$conf" <<CONF
 [daemon]
 transport = "none"
 log-level = "$loglevel"
+control = "$ctl_sock"
 
 [device.rng0]
 type = "rng"
@@ -166,12 +172,19 @@ type = "vsock"
 guest-cid = 3
 uds-path = "$vsock_uds"
 serve = "$vsock_sock"
+
+[device.gpu0]
+type = "gpu"
+mode = "800x600"
+output = "file:$work/gpu"
+file-interval-ms = 50
+serve = "$gpu_sock"
 CONF
 lblog=$work/loopbackd.log
 "$loopbackd" -c "$conf" > "$lblog" 2>&1 &
 lbpid=$!
-for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && [ -S "$i2c_sock" ] && [ -S "$gpio_sock" ] && [ -S "$input_sock" ] && [ -S "$vsock_sock" ] && [ -S "$snd_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
-if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ] || ! [ -S "$i2c_sock" ] || ! [ -S "$gpio_sock" ] || ! [ -S "$input_sock" ] || ! [ -S "$vsock_sock" ] || ! [ -S "$snd_sock" ]; then
+for _ in $(seq 50); do [ -S "$rng_sock" ] && [ -S "$blk_sock" ] && [ -S "$i2c_sock" ] && [ -S "$gpio_sock" ] && [ -S "$input_sock" ] && [ -S "$vsock_sock" ] && [ -S "$snd_sock" ] && [ -S "$gpu_sock" ] && break; kill -0 $lbpid 2>/dev/null || break; sleep 0.1; done
+if ! [ -S "$rng_sock" ] || ! [ -S "$blk_sock" ] || ! [ -S "$i2c_sock" ] || ! [ -S "$gpio_sock" ] || ! [ -S "$input_sock" ] || ! [ -S "$vsock_sock" ] || ! [ -S "$snd_sock" ] || ! [ -S "$gpu_sock" ]; then
   echo "vhost-user.sh: loopbackd did not create its sockets:"; cat "$lblog"; echo "0 passed, 1 failed"; exit 1
 fi
 
@@ -201,6 +214,67 @@ n = 0
 while 'GUEST-TEST' not in console() and time.time() < end:
     cmd('stop'); time.sleep(0.3); cmd('cont'); n += 1; time.sleep(0.4)
 print(n)
+PY
+}
+# gpu_host_check QMP_SOCKET ACK_SOCKET CONSOLE_LOG W H: for each "GUEST-GPU-SHOWN SEED" the guest prints, QMP
+# screendumps of QEMU's console until one equals gputool's pattern(SEED) pixel for pixel (20 s at most), loopbackd's
+# PPM too, and the display link reports cursor messages; then "PASS <what>" or "FAIL <why>" to the guest's ttyS1.
+# Prints one line per round.
+gpu_host_check() {
+  python3 - "$1" "$2" "$3" "$4" "$5" "$timeout_s" "$cache/gputool" "$work/gpu-0.ppm" "$loopbackd" "$ctl_sock" <<'PY'
+import json, os, socket, subprocess, sys, time
+qmp, ack, log, w, h, limit, tool, lbppm, lb, ctl = sys.argv[1:]
+end = time.time() + float(limit)
+def console():
+    try:
+        with open(log, 'rb') as f: return f.read().decode('latin-1')
+    except OSError: return ''
+def connect(path):
+    while time.time() < end:
+        try:
+            s = socket.socket(socket.AF_UNIX); s.connect(path); return s
+        except OSError: time.sleep(0.1)
+    raise SystemExit('cannot connect to ' + path)
+q = connect(qmp); f = q.makefile('rw')
+def cmd(c, **a):
+    f.write(json.dumps({'execute': c, 'arguments': a}) + '\n'); f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if 'return' in r: return r['return']
+        if 'error' in r: return r['error']
+json.loads(f.readline()); cmd('qmp_capabilities')
+a = connect(ack)
+shot = os.path.join(os.path.dirname(qmp), 'screendump.ppm')
+def check(path, seed):
+    r = subprocess.run([tool, 'check', path, w, h, seed], capture_output=True, text=True)
+    return r.returncode == 0, (r.stdout + r.stderr).strip()
+rounds = 0
+while time.time() < end:
+    lines = [l for l in console().splitlines() if l.startswith('GUEST-GPU-SHOWN ')]
+    if 'GUEST-TEST' in console(): break
+    if len(lines) <= rounds: time.sleep(0.1); continue
+    seed = lines[rounds].split()[1]; rounds += 1
+    t0 = time.time(); ok = False; why = ''; n = 0
+    while time.time() - t0 < 20:
+        n += 1
+        r = cmd('screendump', filename=shot)
+        if isinstance(r, dict) and r: why = 'screendump: %s' % r.get('desc', r)
+        else:
+            ok, why = check(shot, seed)
+            if ok: break
+        time.sleep(0.2)
+    took = time.time() - t0
+    if ok:
+        ok2, why2 = check(lbppm, seed)
+        if not ok2: ok, why = False, "loopbackd's PPM: " + why2
+    info = subprocess.run([lb, 'ctl', '--socket', ctl, 'device', 'gpu0', 'info'], capture_output=True, text=True).stdout
+    disp = ([l for l in info.splitlines() if l.startswith('display=')] or ['no display line'])[0]
+    cm = [int(x.split('=')[1]) for x in disp.split() if x.startswith('cursor-msgs=')]
+    if ok and (not cm or cm[0] < 2): ok, why = False, 'cursor: ' + disp
+    verdict = ('PASS screendump %sx%s equals pattern %s after %.1f s (%d screendumps), loopbackd PPM too; %s' % (w, h, seed, took, n, disp)) if ok \
+        else 'FAIL pattern %s: %s' % (seed, why)
+    print(verdict, flush=True)
+    a.sendall((verdict + '\n').encode())
 PY
 }
 echo ${VHOST_PAUSE_ITERATIONS:-120} > "$root/tests/param/pause_iterations"   # long enough for 3 QMP stop/cont cycles on a busy host
@@ -243,6 +317,14 @@ for c in "${cases[@]}"; do
     i2c_opt=(-chardev socket,id=c4,path="$input_sock" -device vhost-user-input-pci,chardev=c4)
     [ -x "${qemu[0]}" ] || echo "vhost-user.sh: no QEMU 10 at ${qemu[0]} (Tests/guest/setup.sh unpacks it)" >&2
   fi
+  # the gpu case: QEMU 10 with its display modules (setup.sh) and vhost-user-gpu-pci in front of loopbackd's gpu0; QMP
+  # for screendumps and a second serial port (the guest's ttyS1) for the host's verdict
+  if [ "$c" = gpu ]; then
+    qemu=(env QEMU_MODULE_DIR="$cache/qemu10/usr/lib/x86_64-linux-gnu/qemu" "$cache/qemu10/usr/bin/qemu-system-x86_64")
+    i2c_opt=(-vga none -chardev socket,id=c7,path="$gpu_sock" -device vhost-user-gpu-pci,chardev=c7
+             -qmp unix:"$cdir/qmp.sock",server=on,wait=off
+             -chardev socket,id=ack,path="$cdir/ack.sock",server=on,wait=off -serial chardev:ack)
+  fi
   # the sound case: QEMU 10's vhost-user-snd-pci in front of loopbackd's snd0 (7.2 has no sound front-end)
   if [ "$c" = sound ]; then
     qemu=("$cache/qemu10/usr/bin/qemu-system-x86_64")
@@ -261,6 +343,11 @@ for c in "${cases[@]}"; do
     cycles=$(qmp_pause_cycles "$cdir/qmp.sock" "$log")
     info_cycles="  host: $cycles QMP stop/cont cycles during guest I/O"
     [ "${cycles:-0}" -ge 3 ] 2>/dev/null || pause_why="only '${cycles}' stop/cont cycles before the guest finished (want >= 3)"
+  fi
+  if [ "$c" = gpu ]; then
+    gpu_host_check "$cdir/qmp.sock" "$cdir/ack.sock" "$log" 800 600 > "$cdir/host-gpu.txt" 2>&1
+    info_cycles=$(sed 's/^/  host: /' "$cdir/host-gpu.txt")
+    [ "$(grep -c '^PASS' "$cdir/host-gpu.txt")" -eq 2 ] || pause_why="host gpu check: $(grep -v '^PASS' "$cdir/host-gpu.txt" | head -2 | tr '\n' '|')"
   fi
   wait $qpid; rc=$?
   hostbad=
@@ -310,7 +397,7 @@ for c in "${cases[@]}"; do
     echo "----- loopbackd log during $name -----"; grep -vE 'debug: vhost-user: [a-z0-9]+: (SET|GET)_' "$cdir/loopbackd.log" | tail -n 20; echo "-----"
   fi
   grep -E '^GUEST-INFO' "$log.txt" | sed 's/^/  /'
-  [ "$c" = pause ] && echo "$info_cycles"
+  [ "$c" = pause ] || [ "$c" = gpu ] && echo "$info_cycles"
   [ -n "$notes" ] && echo "$notes" | sed 's/^/  note (known): /'
   if [ "${VHOST_VERBOSE:-0}" = 1 ]; then
     sed -n '/^GUEST-DMESG-BEGIN/,/^GUEST-DMESG-END/p' "$log.txt" | grep -vE '^GUEST-DMESG' | sed 's/^/  dmesg: /'

@@ -44,7 +44,7 @@ struct GpuResource {
 /// ATTACH_BACKING's entry count (1…`maxEntries`) and each entry inside the driver's memory (`MemoryView`; an
 /// entry may span adjacent regions), backing attached twice or missing (ERR_UNSPEC), unknown and 3D commands
 /// (ERR_UNSPEC). A malformed ring latches the queue through the host's fault mechanism as for every device.
-public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice {
+public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice, VhostUserGpuDisplayTaker {
     public let deviceID = VirtioGPU.deviceID
     public let queueMaxSizes: [UInt16]
     public let offeredFeatures: VirtioFeatures
@@ -148,8 +148,8 @@ public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice {
         for i in 0..<scanoutCount {
             let had = scanouts[i].resource != 0, cursor = scanouts[i].cursorResource != 0
             scanouts[i].resource = 0; scanouts[i].rect = GpuRect(x: 0, y: 0, width: 0, height: 0); scanouts[i].cursorResource = 0
-            if had { outputs[i].scanoutChanged(frame: nil) }
-            if cursor { outputs[i].cursorChanged(image: nil, hotX: 0, hotY: 0, x: 0, y: 0) }
+            if had { show(i, nil) }
+            if cursor { showCursor(i, nil, hotX: 0, hotY: 0, x: 0, y: 0) }
         }
     }
 
@@ -166,6 +166,40 @@ public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice {
         r.pixels = nil; r.backing = nil; r.pieces = 0; r.backingBytes = 0
     }
 
+    // MARK: presenting (the scanout's output, and the display socket of a front-end serving this device)
+
+    @inline(__always) private func show(_ i: Int, _ f: GpuFrame?) {
+        outputs[i].scanoutChanged(frame: f)
+        display?.scanoutChanged(i, frame: f)
+    }
+    @inline(__always) private func showCursor(_ i: Int, _ image: GpuFrame?, hotX: UInt32, hotY: UInt32, x: UInt32, y: UInt32) {
+        outputs[i].cursorChanged(image: image, hotX: hotX, hotY: hotY, x: x, y: y)
+        display?.cursorChanged(i, image: image, hotX: hotX, hotY: hotY, x: x, y: y)
+    }
+
+    /// VHOST_USER_GPU_SET_SOCKET (served through `serve`): from now on the scanouts are also presented to the
+    /// front-end (`GpuDisplayLink`), starting with what they show now. A new socket replaces the old one.
+    public func takeDisplaySocket(_ fd: Int32, loop: EventLoop) {
+        display?.close(nil, log: false)
+        let d = GpuDisplayLink(name: "gpu", fd: fd, loop: loop, scanouts: scanoutCount, source: self)
+        display = d
+        for i in 0..<scanoutCount {
+            if let f = currentFrame(i) { d.scanoutChanged(i, frame: f) }
+            let c = scanouts[i].cursorResource
+            if c != 0, let k = find(c), let p = table[k].pixels {
+                d.cursorChanged(i, image: GpuFrame(pixels: p, stride: table[k].stride, format: table[k].format,
+                                                   rect: GpuRect(x: 0, y: 0, width: table[k].width, height: table[k].height)),
+                                hotX: 0, hotY: 0, x: scanouts[i].cursorX, y: scanouts[i].cursorY)
+            }
+        }
+    }
+    public func dropDisplaySocket() {
+        display?.close(nil)
+        display = nil
+    }
+    /// The display link while a front-end gave one (tests, `info`).
+    public private(set) var display: GpuDisplayLink?
+
     // MARK: hot-plug
 
     /// Plugs scanout `index` in or out: display info reports it, and the driver hears VIRTIO_GPU_EVENT_DISPLAY
@@ -175,8 +209,8 @@ public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice {
         guard index >= 0 && index < scanoutCount else { return false }
         guard scanouts[index].connected != on else { return true }
         scanouts[index].connected = on
-        if !on { outputs[index].scanoutChanged(frame: nil) }
-        else if let f = currentFrame(index) { outputs[index].scanoutChanged(frame: f) }
+        if !on { show(index, nil) }
+        else if let f = currentFrame(index) { show(index, f) }
         eventsRead |= VirtioGPU.eventDisplay
         displayEvents += 1
         configInterrupt.signal()
@@ -337,10 +371,10 @@ public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice {
         guard let k = find(id) else { return VirtioGPU.respErrInvalidResourceID }
         // A scanout or cursor showing it shows nothing from now on (QEMU does the same).
         for i in 0..<scanoutCount {
-            if scanouts[i].resource == id { scanouts[i].resource = 0; outputs[i].scanoutChanged(frame: nil) }
+            if scanouts[i].resource == id { scanouts[i].resource = 0; show(i, nil) }
             if scanouts[i].cursorResource == id {
                 scanouts[i].cursorResource = 0
-                outputs[i].cursorChanged(image: nil, hotX: 0, hotY: 0, x: scanouts[i].cursorX, y: scanouts[i].cursorY)
+                showCursor(i, nil, hotX: 0, hotY: 0, x: scanouts[i].cursorX, y: scanouts[i].cursorY)
             }
         }
         release(&table[k])
@@ -354,14 +388,14 @@ public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice {
             // Disable the scanout (§5.7.6.8: resource_id 0).
             let had = scanouts[s].resource != 0
             scanouts[s].resource = 0
-            if had { outputs[s].scanoutChanged(frame: nil) }
+            if had { show(s, nil) }
             return VirtioGPU.respOKNoData
         }
         guard let k = find(id) else { return VirtioGPU.respErrInvalidResourceID }
         guard !r.isEmpty, r.fits(table[k].width, table[k].height) else { return VirtioGPU.respErrInvalidParameter }
         scanouts[s].resource = id
         scanouts[s].rect = r
-        if scanouts[s].connected, let f = currentFrame(s) { outputs[s].scanoutChanged(frame: f) }
+        if scanouts[s].connected, let f = currentFrame(s) { show(s, f) }
         return VirtioGPU.respOKNoData
     }
 
@@ -373,7 +407,9 @@ public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice {
         for i in 0..<scanoutCount where scanouts[i].resource == id && scanouts[i].connected {
             let d = r.intersection(scanouts[i].rect)
             if d.isEmpty { continue }
-            outputs[i].flush(frame: GpuFrame(pixels: p, stride: table[k].stride, format: table[k].format, rect: scanouts[i].rect), damage: d)
+            let f = GpuFrame(pixels: p, stride: table[k].stride, format: table[k].format, rect: scanouts[i].rect)
+            outputs[i].flush(frame: f, damage: d)
+            display?.flush(i, frame: f, damage: d)
         }
         return VirtioGPU.respOKNoData
     }
@@ -482,12 +518,13 @@ public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice {
         scanouts[s].cursorX = x; scanouts[s].cursorY = y
         if type == VirtioGPU.cmdMoveCursor {
             outputs[s].cursorMoved(x: x, y: y)
+            display?.cursorMoved(s, x: x, y: y)
             return VirtioGPU.respOKNoData
         }
         let id = le32(req, 40), hotX = le32(req, 44), hotY = le32(req, 48)
         if id == 0 {
             scanouts[s].cursorResource = 0
-            outputs[s].cursorChanged(image: nil, hotX: 0, hotY: 0, x: x, y: y)
+            showCursor(s, nil, hotX: 0, hotY: 0, x: x, y: y)
             return VirtioGPU.respOKNoData
         }
         guard let k = find(id) else { return VirtioGPU.respErrInvalidResourceID }
@@ -496,9 +533,8 @@ public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice {
             return VirtioGPU.respErrInvalidParameter
         }
         scanouts[s].cursorResource = id
-        outputs[s].cursorChanged(image: GpuFrame(pixels: p, stride: table[k].stride, format: table[k].format,
-                                                 rect: GpuRect(x: 0, y: 0, width: side, height: side)),
-                                 hotX: hotX, hotY: hotY, x: x, y: y)
+        showCursor(s, GpuFrame(pixels: p, stride: table[k].stride, format: table[k].format, rect: GpuRect(x: 0, y: 0, width: side, height: side)),
+                   hotX: hotX, hotY: hotY, x: x, y: y)
         return VirtioGPU.respOKNoData
     }
 
@@ -525,6 +561,7 @@ public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice {
                 let s = scanouts[i]
                 lines.append("scanout \(i) mode=\(s.mode.width)x\(s.mode.height) connected=\(s.connected ? "yes" : "no") resource=\(s.resource) rect=\(s.rect.width)x\(s.rect.height)+\(s.rect.x)+\(s.rect.y) cursor=\(s.cursorResource)@\(s.cursorX),\(s.cursorY) output=\(outputs[i].describe)")
             }
+            if let d = display { lines.append(d.describe) }
             return (true, lines.joined(separator: "\n"))
         default:
             return (false, "gpu commands: scanout N on|off, snapshot [N], info")

@@ -215,6 +215,7 @@ public final class VhostUserBackendServer: EventHandler {
     public static let protocolFeatures: VhostUserProtocolFeatures =
         [.mq, .replyAck, .config, .configureMemSlots, .backendReq, .resetDevice, .status]
     static let protocolFeaturesBit: UInt64 = 1 << 30
+    static let ringResetBit: UInt64 = 1 << 40
     /// CONFIG only for a device that has a config space: QEMU's vhost-user-rng warns about it otherwise.
     var offeredProtocolFeatures: VhostUserProtocolFeatures {
         served.configSize > 0 ? Self.protocolFeatures : Self.protocolFeatures.subtracting(.config)
@@ -442,6 +443,7 @@ public final class VhostUserBackendServer: EventHandler {
     private func dropConnection() {
         guard let c = conn else { return }
         stopDevice(c)
+        (served.inner as? VhostUserGpuDisplayTaker)?.dropDisplaySocket()   // that front-end's display goes with it
         host.loop.unregister(fd: c.fd, registration: c.registration)
         host.loop.unregister(fd: c.guardFD, registration: c.guardRegistration)
         c.closeAll()
@@ -497,8 +499,12 @@ public final class VhostUserBackendServer: EventHandler {
         case .getFeatures:
             return .reply(u64(host.info(index).features.rawValue | Self.protocolFeaturesBit))
 
-        case .setFeatures(let v):
+        case .setFeatures(var v):
             let offered = host.info(index).features.rawValue | Self.protocolFeaturesBit
+            // VIRTIO_F_RING_RESET (bit 40, virtio 1.2 §6): QEMU 10's vhost-user-gpu passes on what the driver acked
+            // of its own transport's offer without filtering it by the back-end's (the other vhost-user devices
+            // filter). Ring resets reach a back-end as ring stop/start messages anyway: ignored, not an error.
+            if v & ~offered == Self.ringResetBit { v &= ~Self.ringResetBit }
             guard v & ~offered == 0 else { throw .featuresNotOffered(v & ~offered) }
             if v != c.features { stopDevice(c) }
             c.features = v
@@ -682,6 +688,14 @@ public final class VhostUserBackendServer: EventHandler {
         case .getStatus:
             try require(.status, c, .getStatus)
             return .reply(u64(UInt64(c.status | (host.status(index) & DeviceStatus.needsReset))))
+
+        case .gpuSetSocket:
+            // Only a device that presents through the display protocol takes it (vhost-user-gpu.rst); QEMU sends it
+            // at each DRIVER_OK, before starting the rings, and closes its end when the device stops.
+            guard let display = served.inner as? VhostUserGpuDisplayTaker else { throw .unsupportedRequest(.gpuSetSocket) }
+            if let why = PeerFD.checkSocket(fds.peek(0)) { throw .badFD(.gpuSetSocket, why) }
+            display.takeDisplaySocket(fds.take(0), loop: host.loop)
+            return .status(0)
         }
     }
 

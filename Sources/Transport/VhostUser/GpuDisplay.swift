@@ -436,6 +436,15 @@ public enum VhostUserGpuReply: Sendable, Equatable {
     }
 }
 
+/// A served device that presents through the display protocol (the gpu): the vhost-user back-end server hands it the
+/// socket of VHOST_USER_GPU_SET_SOCKET. Both calls come on the loop thread.
+public protocol VhostUserGpuDisplayTaker: AnyObject {
+    /// Takes ownership of `fd` (a connected AF_UNIX stream socket; any earlier one is replaced).
+    func takeDisplaySocket(_ fd: Int32, loop: EventLoop)
+    /// The front-end that gave it went away: close the display socket.
+    func dropDisplaySocket()
+}
+
 // MARK: non-blocking I/O
 
 /// Outgoing bytes of a non-blocking SOCK_STREAM socket in one fixed buffer (allocated once): messages are appended

@@ -257,6 +257,8 @@ public enum VhostUserMessage: Equatable, Sendable {
     case remMemReg(VhostUserMemoryRegion)
     case setStatus(UInt8)
     case getStatus
+    /// VHOST_USER_GPU_SET_SOCKET: the display socket (one fd) of a gpu (vhost-user-gpu.rst; QEMU sends no payload).
+    case gpuSetSocket
 
     /// KICK/CALL/ERR u64: bits 0-7 vring index, bit 8 "no fd" (polling) (vhost-user.rst SET_VRING_KICK).
     public static let vringIndexMask: UInt64 = 0xff
@@ -270,7 +272,7 @@ public enum VhostUserMessage: Equatable, Sendable {
     public var expectedFDs: ClosedRange<Int> {
         switch self {
         case .setMemTable(let r): return r.count...r.count
-        case .addMemReg, .setBackendReqFD: return 1...1
+        case .addMemReg, .setBackendReqFD, .gpuSetSocket: return 1...1
         case .remMemReg: return 0...1
         case .setVringKick(_, let f), .setVringCall(_, let f), .setVringErr(_, let f): return f ? 1...1 : 0...0
         default: return 0...0
@@ -368,6 +370,7 @@ public enum VhostUserMessage: Equatable, Sendable {
             guard v <= 0xff else { throw .badValue(req, v) }
             m = .setStatus(UInt8(v))
         case .getStatus: try size(0); m = .getStatus
+        case .gpuSetSocket: try size(0); m = .gpuSetSocket
         default:
             throw .unsupportedRequest(req)
         }
