@@ -149,10 +149,11 @@ final class GpuDisplayServerTests: XCTestCase {
 
     func testScanoutUpdateAndCursorReachTheOutputs() throws {
         try start()
-        write(msg(7, le([0, 64, 48])))
+        // Flags of requests are ignored: QEMU 7.2's back-end leaves UPDATE's uninitialized (REPLY bit included).
+        write(msg(7, le([0, 64, 48]), flags: 0xffff_ffff))
         // An UPDATE of (2, 3) 4×2 with pixels 1...8, sent a few bytes at a time.
         let px: [UInt32] = Array(1...8)
-        let m = msg(8, le([0, 2, 3, 4, 2] + px))
+        let m = msg(8, le([0, 2, 3, 4, 2] + px), flags: 0xdead_beef)
         for chunk in stride(from: 0, to: m.count, by: 5) { write(Array(m[chunk..<min(chunk + 5, m.count)])); usleep(200) }
         sync()
         loop.executeAndWait {
@@ -221,7 +222,6 @@ final class GpuDisplayServerTests: XCTestCase {
     func testHostileBackEndClosesTheDisplayConnection() throws {
         let cases: [(String, [UInt8], String)] = [
             ("unknown request", msg(99, []), "unknown request 99"),
-            ("reply flag", msg(3, [], flags: 4), "REPLY flag"),
             ("wrong size", msg(4, le([0, 1])), "payload 8 bytes, want 12"),
             ("scanout id", msg(7, le([9, 64, 48])), "scanout 9 out of range (2 scanouts)"),
             ("too big", msg(7, le([1, 20000, 10])), "more than 16384 pixels a side"),

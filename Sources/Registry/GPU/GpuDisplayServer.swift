@@ -194,7 +194,11 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
         for _ in 0..<Self.messagesPerEvent {
             guard fd >= 0 else { return }
             do throws(VhostUserGpuError) {
-                guard case .message(let h) = try receiver.receive(fd) else { return }
+                guard case .message(var h) = try receiver.receive(fd) else { return }
+                // A request's flags are not looked at (QEMU's front-end ignores them): QEMU 7.2's back-end sends
+                // UPDATE in a g_try_malloc'ed message whose flags it never sets (vg_resource_flush), so they hold
+                // whatever the heap had, the REPLY bit included (seen in the guest case).
+                h.flags = 0
                 let m = try VhostUserGpuMessage.decode(h, payload: receiver.payload, fdCount: receiver.fdCount, limits: receiver.limits)
                 messages &+= 1
                 let ok = handle(m, receiver.payload)
