@@ -549,7 +549,12 @@ final class GpuTests: XCTestCase {
         fails(t + "scanouts = 2\nmodes = [\"640x480\"]\n", line: 4, "one per scanout")
         fails(t + "mode = \"640x480\"\nmodes = [\"640x480\"]\n", line: 4, "not both")
         fails(t + "output = \"file:relative\"\n", line: 3, "absolute")
-        fails(t + "output = \"kms:card0\"\n", line: 3, "none")
+        fails(t + "output = \"kms:card0\"\n", line: 3, "card node")
+        fails(t + "output = \"kms:/dev/dri/card0:\"\n", line: 3, "connector")
+        fails(t + "output = \"kms:/dev/dri/card0:HDMI A\"\n", line: 3, "connector")
+        fails(t + "output = \"kms:/dev/dri/card0+kms:/dev/dri/card1\"\n", line: 3, "one kms output")
+        fails(t + "output = \"vnc:0\"\n", line: 3, "kms:/dev/dri/cardN")
+        fails(t + "output = \"file:/tmp/a+file:rel\"\n", line: 3, "absolute")
         fails(t + "scanouts = 1\noutputs = [\"none\", \"none\"]\n", line: 4, "one per scanout")
         fails(t + "file-write = \"sometimes\"\n", line: 3, "file-write")
         fails(t + "memory-budget-mib = 0\n", line: 3, "memory-budget-mib")
@@ -570,5 +575,29 @@ final class GpuTests: XCTestCase {
         let g = try parse(t + "backend = \"vhost-user:/s\"\nscanouts = 2\nmode = \"640x480\"\noutput = \"file:/tmp/x\"\n")
         XCTAssertNotEqual(g.devices[0].shape.companion, fs.companion)
         XCTAssertTrue(g.devices[0].shape.companion?.what.contains("640x480") ?? false)
+    }
+
+    /// `output` values: kms with and without a connector, several joined by "+" (a "+" inside a file prefix stays).
+    func testOutputSpecs() throws {
+        func spec(_ s: String) -> GpuOutputSpec? { if case .success(let o) = GpuOutputSpec.parse(s) { return o } else { return nil } }
+        XCTAssertEqual(spec("kms:/dev/dri/card0"), .kms(card: "/dev/dri/card0", connector: nil))
+        XCTAssertEqual(spec("kms:/dev/dri/card1:HDMI-A-1"), .kms(card: "/dev/dri/card1", connector: "HDMI-A-1"))
+        XCTAssertEqual(spec("kms:/dev/dri/card0:Virtual-1+file:/tmp/g"),
+                       .tee([.kms(card: "/dev/dri/card0", connector: "Virtual-1"), .file(prefix: "/tmp/g")]))
+        XCTAssertEqual(spec("file:/tmp/a+b"), .file(prefix: "/tmp/a+b"))
+        XCTAssertEqual(spec("file:/tmp/a+b+none"), .tee([.file(prefix: "/tmp/a+b"), .none]))
+        let tee = GpuOutputSpec.tee([.none, .file(prefix: "/tmp/g")]).make(scanout: 2, when: .demand)
+        XCTAssertEqual(tee.describe, "none+file:/tmp/g-2.ppm")
+    }
+
+    /// A kms output on something that is not a usable card is a start-up error naming it (no DRM device here).
+    func testKmsOutputOnANonCardFails() {
+        for (card, needle) in [("/nonexistent/card0", "No such file"), ("/dev/null", "kms:/dev/null")] {
+            let o = KmsGpuOutput(card: card, connector: nil, mode: GpuMode(width: 640, height: 480))
+            do { try o.open(); XCTFail("\(card) opened") } catch {
+                XCTAssertTrue("\(error)".contains(needle), "\(error)")
+            }
+            XCTAssertEqual(o.describe, "kms:\(card)")
+        }
     }
 }

@@ -18,8 +18,12 @@
 # A case file may hold a line "# guest-host-binaries: PATH...": those host programs, their shared libraries
 # (ldd) and the dynamic loader are copied into that case's initramfs only (e.g. qemu-storage-daemon);
 # a line "# guest-smp: N": its guest gets N vCPUs (default 1), and a line
+# "# guest-qemu: ARGS": extra QEMU arguments (e.g. a display device), and a line
 # "# guest-kernels: K... -- REASON": on any other kernel it is not booted, a "SKIP case (kernel): REASON" line is
 # printed, and it counts neither as passed nor as failed (a feature the other kernel does not have, e.g. VDUSE).
+# A case that prints "GUEST-SCREENDUMP TAG W H SEED|black" gets a QMP socket and a second serial port (ttyS1):
+# tools/screendump.py takes QEMU's screendump of its display, checks it and answers "SCREENDUMP TAG PASS|FAIL why"
+# on ttyS1 (the case judges; the screendumps stay in the work dir with GUEST_KEEP=1).
 # Output: one line per case, then exactly "N passed, N failed".  Exit status
 # is non-zero on any failure, missing result, timeout, or kernel
 # Oops/BUG/WARNING/hung task in the console log.
@@ -93,6 +97,8 @@ elif [ -f "$cache/snd-virtio-$kver/virtio_snd.ko" ]; then cp "$cache/snd-virtio-
 if img_kernel_has_module "$kver" vduse; then ( img_stage_modules "$root" "$kver" vduse virtio_vdpa ) || exit 2; fi
 # gpu case: the kernel's virtio-gpu DRM driver with its DRM helpers (fbdev emulation built in), gputool (setup.sh)
 ( img_stage_modules "$root" "$kver" virtio-gpu ) || exit 2
+# gpu-kms case: the bochs DRM driver (QEMU's bochs-display, the guest's "host" display) with drm_vram_helper, ttm
+( img_stage_modules "$root" "$kver" bochs ) || exit 2
 [ -x "$cache/gputool" ] && cp "$cache/gputool" "$root/bin/gputool"
 if [ -x "$loopbackd" ]; then cp "$loopbackd" "$root/bin/loopbackd"; fi
 if [ -n "${LOOPBACKD_CONF:-}" ]; then cp "$LOOPBACKD_CONF" "$root/etc/loopbackd.conf"; fi
@@ -139,13 +145,21 @@ for c in "${cases[@]}"; do
   log=$cdir/console.log
   # vCPUs: 1 unless the case asks for more with a "# guest-smp: N" line
   smp=$(sed -n 's/^# guest-smp: *\([0-9][0-9]*\).*/\1/p' "$casedir/$c.sh" | head -n 1)
+  # extra QEMU arguments ("# guest-qemu: ARGS"); a screendump case's QMP socket, ttyS1 and host-side checker
+  read -r -a qextra <<< "$(sed -n 's/^# guest-qemu: *//p' "$casedir/$c.sh" | head -n 1)"
+  sdpid=""
+  if grep -q 'GUEST-SCREENDUMP' "$casedir/$c.sh"; then
+    qextra+=(-qmp unix:"$cdir/qmp.sock",server=on,wait=off -serial unix:"$cdir/ack.sock",server=on,wait=off)
+    : > "$log"; python3 "$here/tools/screendump.py" "$cdir" "$cache/gputool" 2> "$cdir/screendump.log" & sdpid=$!
+  fi
   s0=$(date +%s)
   timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp "${smp:-1}" -nodefaults -nographic \
     -serial stdio -no-reboot -kernel "$vmlinux" -initrd "$cdir/initramfs.gz" \
     -append 'console=ttyS0 quiet panic=-1' \
     -drive if=none,id=d0,file="$cdir/disk.img",format=raw -device ahci,id=ahci0 -device ide-hd,drive=d0,bus=ahci0.0 \
-    < /dev/null > "$log" 2>&1
+    "${qextra[@]}" < /dev/null > "$log" 2>&1
   rc=$?
+  [ -n "$sdpid" ] && { kill "$sdpid" 2>/dev/null; wait "$sdpid" 2>/dev/null; sed 's/^/  /' "$cdir/screendump.log"; }
   secs=$(( $(date +%s) - s0 ))
   tr -d '\r' < "$log" > "$log.txt"
   verdict=""; why=""

@@ -13,6 +13,8 @@
 #include "privdrop.h"
 // VDUSE ioctls and the vdpa netlink request (vduse.c).
 #include "lbvduse.h"
+// Host DRM/KMS output of the gpu device (kms.c).
+#include "lbkms.h"
 // The ioctl numbers, computed by the header's _IOWR macros (Swift does not import function-like macros).
 static inline unsigned long lb_vlo_adddev(void) { return VIRTIO_LO_ADDDEV; }
 static inline unsigned long lb_vlo_deldev(void) { return VIRTIO_LO_DELDEV; }

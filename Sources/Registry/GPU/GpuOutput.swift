@@ -196,12 +196,38 @@ public final class FileGpuOutput: GpuOutput {
     }
 }
 
-/// `output = …` values: "none", "file:/abs/prefix".
-public enum GpuOutputSpec: Equatable, Sendable {
+/// `output = …` values: "none", "file:/abs/prefix", "kms:/dev/dri/cardN[:CONNECTOR]", or several joined by "+"
+/// ("kms:/dev/dri/card0+file:/tmp/gpu0": the scanout goes to each).
+public indirect enum GpuOutputSpec: Equatable, Sendable {
     case none
     case file(prefix: String)
+    case kms(card: String, connector: String?)
+    case tee([GpuOutputSpec])
 
     public static func parse(_ s: String) -> Result<GpuOutputSpec, GpuSpecError> {
+        // "+" joins outputs only where a known kind follows (a file prefix may contain "+").
+        var parts: [String] = []
+        for piece in s.split(separator: "+", omittingEmptySubsequences: false) {
+            if parts.isEmpty || piece.hasPrefix("kms:") || piece.hasPrefix("file:") || piece == "none" { parts.append(String(piece)) }
+            else { parts[parts.count - 1] += "+" + piece }
+        }
+        if parts.count > 1 {
+            var specs: [GpuOutputSpec] = []
+            for p in parts {
+                switch parseOne(p) {
+                case .success(let o): specs.append(o)
+                case .failure(let e): return .failure(e)
+                }
+            }
+            if specs.filter({ if case .kms = $0 { return true } else { return false } }).count > 1 {
+                return .failure(GpuSpecError("\"\(s)\": one kms output per scanout"))
+            }
+            return .success(.tee(specs))
+        }
+        return parseOne(s)
+    }
+
+    static func parseOne(_ s: String) -> Result<GpuOutputSpec, GpuSpecError> {
         if s == "none" { return .success(.none) }
         if s.hasPrefix("file:") {
             let p = String(s.dropFirst(5))
@@ -210,15 +236,39 @@ public enum GpuOutputSpec: Equatable, Sendable {
             }
             return .success(.file(prefix: p))
         }
-        return .failure(GpuSpecError("\"\(s)\": want \"none\" or \"file:/path/prefix\""))
+        if s.hasPrefix("kms:") {
+            let v = s.dropFirst(4)
+            let bits = v.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+            let card = String(bits[0]), conn = bits.count > 1 ? String(bits[1]) : nil
+            guard card.hasPrefix("/"), !card.hasSuffix("/"), card.utf8.count < 4000 else {
+                return .failure(GpuSpecError("kms: wants a card node and optionally a connector (\"kms:/dev/dri/card0\", \"kms:/dev/dri/card0:HDMI-A-1\")"))
+            }
+            if let conn {
+                guard !conn.isEmpty, conn.utf8.count < 32, conn.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != 0x2f }) else {
+                    return .failure(GpuSpecError("kms: connector \"\(conn)\": want the kernel's name, e.g. HDMI-A-1, DP-1, Virtual-1"))
+                }
+            }
+            return .success(.kms(card: card, connector: conn))
+        }
+        return .failure(GpuSpecError("\"\(s)\": want \"none\", \"file:/path/prefix\", \"kms:/dev/dri/cardN[:CONNECTOR]\" or several joined by \"+\""))
     }
 
-    /// The output of scanout `index`.
-    public func make(scanout index: Int, when: FileGpuOutput.When) -> GpuOutput {
+    /// The output of scanout `index` (a kms output opens its card at `start`; `open` opens it now).
+    public func make(scanout index: Int, when: FileGpuOutput.When, mode: GpuMode = GpuMode(width: 1280, height: 800)) -> GpuOutput {
         switch self {
         case .none: return NullGpuOutput()
         case .file(let p): return FileGpuOutput(path: "\(p)-\(index).ppm", when: when)
+        case .kms(let c, let k): return KmsGpuOutput(card: c, connector: k, mode: mode)
+        case .tee(let l): return TeeGpuOutput(l.map { $0.make(scanout: index, when: when, mode: mode) })
         }
+    }
+
+    /// As `make`, with a kms output's card opened now (when the device is built: before a privilege drop, and a
+    /// card that cannot be used is a start-up error).
+    public func open(scanout index: Int, when: FileGpuOutput.When, mode: GpuMode) throws(DeviceError) -> GpuOutput {
+        let o = make(scanout: index, when: when, mode: mode)
+        for k in (o as? TeeGpuOutput)?.outputs ?? [o] { try (k as? KmsGpuOutput)?.open() }
+        return o
     }
 }
 public struct GpuSpecError: Error, CustomStringConvertible { public let description: String; init(_ d: String) { description = d } }

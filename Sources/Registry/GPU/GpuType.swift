@@ -6,7 +6,8 @@ import Transport
 ///   scanouts           1-16, default 1
 ///   mode               "WxH" (64-4095 each), default "1280x800": every scanout's mode
 ///   modes              array of "WxH", one per scanout (instead of mode)
-///   output             "none" (default) or "file:/abs/prefix" (scanout N → /abs/prefix-N.ppm): every scanout's
+///   output             "none" (default), "file:/abs/prefix" (scanout N → /abs/prefix-N.ppm) or
+///                      "kms:/dev/dri/cardN[:CONNECTOR]" (a host display), or several joined by "+": every scanout's
 ///   outputs            array of those, one per scanout (instead of output)
 ///   file-write         "flush" (default: after flushes, at most once per file-interval-ms, the last one always)
 ///                      or "demand" (only on `loopbackd ctl device NAME snapshot`)
@@ -94,7 +95,8 @@ extension DeviceType {
         let withEDID = edid ?? true
         let shape = DeviceShape(deviceID: VirtioGPU.deviceID, queueSizes: [size, size], configSize: VirtioGPU.configSize)
         return (shape, { () throws(DeviceError) -> VirtioDevice in
-            let outs = specs.enumerated().map { $0.element.make(scanout: $0.offset, when: when) }
+            var outs: [GpuOutput] = []
+            for (i, s) in specs.enumerated() { outs.append(try s.open(scanout: i, when: when, mode: ms[i])) }
             return GpuDevice(modes: ms, outputs: outs, memoryBudget: budgetBytes, edid: withEDID, queueSize: size)
         })
     }

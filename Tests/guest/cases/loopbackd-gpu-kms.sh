@@ -1,0 +1,89 @@
+# guest-qemu: -device bochs-display,xres=1024,yres=768
+# virtio-gpu through the module, presented on a real DRM/KMS display with `output = "kms:…"`: QEMU gives the guest a
+# bochs-display (the guest's bochs DRM driver: /dev/dri/card0, connector Virtual-1, preferred mode 1024x768), the
+# "host" display loopbackd drives as DRM master; the virtio-gpu card the module's device gives comes second.
+# loopbackd serves a gpu with one 1024x768 scanout and output "kms:/dev/dri/card0:Virtual-1+file:/tmp/lb/gpu" (the
+# same scanout on the bochs display and in /tmp/lb/gpu-0.ppm). gputool draws pattern(SEED) into the virtio-gpu card
+# (XRGB8888 dumb buffer = virtio-gpu B8G8R8X8, copied row by row into bochs' XRGB8888 buffers); the host takes
+# QEMU's QMP screendump of the bochs display (tools/screendump.py: the surface as 8-bit RGB) and it must equal the
+# pattern pixel for pixel, as must the PPM of the file output. Then a second pattern (a new client: SET_SCANOUT
+# again, page flips), hot-unplug of the scanout (`ctl … scanout 0 off`: the display goes black), replug and a third
+# pattern, SIGTERM (loopbackd drops master; fbcon takes bochs back). loopbackd runs as an unprivileged user after
+# start-up ([daemon] user; the card node stays root-only 0600): the card is opened, and master taken, before the drop.
+. /tests/lib.sh
+have_loopbackd
+[ -x /bin/gputool ] || fail "no gputool in the image (Tests/guest/setup.sh builds it)"
+for m in drm drm_kms_helper ttm drm_ttm_helper drm_vram_helper bochs drm_shmem_helper virtio_dma_buf virtio-gpu; do
+  [ -f /lib/modules/$m.ko ] || { case $m in bochs|virtio-gpu) fail "no $m.ko in the image (run.sh stages it)";; esac; continue; }
+  grep -q "^$(echo $m | tr - _) " /proc/modules || insmod /lib/modules/$m.ko || fail "insmod $m"
+done
+# the answers of the host's screendump checker come on ttyS1 (opened now: the UART drops what came while closed)
+stty -F /dev/ttyS1 raw -echo 2>/dev/null
+exec 3< /dev/ttyS1 || fail "no /dev/ttyS1"
+screendump() { # TAG W H SEED|black: the host's verdict on QEMU's screendump of the bochs display
+  echo "GUEST-SCREENDUMP $*"
+  while read -r -t 60 l <&3; do
+    case "$l" in "SCREENDUMP $1 PASS"*) info "$l"; return 0;; "SCREENDUMP $1 "*) lb_fail "$l";; esac
+  done
+  lb_fail "screendump $1: no answer from the host on ttyS1"
+}
+bochs() { for c in /sys/class/drm/card[0-9]*; do case "$(readlink -f "$c/device/driver")" in */bochs*) [ -c "/dev/dri/${c##*/}" ] && { echo "/dev/dri/${c##*/}"; return 0; };; esac; done; return 1; }
+wait_for 20 bochs || fail "no bochs DRM card: $(ls -l /sys/class/drm/ 2>&1 | tr '\n' '|') $(dmesg | grep -iE 'bochs|drm' | tail -3 | tr '\n' '|')"
+BOCHS=$(bochs)
+info "bochs: $BOCHS $(gputool modes $BOCHS | head -1 | cut -c1-80)"
+load_lo
+W=1024 H=768
+# the unprivileged account (the initramfs has none) and its directory for the file output
+echo 'root:x:0:0:root:/:/bin/sh' >> /etc/passwd
+echo 'lbuser:x:1000:1000:loopbackd:/nonexistent:/bin/false' >> /etc/passwd
+echo 'lbuser:x:1000:' >> /etc/group
+mkdir -p /tmp/lb && chown 1000:1000 /tmp/lb
+chown 0:0 "$BOCHS" && chmod 600 "$BOCHS"
+write_conf
+cat >> /etc/loopbackd.conf <<CONF
+control = "/tmp/ctl.sock"
+user = "lbuser"
+
+[device.gpu0]
+type = "gpu"
+mode = "${W}x${H}"
+output = "kms:$BOCHS:Virtual-1+file:/tmp/lb/gpu"
+file-interval-ms = 50
+CONF
+loopbackd_start
+wait_for 20 grep -q "kms:$BOCHS: connector Virtual-1, mode ${W}x${H}" /tmp/loopbackd.log || lb_fail "kms output not up"
+info "$(grep -o "kms:$BOCHS: connector.*" /tmp/loopbackd.log | head -1)"
+wait_for 10 grep -q "running as lbuser" /tmp/loopbackd.log || lb_fail "no privilege drop"
+# loopbackd shows black until the driver shows something (fbcon of the virtio card may come first)
+card() { for c in /sys/class/drm/card[0-9]*; do case "$(readlink -f "$c")" in */virtio-lo/drm/card[0-9]*) [ -c "/dev/dri/${c##*/}" ] && { echo "/dev/dri/${c##*/}"; return 0; };; esac; done; return 1; }
+wait_for 30 card || lb_fail "no DRM card of the virtio device: $(ls -l /sys/class/drm/ 2>&1 | tr '\n' '|')"
+CARD=$(card)
+wait_for 10 sh -c "gputool modes $CARD | grep -q 'connected ${W}x${H}'" || lb_fail "connector: $(gputool modes $CARD 2>&1 | tr '\n' '|')"
+info "virtio-gpu: $CARD"
+draw() { # $1 = seed [$2 $3 = cursor]: on screen (held by gputool); the PPM and QEMU's screendump equal it
+  bg_start /tmp/draw$1.log gputool draw "$CARD" "$1" 600 ${2:+$2 $3}
+  DRAW=$BGPID
+  wait_for 20 grep -q READY /tmp/draw$1.log || lb_fail "draw $1: $(cat /tmp/draw$1.log | tr '\n' '|')"
+  grep -q "MODE $W $H" /tmp/draw$1.log || fail "draw $1: mode $(head -1 /tmp/draw$1.log), want $W $H"
+  wait_for 10 gputool check /tmp/lb/gpu-0.ppm $W $H "$1" || lb_fail "draw $1: file output: $(gputool check /tmp/lb/gpu-0.ppm $W $H "$1" 2>&1)"
+  info "pattern $1: /tmp/lb/gpu-0.ppm equals it"
+  screendump p$1 $W $H $1
+}
+undraw() { kill $DRAW 2>/dev/null; wait $DRAW 2>/dev/null; DRAW=; }
+draw 1 100 50
+info "$(loopbackd ctl --socket /tmp/ctl.sock device gpu0 snapshot 2>&1 | tr '\n' ' ')"
+undraw
+draw 2
+# hot-unplug: the scanout shows nothing, the display goes black; back, and a third pattern
+out=$(loopbackd ctl --socket /tmp/ctl.sock device gpu0 scanout 0 off 2>&1) || lb_fail "ctl scanout off: $out"
+screendump off $W $H black
+out=$(loopbackd ctl --socket /tmp/ctl.sock device gpu0 scanout 0 on 2>&1) || lb_fail "ctl scanout on: $out"
+undraw
+wait_for 10 sh -c "gputool modes $CARD | grep -q 'connected ${W}x${H}'" || lb_fail "replug: $(gputool modes $CARD 2>&1 | tr '\n' '|')"
+draw 3
+info "$(loopbackd ctl --socket /tmp/ctl.sock device gpu0 snapshot 2>&1 | tr '\n' ' ')"
+undraw
+grep -q "further failures" /tmp/loopbackd.log && lb_fail "a kms call failed: $(grep 'kms' /tmp/loopbackd.log | tail -3 | tr '\n' '|')"
+loopbackd_stop TERM
+wait_for 20 sh -c '! card' || fail "virtio card still there after SIGTERM"
+pass
