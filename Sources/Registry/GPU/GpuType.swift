@@ -85,7 +85,8 @@ extension DeviceType {
             // with these scanouts and outputs, its pictures within the budget.
             let what = "gpu display: modes \(ms.map { "\($0.width)x\($0.height)" }), outputs \(specs), \(when), \(budgetBytes)"
             let companion = FrontendCompanionMaker(what: what) { (loop: EventLoop) throws(DeviceError) -> VhostUserFrontendCompanion in
-                let outs = specs.enumerated().map { $0.element.make(scanout: $0.offset, when: when) }
+                var outs: [GpuOutput] = []
+                for (i, s) in specs.enumerated() { outs.append(try s.open(scanout: i, when: when, mode: ms[i])) }
                 return try GpuDisplayServer(name: name, modes: ms, outputs: outs, memoryBudget: budgetBytes, loop: loop)
             }
             let shape = DeviceShape(deviceID: VirtioGPU.deviceID, queueSizes: Array(repeating: size, count: Int(queues ?? 2)),
