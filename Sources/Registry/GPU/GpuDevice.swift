@@ -181,7 +181,7 @@ public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice, V
     /// front-end (`GpuDisplayLink`), starting with what they show now. A new socket replaces the old one.
     public func takeDisplaySocket(_ fd: Int32, loop: EventLoop) {
         display?.close(nil, log: false)
-        let d = GpuDisplayLink(name: "gpu", fd: fd, loop: loop, scanouts: scanoutCount, source: self)
+        let d = GpuDisplayLink(name: "gpu", fd: fd, loop: loop, scanouts: scanoutCount, source: self, replyTimeoutNs: displayReplyTimeoutNs)
         display = d
         for i in 0..<scanoutCount {
             if let f = currentFrame(i) { d.scanoutChanged(i, frame: f) }
@@ -197,6 +197,8 @@ public final class GpuDevice: VirtioDevice, GpuFrameSource, CommandableDevice, V
         display?.close(nil)
         display = nil
     }
+    /// How long the display link waits for each handshake reply (tests shorten it).
+    public var displayReplyTimeoutNs = GpuDisplayLink.replyTimeoutNs
     /// The display link while a front-end gave one (tests, `info`).
     public private(set) var display: GpuDisplayLink?
 

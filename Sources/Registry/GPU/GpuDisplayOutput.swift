@@ -39,6 +39,7 @@ public final class GpuDisplayLink: EventHandler {
     private let receiver: VhostUserGpuReceiver
     private var pending: VhostUserGpuRequest?
     private var timer: LoopTimer?
+    private let replyTimeoutNs: UInt64
     private let count: Int
     private let state: UnsafeMutablePointer<DisplayScanout>
     /// One 64 × 64 a8r8g8b8 cursor image per scanout.
@@ -65,8 +66,10 @@ public final class GpuDisplayLink: EventHandler {
     }
 
     /// Takes `fd` (made non-blocking) and sends GET_PROTOCOL_FEATURES; on failure the link is closed and says why.
-    public init(name: String, fd: Int32, loop: EventLoop, scanouts: Int, source: GpuFrameSource) {
+    public init(name: String, fd: Int32, loop: EventLoop, scanouts: Int, source: GpuFrameSource,
+                replyTimeoutNs: UInt64 = GpuDisplayLink.replyTimeoutNs) {
         self.name = name
+        self.replyTimeoutNs = replyTimeoutNs
         sock = FileRef(adopting: fd)
         self.loop = loop
         self.source = source
@@ -79,7 +82,7 @@ public final class GpuDisplayLink: EventHandler {
         do {
             // Edge-triggered: EPOLLOUT fires once the full socket drains; reads go until EAGAIN.
             registration = try loop.register(fd: fd, events: UInt32(LB_EPOLLIN | LB_EPOLLOUT | LB_EPOLLRDHUP) | (1 << 31), handler: self, token: 0)
-            timer = try LoopTimer(loop: loop) { [unowned self] _ in self.close("no reply to \(self.pending.map { "\($0)" } ?? "?") within 5 s") }
+            timer = try LoopTimer(loop: loop) { [unowned self] _ in self.close("no reply to \(self.pending.map { "\($0)" } ?? "?") within \(self.replyTimeoutNs / 1_000_000) ms") }
         } catch {
             close("cannot watch the display socket: \(error)")
             return
@@ -221,7 +224,7 @@ public final class GpuDisplayLink: EventHandler {
         let m: VhostUserGpuMessage = q == .getProtocolFeatures ? .getProtocolFeatures : .getDisplayInfo
         guard sender.append(m) else { close("send buffer full during the handshake"); return }
         pending = q
-        timer?.arm(afterNs: GpuDisplayLink.replyTimeoutNs)
+        timer?.arm(afterNs: replyTimeoutNs)
         _ = write()
     }
 
