@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # vhost-user end-to-end tests: QEMU is the vhost-user FRONT-END (vhost-user-rng-pci, vhost-user-blk-pci; the i2c
 # case adds vhost-user-i2c-pci, the gpio case vhost-user-gpio-pci, the input case vhost-user-input-pci on QEMU 10,
+# the gpu case vhost-user-gpu-pci on QEMU 10 with its display modules (QMP screendumps compared on the host),
 # the vsock case vhost-user-vsock-pci with the host ends of its connections run by this script),
 # loopbackd on the host is the BACK-END
 # (transport "none", every device served on a Unix socket), and the guest is Debian's kernel with its own
