@@ -63,7 +63,7 @@ final class GpuDisplayServerTests: XCTestCase {
 
     override func tearDown() {
         if let loop {
-            if let server { loop.executeAndWait { server.ringsStopped() } }
+            if let server { loop.executeAndWait { server.ringsStopped(backendGone: true) } }
             loop.stopAndJoin()
         }
         loop = nil
@@ -178,6 +178,23 @@ final class GpuDisplayServerTests: XCTestCase {
             XCTAssertEqual(self.outs[0].cursorImage, img)
             XCTAssertEqual(self.server.violations, 0)
         }
+        // A driver reset keeps the display connection (the same back-end holds its socket) and blanks the
+        // outputs; the next ring set-up sends no second SET_SOCKET; the back-end's next SCANOUT shows again.
+        write(msg(7, le([0, 64, 48])))
+        sync()
+        let srv = server!
+        let again = loop.executeAndWait { () -> Int in
+            srv.ringsStopped(backendGone: false)
+            return (try? srv.ringsStarting().count) ?? -1
+        }
+        XCTAssertEqual(again, 0)
+        loop.executeAndWait {
+            XCTAssertTrue(self.server.isConnected)
+            XCTAssertEqual(Array(self.outs[0].events.suffix(3)), ["scanout 64x48 b8g8r8x8", "scanout off", "cursor hidden at 24,25"])
+        }
+        write(msg(7, le([0, 32, 16])))
+        sync()
+        XCTAssertEqual(loop.executeAndWait { self.outs[0].events.last }, "scanout 32x16 b8g8r8x8")
     }
 
     func testDmabufScanoutMappedFromASealedMemfdAndUpdateAlwaysAnswered() throws {
@@ -280,7 +297,7 @@ final class GpuDisplayServerTests: XCTestCase {
         }
         stop.store(true, ordering: .relaxed)
         let updates = loop.executeAndWait { self.server.updates }
-        loop.executeAndWait { self.server.ringsStopped() }   // the writer sees EPIPE
+        loop.executeAndWait { self.server.ringsStopped(backendGone: true) }   // the writer sees EPIPE
         pthread_join(t.handle, nil)
         XCTAssertGreaterThan(updates, 5, "full frames were applied during the flood")
         XCTAssertLessThan(worst, 200_000_000, "a loop task waited \(worst / 1_000_000) ms during the flood")

@@ -110,7 +110,9 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
             for (i, o) in outputs.enumerated() { try o.start(loop: loop, scanout: i, source: self) }
             outputsStarted = true
         }
-        closeConnection()
+        // After a driver reset the same back-end still holds its display socket, and QEMU 7.2's refuses a second
+        // SET_SOCKET while it does (vg_process_msg: sock_fd must be -1): keep the connection, send nothing.
+        if fd >= 0 { return [] }
         var sv: [Int32] = [-1, -1]
         guard lb_unix_socketpair(&sv, 1) == 0 else { throw DeviceError("\(name): display socketpair: \(Errno.current)") }
         do {
@@ -125,8 +127,12 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
         return [(.gpuSetSocket, [sv[1]])]
     }
 
-    public func ringsStopped() {
-        closeConnection()
+    /// A driver reset blanks the outputs (the driver sets its scanouts again) but keeps the display connection to
+    /// the same back-end (QEMU's front-end closes it and sends a new one at the next start, which the 7.2 back-end
+    /// ignores: after a driver reload it has no display at all, seen in the guest case); a lost back-end or a
+    /// shutdown closes it.
+    public func ringsStopped(backendGone: Bool) {
+        if backendGone { closeConnection() } else { blank() }
     }
 
     /// virtio_gpu_config (§5.7.4): num_scanouts (offset 8) is the display's, not the back-end's (QEMU's front-end
@@ -147,6 +153,11 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
         }
         fd = -1; registration = -1
         receiver.consume()   // a message cut short: its bytes and fds are dropped
+        blank()
+    }
+
+    /// Every scanout and cursor shows nothing.
+    private func blank() {
         for i in 0..<scanouts.count {
             unmapDmabuf(i)
             if scanouts[i].shown { scanouts[i].shown = false; outputs[i].scanoutChanged(frame: nil) }

@@ -5,13 +5,13 @@ import CLinux
 /// What a device type adds to the vhost-user front-end's conversation: a forwarded gpu's display protocol
 /// (VHOST_USER_GPU_SET_SOCKET and the front-end side of vhost-user-gpu.rst). Every call comes on the device's loop.
 public protocol VhostUserFrontendCompanion: AnyObject {
-    /// Before every ring set-up (the first one at DRIVER_OK, and each reconnect's), before SET_FEATURES: the
-    /// messages to send first, each with the fds it carries. The front-end owns the fds from here on (closes them
-    /// once sent, or on failure).
+    /// Before every ring set-up (the first one at DRIVER_OK, after a driver reset, and each reconnect's), before
+    /// SET_FEATURES: the messages to send first, each with the fds it carries (none when what was sent before
+    /// still holds). The front-end owns the fds from here on (closes them once sent, or on failure).
     func ringsStarting() throws(DeviceError) -> [(request: VhostUserRequest, fds: [Int32])]
-    /// The rings stopped (driver reset), the back-end connection was lost, or the device shuts down: whatever
-    /// `ringsStarting` opened for the old conversation is closed.
-    func ringsStopped()
+    /// The rings stopped: a driver reset (`backendGone` false: the same back-end process goes on), or the back-end
+    /// connection was lost or the device shuts down (true: whatever `ringsStarting` opened for it is closed).
+    func ringsStopped(backendGone: Bool)
     /// After a config space read was answered from the back-end's config: fields the front-end owns (a forwarded
     /// gpu: num_scanouts, QEMU's front-end's too).
     func configRead(offset: Int, _ buffer: UnsafeMutableRawBufferPointer)
@@ -263,7 +263,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         connectJob = nil
         if context != nil { reset() }
         closeConnection()
-        companion?.ringsStopped()
+        companion?.ringsStopped(backendGone: true)
         companion = nil
         if timerRegistration >= 0 { loop.unregister(fd: timerFD, registration: timerRegistration); timerRegistration = -1 }
         if scanRegistration >= 0 { loop.unregister(fd: scanFD, registration: scanRegistration); scanRegistration = -1 }
@@ -563,9 +563,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         for f in kickFDs { FD.close(f) }
         kickFDs = []
         context = nil
-        // QEMU's vhost-user-gpu front-end closes the display socket when the device stops (set_status without
-        // DRIVER_OK, hw/display/vhost-user-gpu.c); the next start sends a fresh one.
-        companion?.ringsStopped()
+        companion?.ringsStopped(backendGone: false)
     }
 
     // MARK: rings
@@ -626,9 +624,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         let c = try loopConversation()
         if let companion {
             // QEMU's order (hw/display/vhost-user-gpu.c, set_status at DRIVER_OK): GPU_SET_SOCKET, then the start
-            // of the rings (SET_FEATURES, SET_MEM_TABLE, vrings). A back-end of a previous conversation got its
-            // own socket; this one gets a fresh one.
-            companion.ringsStopped()
+            // of the rings (SET_FEATURES, SET_MEM_TABLE, vrings).
             let extra: [(request: VhostUserRequest, fds: [Int32])]
             do { extra = try companion.ringsStarting() } catch { throw .local("\(error)") }
             var pending = extra.flatMap { $0.fds }
@@ -696,7 +692,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
         channelRegistration = -1
         ringsSetUp = false
         sentRegions = []
-        companion?.ringsStopped()
+        companion?.ringsStopped(backendGone: true)
     }
 
     private func connectionLost(_ why: VhostUserError) {

@@ -5,7 +5,8 @@
 # is started before any DRM card exists: at start-up it opens the first /dev/dri/renderD* it finds, and with none
 # (and no /dev/udmabuf in these kernels) it keeps its resources in memory and sends SCANOUT + UPDATE. gputool
 # draws a known pattern into a dumb buffer (SET_CRTC + DIRTYFB) and sets a cursor; the PPM loopbackd writes from
-# the back-end's UPDATEs must equal the pattern pixel for pixel; a second client draws again; SIGTERM.
+# the back-end's UPDATEs must equal the pattern pixel for pixel; a second client draws again; a driver reload
+# (rmmod/insmod virtio-gpu) and a third pattern; SIGTERM.
 # guest-host-binaries: /opt/loopbackd-peers/vhost-user-gpu
 . /tests/lib.sh
 have_loopbackd
@@ -58,6 +59,18 @@ undraw() { kill $DRAW 2>/dev/null; wait $DRAW 2>/dev/null; DRAW=; }
 draw 1 100 50
 undraw
 draw 2
+undraw
+kill -0 $VUGPID 2>/dev/null || lb_fail "vhost-user-gpu died: $(tail -5 /tmp/vug.log | tr '\n' '|')"
+# driver reload (a virtio reset): the same back-end keeps its display socket (7.2 ignores a second SET_SOCKET),
+# the new driver gets the configured mode again and draws
+no_card() { ! card; }
+rmmod virtio-gpu 2>/dev/null || rmmod virtio_gpu || fail "rmmod virtio-gpu"
+wait_for 10 no_card || fail "card still there after rmmod"
+insmod /lib/modules/virtio-gpu.ko || fail "insmod virtio-gpu again"
+wait_for 30 card || lb_fail "no DRM card after the reload"
+CARD=$(card)
+wait_for 10 sh -c "gputool modes $CARD | grep -q 'connected ${W}x${H}'" || lb_fail "connector after reload: $(gputool modes $CARD 2>&1 | tr '\n' '|')"
+draw 3
 undraw
 kill -0 $VUGPID 2>/dev/null || lb_fail "vhost-user-gpu died: $(tail -5 /tmp/vug.log | tr '\n' '|')"
 grep -q "closing the display connection" /tmp/loopbackd.log && lb_fail "display connection closed"
