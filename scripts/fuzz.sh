@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PATH=/opt/swift/usr/bin:$PATH
 root=$PWD
-targets_all=(split-ring vhost-user-decode vhost-user-server config kernel-link gpio-request vsock-packet console-control input-event sound-request can-request gpu-command)
+targets_all=(split-ring vhost-user-decode gpu-display-decode vhost-user-server config kernel-link gpio-request vsock-packet console-control input-event sound-request can-request gpu-command)
 what=${1:-all}
 seconds=${2:-60}
 B=${FUZZ_BUILD_DIR:-$root/.build-fuzz}

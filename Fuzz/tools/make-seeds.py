@@ -61,6 +61,19 @@ put("vhost-user-decode", "set-config", dec(25, u32(4) + u32(4) + u32(0) + b"abcd
 put("vhost-user-decode", "add-mem-reg", dec(37, u64(0) + region(0x20000, 0x1000, 0x7f0020000000, 0x1000), fds=1))
 put("vhost-user-decode", "set-status", dec(39, u64(15)))
 
+# ---- gpu-display-decode -----------------------------------------------------------------------------------------
+# sel (0x20: a reply), scanout limit - 1, fd count, pending request - 1, then header (request, flags, size), payload.
+def gd(req, payload, sel=0, fds=0, pending=0, flags=0):
+    return bytes([sel, 0, fds, pending]) + u32(req) + u32(flags) + u32(len(payload)) + payload
+put("gpu-display-decode", "cursor-pos", gd(4, u32(0) + u32(10) + u32(20)))
+put("gpu-display-decode", "update-2x2", gd(8, u32(0) + u32(1) + u32(2) + u32(2) + u32(2) + bytes(range(16))))
+put("gpu-display-decode", "cursor-update", gd(6, u32(0) + u32(1) + u32(2) + u32(3) + u32(4) + bytes(16384)))
+put("gpu-display-decode", "scanout", gd(7, u32(0) + u32(800) + u32(600)))
+put("gpu-display-decode", "dmabuf-scanout2", gd(12, u32(0) * 3 + u32(4) * 4 + u32(16) + u32(0) + u32(0x34325258) + u64(0), fds=1))
+put("gpu-display-decode", "reply-features", gd(1, u64(3), sel=0x20, flags=4))
+put("gpu-display-decode", "reply-display-info", gd(3, u32(0x1101) + bytes(20) + u32(0) + u32(0) + u32(1280) + u32(800) + u32(1) + u32(0) + bytes(15 * 24), sel=0x20, pending=2, flags=4))
+put("gpu-display-decode", "reply-edid", gd(11, u32(0x1104) + bytes(20) + u32(128) + u32(0) + bytes(1024), sel=0x20, pending=10, flags=4))
+
 # ---- vhost-user-server ------------------------------------------------------------------------------------------
 # op % 16 in 0...9: a request: request index into VhostUserRequest.allCases (declaration order), ring (0-2), fields.
 REQ = [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40]
