@@ -18,3 +18,19 @@ extension AllocationTests {
         XCTAssertLessThan(n, 100)
     }
 }
+
+/// The file output's writes allocate nothing either, on the loop (the copy into the writer's buffer) or on the
+/// writer thread (conversion, write, rename): 10,000 round trips at 320x200 with a write after every flush
+/// (interval 0; the writer takes the newest picture each time it is free).
+extension AllocationTests {
+    func testGpuFileOutputWritesDoNotAllocate() throws {
+        let path = "/tmp/loopbackd-alloc-gpuw-\(getpid()).ppm"
+        defer { unlink(path) }
+        let out = FileGpuOutput(path: path, when: .flush(intervalNs: 0))
+        let n = try run("gpu", { GpuDevice(modes: [GpuMode(width: 320, height: 200)], outputs: [out]) })
+        print("allocations during 10,000 gpu TRANSFER+FLUSH round trips with a PPM write after each: \(n); \(out.writes) files written")
+        XCTAssertGreaterThan(out.writes, 10)
+        XCTAssertEqual(out.failures, 0)
+        XCTAssertLessThan(n, 100)
+    }
+}
