@@ -330,6 +330,10 @@ public final class GpuDisplayServer: VhostUserFrontendCompanion, EventHandler, G
         let i = Int(p.scanout), x = p.x, y = p.y
         scanouts[i].cursorX = x; scanouts[i].cursorY = y
         if let hot, let image {
+            if !scanouts[i].cursorKnown {
+                // Once per connection and scanout (then every image change is silent): the cursor path works.
+                Log.info("\(name): vhost-user-gpu display: scanout \(i) cursor image set, hot spot (\(hot.0), \(hot.1)) at (\(x), \(y))")
+            }
             cursorUpdates &+= 1
             scanouts[i].hotX = hot.0; scanouts[i].hotY = hot.1
             scanouts[i].cursor.copyMemory(from: image, byteCount: Self.cursorBytes)

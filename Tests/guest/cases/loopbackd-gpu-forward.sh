@@ -4,7 +4,8 @@
 # runs in the guest next to loopbackd (the binary and its ldd libraries are copied into this case's initramfs). It
 # is started before any DRM card exists: at start-up it opens the first /dev/dri/renderD* it finds, and with none
 # (and no /dev/udmabuf in these kernels) it keeps its resources in memory and sends SCANOUT + UPDATE. gputool
-# draws a known pattern into a dumb buffer (SET_CRTC + DIRTYFB) and sets a cursor; the PPM loopbackd writes from
+# draws a known pattern into a dumb buffer (SET_CRTC + DIRTYFB) and sets a cursor (it must come back as
+# CURSOR_UPDATE: loopbackd logs the first image per connection); the PPM loopbackd writes from
 # the back-end's UPDATEs must equal the pattern pixel for pixel; a second client draws again; a driver reload
 # (rmmod/insmod virtio-gpu) and a third pattern; SIGTERM.
 # guest-host-binaries: /opt/loopbackd-peers/vhost-user-gpu
@@ -57,6 +58,9 @@ draw() { # $1 = seed [$2 $3 = cursor position]
 }
 undraw() { kill $DRAW 2>/dev/null; wait $DRAW 2>/dev/null; DRAW=; }
 draw 1 100 50
+# the cursor gputool set (the driver's cursor plane: UPDATE_CURSOR on the cursor queue) came back as CURSOR_UPDATE
+wait_for 10 grep -q "scanout 0 cursor image set" /tmp/loopbackd.log || lb_fail "no CURSOR_UPDATE from the back-end"
+info "cursor: $(grep -o 'scanout 0 cursor image set.*' /tmp/loopbackd.log | head -1)"
 undraw
 draw 2
 undraw
