@@ -8,7 +8,8 @@
 # QEMU's QMP screendump of the bochs display (tools/screendump.py: the surface as 8-bit RGB) and it must equal the
 # pattern pixel for pixel, as must the PPM of the file output. Then a second pattern (a new client: SET_SCANOUT
 # again, page flips), hot-unplug of the scanout (`ctl … scanout 0 off`: the display goes black), replug and a third
-# pattern, SIGTERM (loopbackd drops master; fbcon takes bochs back). loopbackd runs as an unprivileged user after
+# pattern, SIGTERM (loopbackd drops master; fbcon takes bochs back); a restart with a 1000x700 scanout, which the
+# connector does not offer: its preferred 1024x768, the pattern centred at (12, 34), black around it. loopbackd runs as an unprivileged user after
 # start-up ([daemon] user; the card node stays root-only 0600): the card is opened, and master taken, before the drop.
 . /tests/lib.sh
 have_loopbackd
@@ -86,4 +87,20 @@ undraw
 grep -q "further failures" /tmp/loopbackd.log && lb_fail "a kms call failed: $(grep 'kms' /tmp/loopbackd.log | tail -3 | tr '\n' '|')"
 loopbackd_stop TERM
 wait_for 20 sh -c '! card' || fail "virtio card still there after SIGTERM"
+# a scanout size the bochs connector does not offer (1000x700): its preferred 1024x768, the picture centred at
+# (12, 34) with a black border; the card is taken again after fbcon had it back
+sed -i "s/^mode = .*/mode = \"1000x700\"/" /etc/loopbackd.conf
+loopbackd_start
+wait_for 20 grep -q "kms:$BOCHS: connector Virtual-1, mode 1024x768.*no 1000x700" /tmp/loopbackd.log || lb_fail "kms output (1000x700) not up"
+wait_for 30 card || lb_fail "no DRM card of the virtio device after the restart"
+CARD=$(card)
+W=1000 H=700
+wait_for 10 sh -c "gputool modes $CARD | grep -q 'connected ${W}x${H}'" || lb_fail "connector: $(gputool modes $CARD 2>&1 | tr '\n' '|')"
+bg_start /tmp/draw4.log gputool draw "$CARD" 4 600
+DRAW=$BGPID
+wait_for 20 grep -q READY /tmp/draw4.log || lb_fail "draw 4: $(cat /tmp/draw4.log | tr '\n' '|')"
+wait_for 10 gputool check /tmp/lb/gpu-0.ppm $W $H 4 || lb_fail "draw 4: file output: $(gputool check /tmp/lb/gpu-0.ppm $W $H 4 2>&1)"
+screendump p4 1024 768 4 $W $H 12 34
+undraw
+loopbackd_stop TERM
 pass
