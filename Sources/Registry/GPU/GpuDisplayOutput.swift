@@ -174,9 +174,9 @@ public final class GpuDisplayLink: EventHandler {
     // MARK: socket
 
     public func handleEvent(token: UInt32, events: UInt32) {
-        let ev = IOEvents(epoll: events)
-        if !ev.intersection([.readable, .hangUp, .error]).isEmpty { readReplies() }
-        if phase != .closed && ev.contains(.writable) { pump() }
+        // Raw masks, not an OptionSet array literal (that allocates an array per event in debug builds).
+        if events & UInt32(LB_EPOLLIN | LB_EPOLLHUP | LB_EPOLLRDHUP | LB_EPOLLERR) != 0 { readReplies() }
+        if phase != .closed && events & UInt32(LB_EPOLLOUT) != 0 { pump() }
     }
 
     private func readReplies() {
