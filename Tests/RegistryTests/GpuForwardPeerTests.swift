@@ -218,4 +218,75 @@ final class GpuForwardPeerTests: XCTestCase {
         XCTAssertEqual(lp.executeAndWait { server.violations }, 0, lp.executeAndWait { server.lastViolation } ?? "")
         XCTAssertTrue(p.isAlive, "vhost-user-gpu died: \(p.logText)")
     }
+
+    /// The back-end restarts (SIGKILL, a new process on the same socket): loopbackd's front-end reconnects, sends the
+    /// new process a fresh VHOST_USER_GPU_SET_SOCKET before its ring set-up (the old display connection was closed
+    /// with the lost back-end), and the new back-end's GET_DISPLAY_INFO is answered with the configured modes; a
+    /// resource created on the new back-end is shown in the PPM again.
+    func testBackEndRestartGetsANewDisplaySocket() throws {
+        guard access(Self.binary, X_OK) == 0 else { return XCTFail("\(Self.binary) missing: run scripts/install-deps.sh") }
+        let sock = "\(dir)/gpu.sock", ppm = "\(dir)/g-0.ppm"
+        func startPeer() throws -> PeerProcess {
+            unlink(sock)
+            let p = PeerProcess(binary: Self.binary, arguments: ["--socket-path", sock], log: "\(dir)/peer.log")
+            try p.start()
+            let end = lb_now_ns() + 10_000_000_000
+            while access(sock, F_OK) != 0 && lb_now_ns() < end && p.isAlive { usleep(20_000) }
+            return p
+        }
+        peer = try startPeer()
+        let shape = try XCTUnwrap(DaemonConfig.parse(TOML.parse("""
+            [device.g]
+            type = "gpu"
+            backend = "vhost-user:\(sock)"
+            mode = "\(Self.w)x\(Self.h)"
+            output = "file:\(dir)/g"
+            file-interval-ms = 10
+            """, file: "t")).devices.first?.shape)
+        let lp = try EventLoop()
+        let hst = DeviceHost(loop: lp)
+        loop = lp; host = hst
+        let fe = try VhostUserFrontendDevice(socketPath: sock, deviceID: shape.deviceID, queueSizes: shape.queueSizes,
+                                             configSize: shape.configSize, loop: lp, connectTimeoutMs: 5000)
+        frontend = fe
+        let server = try XCTUnwrap(try XCTUnwrap(shape.companion).make(lp) as? GpuDisplayServer)
+        fe.companion = server
+        let idx = hst.add(name: "g", device: fe)
+        lp.startThread()
+        let d = try SimDriver(host: hst, index: idx, ramSize: 16 << 20)
+        try d.start(accept: { $0.intersection([.version1]) })
+        let ctrl = d.queues[0]
+        func displayInfoOK() throws -> Bool {
+            let info = try command(d, ctrl, hdr(VirtioGPU.cmdGetDisplayInfo), respSize: VirtioGPU.displayInfoSize)
+            return u32(info, 0) == VirtioGPU.respOKDisplayInfo && [u32(info, 32), u32(info, 36), u32(info, 40)] == [Self.w, Self.h, 1]
+        }
+        XCTAssertTrue(try displayInfoOK())
+        XCTAssertEqual(lp.executeAndWait { server.connections }, 1)
+
+        peer?.stop(SIGKILL)
+        peer = try startPeer()
+        let end = lb_now_ns() + 10_000_000_000
+        while lb_now_ns() < end && !lp.executeAndWait({ fe.reconnects >= 1 && server.isConnected && server.connections == 2 }) { usleep(10_000) }
+        XCTAssertEqual(lp.executeAndWait { fe.reconnects }, 1)
+        XCTAssertEqual(lp.executeAndWait { server.connections }, 2, "a new display socket for the new back-end")
+        XCTAssertTrue(try displayInfoOK(), "the new back-end's GET_DISPLAY_INFO answered")
+
+        // A resource on the new back-end, shown and flushed: a solid colour in the PPM.
+        let frame = Int(Self.w * Self.h * 4)
+        let bk = d.alloc(frame, align: 4096)
+        for k in 0..<(frame / 4) { d.host(bk).storeBytes(of: UInt32(0x00_12_34_56).littleEndian, toByteOffset: 4 * k, as: UInt32.self) }
+        let ent = d.alloc(16)
+        d.host(ent).storeBytes(of: bk.littleEndian, as: UInt64.self)
+        d.host(ent).storeBytes(of: UInt32(frame).littleEndian, toByteOffset: 8, as: UInt32.self)
+        d.host(ent).storeBytes(of: UInt32(0), toByteOffset: 12, as: UInt32.self)
+        let ok = VirtioGPU.respOKNoData
+        XCTAssertEqual(u32(try command(d, ctrl, hdr(VirtioGPU.cmdResourceCreate2D) + le([5, GpuFormat.b8g8r8x8.rawValue, Self.w, Self.h])), 0), ok)
+        XCTAssertEqual(u32(try command(d, ctrl, hdr(VirtioGPU.cmdResourceAttachBacking) + le([5, 1]), extra: [(ent, 16)]), 0), ok)
+        XCTAssertEqual(u32(try command(d, ctrl, hdr(VirtioGPU.cmdSetScanout) + le([0, 0, Self.w, Self.h, 0, 5])), 0), ok)
+        XCTAssertEqual(u32(try command(d, ctrl, hdr(VirtioGPU.cmdTransferToHost2D) + le([0, 0, Self.w, Self.h, 0, 0, 5, 0])), 0), ok)
+        XCTAssertEqual(u32(try command(d, ctrl, hdr(VirtioGPU.cmdResourceFlush) + le([0, 0, Self.w, Self.h, 5, 0])), 0), ok)
+        XCTAssertTrue(waitPPM(ppm) { img in img.w == Int(Self.w) && img.h == Int(Self.h) && stride(from: 0, to: img.rgb.count, by: 3).allSatisfy {
+            img.rgb[$0] == 0x12 && img.rgb[$0 + 1] == 0x34 && img.rgb[$0 + 2] == 0x56 } }, "the new back-end's picture is not in the PPM")
+        XCTAssertEqual(lp.executeAndWait { server.violations }, 0, lp.executeAndWait { server.lastViolation } ?? "")
+    }
 }
