@@ -77,6 +77,8 @@ final class CanServeTests: XCTestCase {
         ctl.submit(ch)
         XCTAssertNotNil(ctl.waitUsed(timeoutMs: 3000))
         XCTAssertEqual(drv.host(cIn).load(as: UInt8.self), VirtioCAN.resultOK)
+        // The front-end learns the cleared status from the back-end's CONFIG_CHANGE_MSG, asynchronously.
+        for _ in 0..<300 where drv.readConfig(offset: 0, count: 2) != [0, 0] { usleep(10_000) }
         XCTAssertEqual(drv.readConfig(offset: 0, count: 2), [0, 0], "bus-off cleared by START")
         // The old back-end gave the receive buffers back empty when its rings stopped (quiesce); a driver reposts
         // them (virtio_can drops a short packet and refills).
