@@ -9,7 +9,8 @@
 # pattern pixel for pixel, as must the PPM of the file output. Then a second pattern (a new client: SET_SCANOUT
 # again, page flips), hot-unplug of the scanout (`ctl … scanout 0 off`: the display goes black), replug and a third
 # pattern, SIGTERM (loopbackd drops master; fbcon takes bochs back); a restart with a 1000x700 scanout, which the
-# connector does not offer: its preferred 1024x768, the pattern centred at (12, 34), black around it. loopbackd runs as an unprivileged user after
+# connector does not offer: its preferred 1024x768, the pattern centred at (12, 34), black around it; last, a second
+# loopbackd whose kms output is the first one's virtio-gpu card (a driver with a cursor plane): picture and cursor. loopbackd runs as an unprivileged user after
 # start-up ([daemon] user; the card node stays root-only 0600): the card is opened, and master taken, before the drop.
 . /tests/lib.sh
 have_loopbackd
@@ -102,5 +103,41 @@ wait_for 20 grep -q READY /tmp/draw4.log || lb_fail "draw 4: $(cat /tmp/draw4.lo
 wait_for 10 gputool check /tmp/lb/gpu-0.ppm $W $H 4 || lb_fail "draw 4: file output: $(gputool check /tmp/lb/gpu-0.ppm $W $H 4 2>&1)"
 screendump p4 1024 768 4 $W $H 12 34
 undraw
+# a driver with a cursor plane: a second loopbackd (B, as root) serves gpu1 (640x480) with its kms output on the
+# virtio-gpu card of the first (card1, whose connector offers only the EDID's 1000x700: B centres its picture at
+# (180, 110)); B's own virtio card is a third. gputool's pattern and cursor on it reach B, B's kms output flips them
+# onto card1 and sets the cursor there (CURSOR2: the virtio-gpu driver's cursor plane); the first loopbackd hears
+# the cursor (UPDATE_CURSOR at 110 + 180, 70 + 110) and shows card1's picture on bochs at (12, 34): the pattern at
+# (192, 144), black around.
+cat > /etc/b.conf <<CONF
+[daemon]
+transport = "virtio-lo"
+device-node = "/dev/virtio-lo"
+control = "/tmp/ctl2.sock"
+$( [ -s /tests/seccomp ] && echo "seccomp = \"$(cat /tests/seccomp)\"" )
+
+[device.gpu1]
+type = "gpu"
+mode = "640x480"
+output = "kms:$CARD"
+CONF
+loopbackd -c /etc/b.conf > /tmp/b.log 2>&1 &
+BPID=$!
+wait_for 20 grep -q "kms:$CARD: connector Virtual-[0-9]*, mode 1000x700.*no 640x480" /tmp/b.log || fail "B: kms on $CARD not up: $(grep -v seccomp /tmp/b.log | head -5 | tr '\n' '|')"
+card2() { for c in /sys/class/drm/card[0-9]*; do [ "/dev/dri/${c##*/}" = "$CARD" ] && continue; case "$(readlink -f "$c")" in */virtio-lo/drm/card[0-9]*) [ -c "/dev/dri/${c##*/}" ] && { echo "/dev/dri/${c##*/}"; return 0; };; esac; done; return 1; }
+wait_for 30 card2 || fail "B: no second virtio DRM card: $(ls /sys/class/drm | tr '\n' ' ')"
+CARD2=$(card2)
+wait_for 10 sh -c "gputool modes $CARD2 | grep -q 'connected 640x480'" || fail "B: connector: $(gputool modes $CARD2 2>&1 | tr '\n' '|')"
+bg_start /tmp/draw5.log gputool draw "$CARD2" 5 600 100 50
+DRAW=$BGPID
+wait_for 20 grep -q READY /tmp/draw5.log || fail "draw 5: $(cat /tmp/draw5.log | tr '\n' '|')"
+screendump p5 1024 768 5 640 480 192 144
+a_cursor() { loopbackd ctl --socket /tmp/ctl.sock device gpu0 info 2>/dev/null | grep -q "^scanout 0 .* cursor=[1-9][0-9]*@290,180 "; }
+wait_for 10 a_cursor || fail "cursor through B's kms output: $(loopbackd ctl --socket /tmp/ctl.sock device gpu0 info 2>&1 | grep -o 'cursor=[^ ]*'); B: $(loopbackd ctl --socket /tmp/ctl2.sock device gpu1 snapshot 2>&1)"
+info "cursor at 110,70 on B's card is at 290,180 on the first loopbackd's scanout: $(loopbackd ctl --socket /tmp/ctl.sock device gpu0 info | grep -o 'cursor=[^ ]*')"
+info "B: $(loopbackd ctl --socket /tmp/ctl2.sock device gpu1 snapshot 2>&1)"
+grep -q "takes no cursor" /tmp/b.log && fail "B: no cursor on virtio-gpu: $(grep cursor /tmp/b.log)"
+undraw
+kill -TERM $BPID; wait $BPID
 loopbackd_stop TERM
 pass
