@@ -87,38 +87,53 @@ final class GpuForwardPeerTests: XCTestCase {
         return false
     }
 
-    func testForwardedGpuPresentsThroughVhostUserGpu() throws {
-        guard access(Self.binary, X_OK) == 0 else {
-            return XCTFail("\(Self.binary) missing: run scripts/install-deps.sh (unpacks Debian's qemu-system-gui vhost-user-gpu)")
-        }
-        let sock = "\(dir)/gpu.sock", ppm = "\(dir)/g-0.ppm"
+    /// Starts QEMU's vhost-user-gpu on `sock` (a stale socket removed first) and waits for its socket.
+    func startPeer(_ sock: String) throws -> PeerProcess {
+        unlink(sock)
         let p = PeerProcess(binary: Self.binary, arguments: ["--socket-path", sock], log: "\(dir)/peer.log")
-        peer = p
         try p.start()
         let end = lb_now_ns() + 10_000_000_000
         while access(sock, F_OK) != 0 && lb_now_ns() < end && p.isAlive { usleep(20_000) }
-        // The daemon's path: the config gives the shape and the display server (the companion).
+        return p
+    }
+
+    /// The daemon's path for a forwarded gpu: the config (`modeLine` plus a file output in `dir`) gives the shape
+    /// and the display server (the companion), the front-end is added to a host on its own loop, a simulated driver
+    /// starts with `accept`'s features.
+    func forward(_ sock: String, modeLine: String, accept: @escaping (VirtioFeatures) -> VirtioFeatures) throws
+        -> (SimDriver, GpuDisplayServer, VhostUserFrontendDevice, EventLoop) {
         let shape = try XCTUnwrap(DaemonConfig.parse(TOML.parse("""
             [device.g]
             type = "gpu"
             backend = "vhost-user:\(sock)"
-            modes = ["\(Self.w)x\(Self.h)", "640x480"]
+            \(modeLine)
             output = "file:\(dir)/g"
             file-interval-ms = 10
             """, file: "t")).devices.first?.shape)
-        let companion = try XCTUnwrap(shape.companion)
         let lp = try EventLoop()
         let hst = DeviceHost(loop: lp)
         loop = lp; host = hst
         let fe = try VhostUserFrontendDevice(socketPath: sock, deviceID: shape.deviceID, queueSizes: shape.queueSizes,
                                              configSize: shape.configSize, loop: lp, connectTimeoutMs: 5000)
         frontend = fe
-        let server = try XCTUnwrap(try companion.make(lp) as? GpuDisplayServer)
+        let server = try XCTUnwrap(try XCTUnwrap(shape.companion).make(lp) as? GpuDisplayServer)
         fe.companion = server
         let idx = hst.add(name: "g", device: fe)
         lp.startThread()
         let d = try SimDriver(host: hst, index: idx, ramSize: 16 << 20)
-        try d.start(accept: { $0.intersection([.version1, VirtioGPU.fEDID]) })
+        try d.start(accept: accept)
+        return (d, server, fe, lp)
+    }
+
+    func testForwardedGpuPresentsThroughVhostUserGpu() throws {
+        guard access(Self.binary, X_OK) == 0 else {
+            return XCTFail("\(Self.binary) missing: run scripts/install-deps.sh (unpacks Debian's qemu-system-gui vhost-user-gpu)")
+        }
+        let sock = "\(dir)/gpu.sock", ppm = "\(dir)/g-0.ppm"
+        let p = try startPeer(sock)
+        peer = p
+        let (d, server, _, lp) = try forward(sock, modeLine: "modes = [\"\(Self.w)x\(Self.h)\", \"640x480\"]",
+                                              accept: { $0.intersection([.version1, VirtioGPU.fEDID]) })
         let ctrl = d.queues[0], cur = d.queues[1]
         // num_scanouts (config offset 8) is the display's: 2 configured.
         XCTAssertEqual(d.readConfig(offset: 8, count: 4), [2, 0, 0, 0])
@@ -226,35 +241,9 @@ final class GpuForwardPeerTests: XCTestCase {
     func testBackEndRestartGetsANewDisplaySocket() throws {
         guard access(Self.binary, X_OK) == 0 else { return XCTFail("\(Self.binary) missing: run scripts/install-deps.sh") }
         let sock = "\(dir)/gpu.sock", ppm = "\(dir)/g-0.ppm"
-        func startPeer() throws -> PeerProcess {
-            unlink(sock)
-            let p = PeerProcess(binary: Self.binary, arguments: ["--socket-path", sock], log: "\(dir)/peer.log")
-            try p.start()
-            let end = lb_now_ns() + 10_000_000_000
-            while access(sock, F_OK) != 0 && lb_now_ns() < end && p.isAlive { usleep(20_000) }
-            return p
-        }
-        peer = try startPeer()
-        let shape = try XCTUnwrap(DaemonConfig.parse(TOML.parse("""
-            [device.g]
-            type = "gpu"
-            backend = "vhost-user:\(sock)"
-            mode = "\(Self.w)x\(Self.h)"
-            output = "file:\(dir)/g"
-            file-interval-ms = 10
-            """, file: "t")).devices.first?.shape)
-        let lp = try EventLoop()
-        let hst = DeviceHost(loop: lp)
-        loop = lp; host = hst
-        let fe = try VhostUserFrontendDevice(socketPath: sock, deviceID: shape.deviceID, queueSizes: shape.queueSizes,
-                                             configSize: shape.configSize, loop: lp, connectTimeoutMs: 5000)
-        frontend = fe
-        let server = try XCTUnwrap(try XCTUnwrap(shape.companion).make(lp) as? GpuDisplayServer)
-        fe.companion = server
-        let idx = hst.add(name: "g", device: fe)
-        lp.startThread()
-        let d = try SimDriver(host: hst, index: idx, ramSize: 16 << 20)
-        try d.start(accept: { $0.intersection([.version1]) })
+        peer = try startPeer(sock)
+        let (d, server, fe, lp) = try forward(sock, modeLine: "mode = \"\(Self.w)x\(Self.h)\"",
+                                              accept: { $0.intersection([.version1]) })
         let ctrl = d.queues[0]
         func displayInfoOK() throws -> Bool {
             let info = try command(d, ctrl, hdr(VirtioGPU.cmdGetDisplayInfo), respSize: VirtioGPU.displayInfoSize)
@@ -264,7 +253,7 @@ final class GpuForwardPeerTests: XCTestCase {
         XCTAssertEqual(lp.executeAndWait { server.connections }, 1)
 
         peer?.stop(SIGKILL)
-        peer = try startPeer()
+        peer = try startPeer(sock)
         let end = lb_now_ns() + 10_000_000_000
         while lb_now_ns() < end && !lp.executeAndWait({ fe.reconnects >= 1 && server.isConnected && server.connections == 2 }) { usleep(10_000) }
         XCTAssertEqual(lp.executeAndWait { fe.reconnects }, 1)

@@ -79,7 +79,7 @@ gcc -static -O2 -Wall -o "$cache/sndtool" "$here/tools/sndtool.c"
 # vsocktool: AF_VSOCK and unix-socket ends of the vsock case (patterned data both ways, many connections, CONNECT P)
 gcc -static -O2 -Wall -o "$cache/vsocktool" "$here/tools/vsocktool.c" -lpthread
 # gputool: DRM dumb buffer + SET_CRTC + DIRTYFB with a known pattern, and the PPM check (the gpu case)
-gcc -static -O2 -Wall -o "$cache/gputool" "$here/tools/gputool.c"
+gcc -static -O2 -Wall -I "$here/../../Sources/CLinux" -o "$cache/gputool" "$here/tools/gputool.c"
 # QEMU 10 from bookworm-backports for the vhost-input case (Debian 12's QEMU 7.2 refuses vhost-user-input without
 # KVM): qemu-system-x86 only, downloaded and unpacked into <cache>/qemu10, never installed (every other case runs
 # 7.2). Its libraries are all in bookworm (ldd) and it uses 7.2's firmware under /usr/share/qemu; a guest run
