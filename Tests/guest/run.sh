@@ -21,7 +21,9 @@
 # "# guest-qemu: ARGS": extra QEMU arguments (e.g. a display device), and a line
 # "# guest-kernels: K... -- REASON": on any other kernel it is not booted, a "SKIP case (kernel): REASON" line is
 # printed, and it counts neither as passed nor as failed (a feature the other kernel does not have, e.g. VDUSE).
-# A case that prints "GUEST-SCREENDUMP TAG W H SEED|black" gets a QMP socket and a second serial port (ttyS1):
+# A line "# guest-mem: ARGS" replaces QEMU's -m 512 (memory hot-plug slots).
+# A case that prints "GUEST-SCREENDUMP TAG W H SEED|black" (or "GUEST-QMP TAG COMMAND JSON": tools/screendump.py runs
+# that QMP command and answers "QMP TAG OK|FAIL" on ttyS1) gets a QMP socket and a second serial port (ttyS1):
 # tools/screendump.py takes QEMU's screendump of its display, checks it and answers "SCREENDUMP TAG PASS|FAIL why"
 # on ttyS1 (the case judges; the screendumps stay in the work dir with GUEST_KEEP=1).
 # Output: one line per case, then exactly "N passed, N failed".  Exit status
@@ -148,12 +150,14 @@ for c in "${cases[@]}"; do
   # extra QEMU arguments ("# guest-qemu: ARGS"); a screendump case's QMP socket, ttyS1 and host-side checker
   read -r -a qextra <<< "$(sed -n 's/^# guest-qemu: *//p' "$casedir/$c.sh" | head -n 1)"
   sdpid=""
-  if grep -q 'GUEST-SCREENDUMP' "$casedir/$c.sh"; then
+  if grep -qE 'GUEST-SCREENDUMP|GUEST-QMP' "$casedir/$c.sh"; then
     qextra+=(-qmp unix:"$cdir/qmp.sock",server=on,wait=off -serial unix:"$cdir/ack.sock",server=on,wait=off)
     : > "$log"; python3 "$here/tools/screendump.py" "$cdir" "$cache/gputool" 2> "$cdir/screendump.log" & sdpid=$!
   fi
   s0=$(date +%s)
-  timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m 512 -smp "${smp:-1}" -nodefaults -nographic \
+  # guest memory: 512 MiB unless the case asks otherwise ("# guest-mem: 512M,slots=2,maxmem=1G" for hot-plug)
+  mem=$(sed -n 's/^# guest-mem: *\([^ ]*\).*/\1/p' "$casedir/$c.sh" | head -n 1)
+  timeout -k 5 "$timeout_s" qemu-system-x86_64 -accel tcg -m "${mem:-512}" -smp "${smp:-1}" -nodefaults -nographic \
     -serial stdio -no-reboot -kernel "$vmlinux" -initrd "$cdir/initramfs.gz" \
     -append 'console=ttyS0 quiet panic=-1' \
     -drive if=none,id=d0,file="$cdir/disk.img",format=raw -device ahci,id=ahci0 -device ide-hd,drive=d0,bus=ahci0.0 \

@@ -65,6 +65,8 @@
 #include <linux/dma-mapping.h>
 #include <linux/dma-map-ops.h>
 #include <linux/scatterlist.h>
+#include <linux/memory.h>
+#include <linux/memory_hotplug.h>
 
 #include "uapi/virtio_lo.h"
 
@@ -135,6 +137,8 @@ static struct workqueue_struct *vlo_wq;
 
 struct vlo_owner {
 	bool restricted;		/* VIRTIO_LO_RESTRICT: pools only (one-way) */
+	struct list_head node;		/* vlo_owners */
+	struct address_space *mapping;	/* its file's: where its RAM mappings are found to be unmapped */
 	spinlock_t idr_lock;		/* devs and sync_devs */
 	struct idr devs;
 	struct list_head sync_devs;	/* SYNC_CONFIG devices, from ADDDEV to teardown */
@@ -2114,6 +2118,7 @@ static long vlo_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 				      VIRTIO_LO_EXT_DEVSTATUS | VIRTIO_LO_EXT_GETQUEUE |
 				      VIRTIO_LO_EXT_ABORT_INFLIGHT | VIRTIO_LO_EXT_KICK_ALL |
 				      VIRTIO_LO_EXT_SYNC_CONFIG |
+				      (IS_ENABLED(CONFIG_MEMORY_HOTPLUG) ? VIRTIO_LO_EXT_RAM_HOTPLUG : 0) |
 				      (VLO_HAVE_POOL ? VIRTIO_LO_EXT_RESTRICTED : 0) |
 				      (mmap_ram_only ? VIRTIO_LO_EXT_MMAP_RAM_ONLY : 0),
 		};
@@ -2164,10 +2169,80 @@ static void vlo_vm_close(struct vm_area_struct *vma)
 	vlo_free_grave(&list);
 }
 
+/*
+ * Memory hot-plug.  A RAM mapping is made with remap_pfn_range() (every page present from the start), but a memory
+ * block that goes offline (and may then be removed, physically on real hardware) must not stay mapped into user
+ * space, and a block coming online must not keep whatever was mapped while it was offline.  The notifier unmaps the
+ * block from every owner's RAM mappings (unmap_mapping_range on the file's address_space: the mmap offset is the
+ * physical address); the next access faults into vlo_ram_fault, which maps the real page while the block is online
+ * and a scratch page while it is not.  A device process therefore never gets SIGBUS: only a driver bug (a buffer in
+ * memory being offlined; its pages are migrated or it cannot go offline) would make it read scratch data.
+ * Unmapped at GOING_* and again after the change (ONLINE/OFFLINE), so a fault racing the state change is undone.
+ */
+static LIST_HEAD(vlo_owners);
+static DEFINE_MUTEX(vlo_owners_lock);
+static struct page *vlo_scratch;
+static atomic_long_t vlo_ram_refaults = ATOMIC_LONG_INIT(0), vlo_ram_scratch_faults = ATOMIC_LONG_INIT(0);
+
+static int vlo_ram_faults_get(char *buf, const struct kernel_param *kp)
+{
+	return sysfs_emit(buf, "%ld %ld\n", atomic_long_read(&vlo_ram_refaults), atomic_long_read(&vlo_ram_scratch_faults));
+}
+
+static const struct kernel_param_ops vlo_ram_faults_ops = {
+	.get = vlo_ram_faults_get,
+};
+module_param_cb(ram_faults, &vlo_ram_faults_ops, NULL, 0444);
+MODULE_PARM_DESC(ram_faults, "RAM pages mapped again after a memory block changed state: online, then scratch (offline) (read-only)");
+
+static vm_fault_t vlo_ram_fault(struct vm_fault *vmf)
+{
+	struct vm_area_struct *vma = vmf->vma;
+	unsigned long pfn = vma->vm_pgoff + ((vmf->address - vma->vm_start) >> PAGE_SHIFT);
+
+	if (pfn_to_online_page(pfn)) {
+		atomic_long_inc(&vlo_ram_refaults);
+	} else {
+		atomic_long_inc(&vlo_ram_scratch_faults);
+		pfn = page_to_pfn(vlo_scratch);
+	}
+	return vmf_insert_pfn(vma, vmf->address & PAGE_MASK, pfn);
+}
+
 static const struct vm_operations_struct vlo_vm_ops = {
 	.open = vlo_vm_open,
 	.close = vlo_vm_close,
+	.fault = vlo_ram_fault,
 };
+
+#ifdef CONFIG_MEMORY_HOTPLUG
+static int vlo_memory_notify(struct notifier_block *nb, unsigned long action, void *arg)
+{
+	struct memory_notify *mn = arg;
+	struct vlo_owner *o;
+
+	switch (action) {
+	case MEM_GOING_ONLINE:
+	case MEM_ONLINE:
+	case MEM_GOING_OFFLINE:
+	case MEM_OFFLINE:
+	case MEM_CANCEL_ONLINE:
+	case MEM_CANCEL_OFFLINE:
+		break;
+	default:
+		return NOTIFY_OK;
+	}
+	mutex_lock(&vlo_owners_lock);
+	list_for_each_entry(o, &vlo_owners, node)
+		unmap_mapping_range(o->mapping, (loff_t)PFN_PHYS(mn->start_pfn), (loff_t)PFN_PHYS(mn->nr_pages), 1);
+	mutex_unlock(&vlo_owners_lock);
+	return NOTIFY_OK;
+}
+
+static struct notifier_block vlo_memory_nb = {
+	.notifier_call = vlo_memory_notify,
+};
+#endif
 
 static void vlo_pool_vm_open(struct vm_area_struct *vma)
 {
@@ -2255,7 +2330,11 @@ static int vlo_open(struct inode *inode, struct file *file)
 	INIT_LIST_HEAD(&o->sync_devs);
 	spin_lock_init(&o->grave_lock);
 	INIT_LIST_HEAD(&o->grave);
+	o->mapping = file->f_mapping;
 	file->private_data = o;
+	mutex_lock(&vlo_owners_lock);
+	list_add(&o->node, &vlo_owners);
+	mutex_unlock(&vlo_owners_lock);
 	return 0;
 }
 
@@ -2265,6 +2344,9 @@ static int vlo_release(struct inode *inode, struct file *file)
 	struct vlo_dev *dev;
 	int id;
 
+	mutex_lock(&vlo_owners_lock);
+	list_del(&o->node);
+	mutex_unlock(&vlo_owners_lock);
 	for (;;) {
 		spin_lock(&o->idr_lock);
 		id = 0;
@@ -2335,17 +2417,33 @@ static int __init vlo_init(void)
 	err = dma_coerce_mask_and_coherent(vlo_root, DMA_BIT_MASK(64));
 	if (err)
 		goto out_root;
-	vlo_wq = alloc_workqueue("virtio-lo", WQ_UNBOUND, 0);
-	if (!vlo_wq) {
+	vlo_scratch = alloc_page(GFP_KERNEL | __GFP_ZERO);
+	if (!vlo_scratch) {
 		err = -ENOMEM;
 		goto out_root;
 	}
-	err = misc_register(&vlo_misc);
+	vlo_wq = alloc_workqueue("virtio-lo", WQ_UNBOUND, 0);
+	if (!vlo_wq) {
+		err = -ENOMEM;
+		goto out_scratch;
+	}
+#ifdef CONFIG_MEMORY_HOTPLUG
+	err = register_memory_notifier(&vlo_memory_nb);
 	if (err)
 		goto out_wq;
+#endif
+	err = misc_register(&vlo_misc);
+	if (err)
+		goto out_notifier;
 	return 0;
+out_notifier:
+#ifdef CONFIG_MEMORY_HOTPLUG
+	unregister_memory_notifier(&vlo_memory_nb);
 out_wq:
+#endif
 	destroy_workqueue(vlo_wq);
+out_scratch:
+	__free_page(vlo_scratch);
 out_root:
 	root_device_unregister(vlo_root);
 	return err;
@@ -2354,7 +2452,11 @@ out_root:
 static void __exit vlo_exit(void)
 {
 	misc_deregister(&vlo_misc);
+#ifdef CONFIG_MEMORY_HOTPLUG
+	unregister_memory_notifier(&vlo_memory_nb);
+#endif
 	destroy_workqueue(vlo_wq);
+	__free_page(vlo_scratch);
 	root_device_unregister(vlo_root);
 }
 

@@ -189,4 +189,7 @@ static inline void lb_stall_leave(void) {
     struct lb_stall_slot *s = lb_stall_self;
     if (s) __atomic_fetch_add((uint64_t *)s, 1, __ATOMIC_RELEASE);
 }
+// Publication of an entry count (GuestMemory.append): the entry is written before the count that makes it visible.
+static inline void lb_store_release_int(long *p, long v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline long lb_load_acquire_int(const long *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 #endif

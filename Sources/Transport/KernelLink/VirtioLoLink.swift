@@ -185,6 +185,53 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         }
         // Non-overlapping ranges below 2^63 (checked): the sum cannot overflow.
         Log.info("mapped \(regions.count) RAM range(s), \(regions.reduce(0 as UInt64) { $0 &+ $1.size } >> 20) MiB")
+        // Memory hot-plug: RAM added after this point is mapped when a buffer is first found in it (the module
+        // lists it in GET_RAM; with RAM_HOTPLUG it also keeps offline blocks out of the mappings).
+        memory?.onMiss = { [weak self] addr, _ in self?.mapHotAddedRAM(missed: addr) ?? false }
+    }
+
+    /// A driver's address lies in no mapped RAM range: re-read the RAM list and map every part of it not mapped
+    /// yet (hot-added memory). True if something was mapped. Runs on the translating thread (the loop), only on a
+    /// miss: a buffer outside RAM costs one GET_RAM before its queue latches.
+    func mapHotAddedRAM(missed addr: UInt64) -> Bool {
+        guard fd >= 0, let memory else { return false }
+        guard let ranges = try? ramRanges() else { return false }
+        var added = false
+        for (start, size) in ranges {
+            for (s, n) in VirtioLoLink.unmappedParts(start: start, size: size, of: memory.regions) {
+                guard let len = Int(exactly: n), let off = off_t(exactly: s) else { continue }
+                let p = mmap(nil, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off)
+                guard let p, p != MAP_FAILED else {
+                    Log.warning("memory hot-plug: mmap of RAM 0x\(String(s, radix: 16)) (+\(n)): \(Errno.current)")
+                    continue
+                }
+                let r = RegionInfo(guestBase: s, size: n, host: p, fd: fd, fdOffset: s, userAddr: UInt64(UInt(bitPattern: p)))
+                do throws(Errno) { try memory.append(r, mapping: (p, len)) } catch {
+                    Log.warning("memory hot-plug: RAM 0x\(String(s, radix: 16)) (+\(n)) not added: table full (\(GuestMemory.maxRegions) ranges)")
+                    continue
+                }
+                added = true
+                Log.info("memory hot-plug: mapped RAM 0x\(String(s, radix: 16))-0x\(String(s &+ n &- 1, radix: 16)) (\(n >> 20) MiB), for a buffer at 0x\(String(addr, radix: 16))")
+            }
+        }
+        return added
+    }
+
+    /// The parts of `[start, start+size)` that no region covers, in order. Pure (unit-tested).
+    public static func unmappedParts(start: UInt64, size: UInt64, of regions: [RegionInfo]) -> [(UInt64, UInt64)] {
+        let (end, o) = start.addingReportingOverflow(size)
+        guard !o, size > 0 else { return [] }
+        var parts: [(UInt64, UInt64)] = []
+        var at = start
+        for r in regions.sorted(by: { $0.guestBase < $1.guestBase }) {
+            let rEnd = r.guestBase &+ r.size
+            if rEnd <= at || r.guestBase >= end { continue }
+            if r.guestBase > at { parts.append((at, r.guestBase - at)) }
+            at = max(at, rEnd)
+            if at >= end { break }
+        }
+        if at < end { parts.append((at, end - at)) }
+        return parts
     }
 
     // MARK: devices

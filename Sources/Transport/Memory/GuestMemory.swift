@@ -36,17 +36,35 @@ public struct Mapping: ~Copyable {
     deinit { munmap(base, length) }
 }
 
-/// The driver side's memory as seen by devices: a fixed table of non-overlapping regions.
+/// The driver side's memory as seen by devices: a table of non-overlapping regions.
 /// A `GuestMemory` object owns the mappings (and any fds); devices and queues use the trivially copyable
 /// `MemoryView` on the hot path (no ARC). The owner must outlive every view: the host keeps it for as long as
 /// the device is active, and queues are stopped before it is replaced.
+///
+/// The table can grow in place (`append`, memory hot-plug on the kernel link): it is allocated for `maxRegions`
+/// entries once, and views read the entry count through a shared header, so every queue and device sees a region
+/// as soon as it is appended, without being restarted. A translation that misses every region first asks the
+/// owner's `onMiss` hook (set by the kernel link: re-read the RAM list, map what was hot-added) and retries once.
 public final class GuestMemory {
     // Swift arrays cannot hold ~Copyable values, so the class itself is the single owner of these.
-    private let mappings: [(UnsafeMutableRawPointer, Int)]
+    private var mappings: [(UnsafeMutableRawPointer, Int)]
     private let ownedFDs: [Int32]
     private let table: UnsafeMutablePointer<RegionInfo>
-    public let count: Int
+    private let header: UnsafeMutablePointer<MemoryHeader>
+    public var count: Int { header.pointee.count }
     public static let maxRegions = 64
+
+    /// Called (on the translating thread: the device's loop) when an address lies in no region; returns true if
+    /// regions were appended (the translation is retried once). Cleared by the owner before it goes away.
+    public var onMiss: ((UInt64, UInt64) -> Bool)? {
+        didSet {
+            header.pointee.context = onMiss == nil ? nil : Unmanaged.passUnretained(self).toOpaque()
+            header.pointee.miss = onMiss == nil ? nil : { ctx, addr, len in
+                guard let ctx else { return false }
+                return Unmanaged<GuestMemory>.fromOpaque(ctx).takeUnretainedValue().onMiss?(addr, len) ?? false
+            }
+        }
+    }
 
     /// Takes ownership of the mappings (munmap) and fds (close), even when it throws; rejects overlapping or
     /// wrapping regions.
@@ -62,21 +80,44 @@ public final class GuestMemory {
             guard !o else { throw fail() }
             if i + 1 < sorted.count && end > sorted[i + 1].guestBase { throw fail() }
         }
-        table = .allocate(capacity: max(sorted.count, 1))
+        table = .allocate(capacity: GuestMemory.maxRegions)
         table.initialize(from: sorted, count: sorted.count)
-        count = sorted.count
+        header = .allocate(capacity: 1)
+        header.initialize(to: MemoryHeader(count: sorted.count, miss: nil, context: nil))
     }
 
     deinit {
         table.deinitialize(count: count)
         table.deallocate()
+        header.deinitialize(count: 1)
+        header.deallocate()
         for (p, l) in mappings { munmap(p, l) }
         for f in ownedFDs { FD.close(f) }
     }
 
-    public var view: MemoryView { MemoryView(table: table, count: count) }
+    public var view: MemoryView { MemoryView(table: table, header: header) }
     public var regions: [RegionInfo] { Array(UnsafeBufferPointer(start: table, count: count)) }
 
+    /// Whether `[base, base+size)` overlaps no region (and does not wrap).
+    public func isFree(_ base: UInt64, _ size: UInt64) -> Bool {
+        let (end, o) = base.addingReportingOverflow(size)
+        guard !o, size > 0 else { return false }
+        for i in 0..<count where base < table[i].guestBase &+ table[i].size && table[i].guestBase < end { return false }
+        return true
+    }
+
+    /// Appends a region in place (memory hot-plug) and takes ownership of its mapping, also when it throws
+    /// (table full, overlap, size 0). Call on the thread that translates (the loop): the entry is written before
+    /// the count that publishes it, and views on that thread see it at once.
+    public func append(_ r: RegionInfo, mapping: (UnsafeMutableRawPointer, Int)) throws(Errno) {
+        guard count < GuestMemory.maxRegions, isFree(r.guestBase, r.size) else {
+            munmap(mapping.0, mapping.1)
+            throw Errno.invalid
+        }
+        mappings.append(mapping)
+        (table + count).initialize(to: r)
+        lb_store_release_int(&header.pointee.count, count + 1)
+    }
     /// Anonymous shared RAM in a memfd, as the simulated driver's "physical" memory.
     public static func memfdRAM(size: Int, guestBase: UInt64 = 0, name: String = "loopbackd-ram") throws(Errno) -> GuestMemory {
         let fd = OwnedFD(adopting: try syscall { lb_memfd(name, 1) })
@@ -91,21 +132,42 @@ public final class GuestMemory {
     }
 }
 
+/// What views share with their `GuestMemory`: the number of published entries and the miss hook.
+public struct MemoryHeader {
+    var count: Int
+    var miss: (@convention(c) (UnsafeMutableRawPointer?, UInt64, UInt64) -> Bool)?
+    var context: UnsafeMutableRawPointer?
+}
+
 /// A hot-path view of the region table. Translation is checked: a range is returned only if every byte of it
 /// lies in mapped regions; never a pointer past a region's end.
 public struct MemoryView: @unchecked Sendable {
     let table: UnsafePointer<RegionInfo>
-    public let count: Int
-    init(table: UnsafePointer<RegionInfo>, count: Int) { self.table = table; self.count = count }
+    let header: UnsafeMutablePointer<MemoryHeader>
+    init(table: UnsafePointer<RegionInfo>, header: UnsafeMutablePointer<MemoryHeader>) { self.table = table; self.header = header }
+    /// Entries published so far (the table only grows; see `GuestMemory.append`).
+    public var count: Int { lb_load_acquire_int(&header.pointee.count) }
 
     @inline(__always)
     func regionIndex(_ addr: UInt64) -> Int? {
+        let n = count
         var i = 0
-        while i < count {
+        while i < n {
             let r = table[i]
             if addr >= r.guestBase && addr - r.guestBase < r.size { return i }
             i += 1
         }
+        return missed(addr)
+    }
+
+    /// Slow path: no region holds `addr`. The owner may map hot-added memory (`GuestMemory.onMiss`); look again
+    /// in what was appended.
+    @inline(never)
+    func missed(_ addr: UInt64) -> Int? {
+        guard let hook = header.pointee.miss else { return nil }
+        let before = count
+        guard hook(header.pointee.context, addr, 1), count > before else { return nil }
+        for i in before..<count where addr >= table[i].guestBase && addr - table[i].guestBase < table[i].size { return i }
         return nil
     }
 
@@ -142,7 +204,8 @@ public struct MemoryView: @unchecked Sendable {
 
     /// Translates a region's frontend user address (vhost-user SET_VRING_ADDR) to a guest address.
     public func guestAddress(ofUserAddress ua: UInt64) -> UInt64? {
-        for i in 0..<count {
+        let n = count
+        for i in 0..<n {
             let r = table[i]
             if ua >= r.userAddr && ua - r.userAddr < r.size { return r.guestBase + (ua - r.userAddr) }
         }

@@ -81,6 +81,15 @@ while True:
     lines = (rest + data).split(b'\n'); rest = lines.pop()
     for raw in lines:
         line = raw.decode('latin-1').strip('\r')
+        if line.startswith('GUEST-QMP '):
+            parts = line.split(None, 3)
+            if len(parts) < 3: continue
+            try: args = json.loads(parts[3]) if len(parts) == 4 else {}
+            except ValueError as e: args, err = None, 'bad JSON: %s' % e
+            if args is not None: err = cmd(parts[2], args)
+            print('screendump.py: QMP %s %s: %s' % (parts[1], parts[2], err or 'OK'), file=sys.stderr)
+            ack.sendall(('QMP %s %s\n' % (parts[1], 'FAIL ' + err if err else 'OK')).encode())
+            continue
         if not line.startswith('GUEST-SCREENDUMP '): continue
         parts = line.split()
         if len(parts) not in (5, 9): continue

@@ -147,6 +147,14 @@ struct virtio_lo_kick {
 /* ADDDEV flag VIRTIO_LO_DEV_F_RESTRICTED, VIRTIO_LO_GET_POOL, VIRTIO_LO_RESTRICT */
 #define VIRTIO_LO_EXT_RESTRICTED     (1ULL << 8)
 
+/*
+ * Memory hot-plug: RAM mappings follow the memory's online state.  A memory block going offline or online is
+ * unmapped from every RAM mapping (its pages are mapped again on the next access: the real page while the block is
+ * online, a scratch page while it is not, never SIGBUS), and GET_RAM lists hot-added RAM, so user space re-reads
+ * GET_RAM and maps the new range when a driver's buffer lies outside what it mapped.
+ */
+#define VIRTIO_LO_EXT_RAM_HOTPLUG    (1ULL << 9)
+
 /* VIRTIO_LO_GETEXT (24 bytes, all OUT). */
 struct virtio_lo_ext {
 	__u32 version;          /* VIRTIO_LO_ABI_VERSION */
