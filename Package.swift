@@ -32,7 +32,7 @@ let package = Package(
         .executableTarget(name: "loopbackd", dependencies: ["Daemon"],
                           swiftSettings: staticExecutable + [noStringProcessing], linkerSettings: staticLink + foldIdentical),
         .testTarget(name: "TransportTests", dependencies: ["Transport", "CLinux"]),
-        .testTarget(name: "RegistryTests", dependencies: ["Registry", "Transport", "CLinux"]),
+        .testTarget(name: "RegistryTests", dependencies: ["Registry", "Transport", "CLinux", "CURing"]),
         // Test-only malloc counter (interposes malloc in the test executable).
         .target(name: "CMallocCounter", path: "Tests/CMallocCounter"),
         .testTarget(name: "DaemonTests", dependencies: ["Daemon", "Registry", "Transport", "CMallocCounter"]),

@@ -4,7 +4,10 @@
 // io_uring, vhost-user serving and forwarding, the control socket, reload and `ctl add` opening new files,
 // SIGHUP/SIGTERM, the Swift runtime and glibc underneath), found with strace over the test suites and checked by
 // the guest case loopbackd-privdrop (every device type through the module with seccomp = "kill").
-// Note: io_uring's own operations (blk reads and writes) are not system calls and never pass this filter.
+// Note: io_uring's own operations (blk reads and writes) are not system calls and never pass this filter; blk's ring
+// is restricted instead (Sources/CURing/curing.c: READV, WRITEV, FSYNC only, no register op once enabled; Linux 5.10+).
+// io_uring_setup stays allowed (`ctl add` of a blk device makes a ring), so a compromised body could still make a
+// new, unrestricted ring of its own: operations on it run with its credentials, after the drop.
 #include <errno.h>
 #include <signal.h>
 #include <stddef.h>

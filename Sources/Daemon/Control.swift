@@ -295,6 +295,10 @@ final class ControlServer: EventHandler {
                 line += " backend=vhost-user:\(f.socketPath) backend-state=\(f.isConnected ? "connected" : "disconnected") reconnects=\(f.reconnects)"
                 obj += #","backend":{"socket":\#(JSON.string(f.socketPath)),"connected":\#(f.isConnected),"reconnects":\#(f.reconnects)}"#
             }
+            if let b = d.body as? BlockDevice {
+                line += " io-uring=\(b.ioUringRestricted ? "restricted" : "unrestricted")"
+                obj += #","io_uring_restricted":\#(b.ioUringRestricted)"#
+            }
             text += line + "\n"
             var qs: [String] = []
             for (n, q) in host.queueStates(i).enumerated() {
