@@ -21,6 +21,7 @@ wait_for 20 test -b /dev/vda || lb_fail "no /dev/vda"
 odirect write /dev/vda 2M 1M 21 || lb_fail "O_DIRECT write"
 odirect check /dev/vda 2M 1M 21 || lb_fail "O_DIRECT read back"
 dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null || lb_fail "full read"
+grep -q "not restricted" /tmp/loopbackd.log && lb_fail "io_uring ring not restricted"
 loopbackd_stop TERM
 wait_for 10 gone /dev/vda || fail "/dev/vda still present after SIGTERM"
 odirect checkb /tmp/disk0.img 2M 1M 21 || fail "backing file does not hold the data"

@@ -133,6 +133,8 @@ grep -q "Permission denied" /tmp/add.out || lb_fail "ctl add error: $(cat /tmp/a
 loopbackd ctl --socket /tmp/ctl.sock remove disk1 > /tmp/rm.out 2>&1 || lb_fail "ctl remove: $(cat /tmp/rm.out)"
 wait_for 10 gone /dev/vdb || lb_fail "/dev/vdb still present after ctl remove"
 loopbackd ctl --socket /tmp/ctl.sock status > /tmp/status.out 2>&1 || lb_fail "ctl status"
+# blk's io_uring ring is restricted to its operations (curing.c; Linux 5.10+).
+grep -q "^disk0 .* io-uring=restricted" /tmp/status.out || lb_fail "disk0 ring not restricted: $(grep ^disk0 /tmp/status.out)"
 hwrng_check 64 /tmp/rnd || lb_fail "hwrng after reload"
 grep -q forbidden /tmp/loopbackd.log && lb_fail "a forbidden system call"
 
