@@ -71,9 +71,7 @@ enum AB {
         let da: SimDriver, db: SimDriver
         do { da = try SimDriver(host: hostA, index: ia, ramSize: simRAM(o)); db = try SimDriver(host: hostB, index: ib, ramSize: simRAM(o)) }
         catch { throw DeviceError("\(error)") }
-        // One queue (the workloads use the first), except vsock (nothing works without rx and tx) and sound (its
-        // stream phase plays on the tx queue).
-        let queues: Int? = d.type == "vsock" || d.type == "sound" ? nil : 1
+        let queues = workloadQueueCount(type: d.type)
         try da.start(queueCount: queues)
         try db.start(queueCount: queues)
         defer { da.reset(); db.reset() }

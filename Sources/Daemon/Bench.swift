@@ -246,7 +246,7 @@ enum Bench {
             }
             let drv: SimDriver
             do { drv = try SimDriver(host: host, index: i, ramSize: simRAM(o)) } catch { throw DeviceError("\(error)") }
-            try drv.start(queueCount: 1)
+            try drv.start(queueCount: workloadQueueCount(type: d.type))
             defer { drv.reset() }
             guard let w = makeWorkload(type: d.type, driver: drv, verify: false) else { throw DeviceError("no workload") }
             let spin = UInt64(pollUs) * 1000

@@ -62,7 +62,7 @@ enum BenchConcurrent {
             for (d, i) in zip(chosen, indices) {
                 let drv: SimDriver
                 do { drv = try SimDriver(host: host, index: i, ramSize: 16 << 20) } catch { throw DeviceError("\(d.name): \(error)") }
-                try drv.start(queueCount: 1)
+                try drv.start(queueCount: workloadQueueCount(type: d.type))
                 guard let w = makeWorkload(type: d.type, driver: drv, verify: false) else { throw DeviceError("\(d.name): no workload") }
                 drivers.append(Driver(name: d.name, type: d.type, drv: drv, workload: w))
             }

@@ -7,6 +7,11 @@ public func makeWorkload(type: String, driver: SimDriver, verify: Bool) -> Workl
     DeviceRegistry.standard.types[type]?.workload?(driver, verify)
 }
 
+/// How many queues the simulated driver sets up for `type`'s workload: the first only (bench and ab measure it),
+/// except where the device stays idle without all of them (vsock: rx, tx, event; can: tx, rx, control) or the
+/// workload uses more (sound: its stream phase plays on the tx queue). nil: every queue the device offers.
+func workloadQueueCount(type: String) -> Int? { type == "vsock" || type == "can" || type == "sound" ? nil : 1 }
+
 /// Per-device counters a workload thread updates and the main thread (report) and the control socket (stats) read.
 final class Counters: Sendable {
     let requests = Atomic<Int>(0)
