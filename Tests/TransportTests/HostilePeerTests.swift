@@ -235,6 +235,10 @@ final class HostilePeerTests: LoopTestCase {
         var full: UInt64 = 0xffff_ffff_ffff_fffe
         XCTAssertEqual(write(call, &full, 8), 8)
         let before = lb_stall_interrupts()
+        // The log names the peer that stalled the loop.
+        let logFD = lb_memfd("stall-log", 1), savedFD = Log.outputFD
+        Log.outputFD = logFD
+        defer { Log.outputFD = savedFD; close(logFD) }
         let desc = ram, avail = ram + 0x1000
         desc.storeBytes(of: UInt64(0x8000), as: UInt64.self)
         (desc + 8).storeBytes(of: UInt32(16), as: UInt32.self)
@@ -248,6 +252,11 @@ final class HostilePeerTests: LoopTestCase {
         let waited = (lb_now_ns() - t0) / 1_000_000
         XCTAssertLessThan(waited, 500, "the loop was held \(waited) ms")
         XCTAssertGreaterThanOrEqual(lb_stall_interrupts() - before, 1, "the watchdog interrupted the write")
+        var logged = [UInt8](repeating: 0, count: 4096)
+        let n = pread(logFD, &logged, logged.count, 0)
+        let text = String(decoding: logged[0..<max(n, 0)], as: UTF8.self)
+        XCTAssertTrue(text.contains("vhost-user front-end of") && text.contains(s.socketPath) && text.contains("blocked the event loop"),
+                      "the stall is logged with the peer's name: \(text)")
         var v: UInt64 = 0
         _ = read(call, &v, 8)   // unblocks a loop stuck in write(2) (only without the watchdog)
         close(call); close(kick); close(m)

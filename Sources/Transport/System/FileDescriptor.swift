@@ -44,7 +44,7 @@ public enum FD {
         lb_stall_enter()
         let r = Glibc.write(fd, &one, 8)
         lb_stall_leave()
-        if r < 0 && errno == EINTR { _ = lb_set_nonblocking(fd) }
+        if r < 0 && errno == EINTR { _ = lb_set_nonblocking(fd); PeerFD.stalled(fd, "write") }
     }
     /// Reads and clears an eventfd counter; 0 if it was not signalled (non-blocking fd) or the read failed.
     @inline(__always)
@@ -57,7 +57,7 @@ public enum FD {
         let r = Glibc.read(fd, &v, 8)
         lb_stall_leave()
         if r == 8 { return v }
-        if r < 0 && errno == EINTR { _ = lb_set_nonblocking(fd) }
+        if r < 0 && errno == EINTR { _ = lb_set_nonblocking(fd); PeerFD.stalled(fd, "read") }
         return 0
     }
     /// Blocks until an eventfd is signalled (the fd may be non-blocking) or `timeoutMs` passes; returns the count.

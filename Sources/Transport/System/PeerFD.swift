@@ -9,6 +9,35 @@ import CLinux
 public enum PeerFD {
     public enum Use { case kick, call }
 
+    /// Who shares each watched eventfd (a vhost-user connection), so a stall the watchdog broke (stallguard.c) is
+    /// logged with the peer's name. Set when a connection hands over or receives an fd (control path); read only
+    /// when a call was interrupted.
+    private final class Owners: @unchecked Sendable {
+        var lock = pthread_mutex_t()
+        var names: [Int32: String] = [:]
+        var logged = Set<String>()
+        init() { pthread_mutex_init(&lock, nil) }
+    }
+    private static let owners = Owners()
+
+    /// Records that `fd` is shared with `peer` (replaces what an earlier fd of that number was).
+    public static func noteOwner(_ fd: Int32, _ peer: String) {
+        guard fd >= 0 else { return }
+        pthread_mutex_lock(&owners.lock); owners.names[fd] = peer; pthread_mutex_unlock(&owners.lock)
+    }
+
+    /// A `call` on `fd` blocked until the watchdog interrupted it (its peer cleared O_NONBLOCK): logged once per
+    /// peer, naming it.
+    static func stalled(_ fd: Int32, _ call: String) {
+        pthread_mutex_lock(&owners.lock)
+        let peer = owners.names[fd] ?? "an unknown peer"
+        let first = owners.logged.insert(peer).inserted
+        pthread_mutex_unlock(&owners.lock)
+        if first {
+            Log.warning("\(peer): an eventfd \(call) on fd \(fd) blocked the event loop for 50 ms (the peer cleared O_NONBLOCK on the eventfd it shares); interrupted and made non-blocking again (logged once per peer)")
+        }
+    }
+
     /// nil if `fd` is acceptable as a kick or call eventfd (it is then non-blocking), else why not.
     public static func checkEventFD(_ fd: Int32, for use: Use) -> String? {
         let k = lb_fd_kind(fd)

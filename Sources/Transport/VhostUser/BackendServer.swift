@@ -618,6 +618,7 @@ public final class VhostUserBackendServer: EventHandler {
         case .setVringKick(let i, let hasFD):
             if i < c.activeCount && !stopRing(c, i) { stopDevice(c) }
             if hasFD, let why = PeerFD.checkEventFD(fds.peek(0), for: .kick) { throw .badFD(.setVringKick, why) }
+            if hasFD { PeerFD.noteOwner(fds.peek(0), "vhost-user front-end of \(host.name(index)) on \(socketPath)") }
             let r = c.vrings[i]
             r.dropKick()
             r.kick = hasFD ? FileRef(adopting: fds.take(0)) : nil
@@ -630,6 +631,7 @@ public final class VhostUserBackendServer: EventHandler {
                 // The call fd is written on the loop thread: it must be an eventfd and non-blocking.
                 if let why = PeerFD.checkEventFD(fds.peek(0), for: .call) { throw .badFD(.setVringCall, why) }
                 guard lb_dup3_cloexec(fds.peek(0), r.callSlot.raw) >= 0 else { throw .io(Errno.current) }
+                PeerFD.noteOwner(r.callSlot.raw, "vhost-user front-end of \(host.name(index)) on \(socketPath)")
             } else {
                 _ = lb_dup3_cloexec(sinkFD, r.callSlot.raw)
             }

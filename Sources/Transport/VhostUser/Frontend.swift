@@ -399,12 +399,14 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
                 let k = lb_eventfd(0, 1)
                 guard k >= 0 else { throw DeviceError("vhost-user: eventfd: \(Errno.current)") }
                 kickFDs.append(k)
+                PeerFD.noteOwner(k, "vhost-user back-end at \(socketPath)")
                 continue
             }
             // The driver side's own kick eventfd goes to the back-end (passthroughRings): no relay hop.
             let k = driverKick >= 0 ? fcntl(driverKick, F_DUPFD_CLOEXEC, 0) : lb_eventfd(0, 1)
             guard k >= 0 else { throw DeviceError("vhost-user: eventfd: \(Errno.current)") }
             kickFDs.append(k)
+            PeerFD.noteOwner(k, "vhost-user back-end at \(socketPath)")
         }
         latched = false
         for q in 0..<n {
@@ -416,6 +418,7 @@ public final class VhostUserFrontendDevice: VirtioDevice, EventHandler {
             // The back-end's interrupt comes to us first, so the in-flight heads are known (see the type's comment).
             let r = lb_eventfd(0, 1)
             guard r >= 0 else { throw DeviceError("vhost-user: eventfd: \(Errno.current)") }
+            PeerFD.noteOwner(r, "vhost-user back-end at \(socketPath)")
             var reg = -1
             do { reg = try loop.register(fd: r, handler: self, token: Self.relayTokenBase + UInt32(q)) } catch {
                 FD.close(r)
