@@ -24,9 +24,6 @@ private let guestBase: UInt64 = 0x1000_0000
 
 nonisolated(unsafe) private var setup: FuzzDriverMemory?
 
-// Ring layout for queue k (size 16): desc at 8 KiB * k, avail at + 256, used at + 512; buffers from 24 KiB on.
-private func ringBase(_ k: Int) -> UInt64 { UInt64(2 * k * page) }
-
 @_cdecl("LLVMFuzzerTestOneInput")
 public func canRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     if setup == nil { setup = FuzzDriverMemory(bytes: regionBytes); Log.level = .error }
@@ -44,76 +41,25 @@ public func canRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     dev.ackFeatures(features)
     let hasFD = features.contains(VirtioCAN.fFD), hasRTR = features.contains(VirtioCAN.fRTR)
     let hasClassic = features.contains(VirtioCAN.fClassic)
-    let queues = UnsafeMutablePointer<SplitQueue>.allocate(capacity: 3)
-    var live = false
-    var availIdx: [UInt16] = [0, 0, 0], usedSeen: [UInt16] = [0, 0, 0]
-    // Descriptors are taken from a free list and given back when their chain is used: a descriptor (and the
-    // `where_` entry of its head) is never reused while the device still holds its chain. (Handing out ids round
-    // robin overwrote held receive chains: a false "rx msg_type 0" in a CI smoke run.)
-    var freeIDs = [[Int]](repeating: Array((0..<Int(qsize)).reversed()), count: 3)
-    var chainOf = [[[Int]]](repeating: [[Int]](repeating: [], count: Int(qsize)), count: 3)
+    let rings = FuzzRings(count: 3, size: qsize, memory: s, guestBase: guestBase)
+    let queues = rings.queues
     var okResults = 0
     // Where each head's result byte / receive buffer is (queue k, head) -> guest address.
     var where_ = [[UInt64]](repeating: [UInt64](repeating: 0, count: Int(qsize)), count: 3)
-    func activate() {
-        for k in 0..<3 {
-            let b = ringBase(k)
-            memset(s.host + Int(b), 0, 2 * page)
-            let c = QueueConfig(size: qsize, desc: guestBase + b, avail: guestBase + b + 256, used: guestBase + b + 512)
-            guard let q = try? SplitQueue(config: c, maxSize: qsize, memory: memory.view, features: features, interrupt: .none) else { abort() }
-            (queues + k).initialize(to: q)
-        }
-        availIdx = [0, 0, 0]; usedSeen = [0, 0, 0]
-        freeIDs = [[Int]](repeating: Array((0..<Int(qsize)).reversed()), count: 3)
-        chainOf = [[[Int]]](repeating: [[Int]](repeating: [], count: Int(qsize)), count: 3)
-        live = true
-        let ctx = DeviceContext(queues: queues, queueCount: 3, memory: memory.view, loop: s.loop, configInterrupt: .none,
-                                features: features)
-        do { try dev.activate(ctx) } catch { abort() }
-    }
-    func deactivate() {
-        guard live else { return }
-        dev.reset()
-        (queues + 0).deinitialize(count: 3)
-        live = false
-    }
-    defer { deactivate(); queues.deallocate(); bus.stop() }
+    func activate() { rings.activate(dev, memory: memory, features: features, loop: s.loop) }
+    func deactivate() { rings.deactivate(dev) }
+    defer { deactivate(); bus.stop() }
     activate()
 
-    let bufBase = 6 * page
-    var bufNext = 0
-    func buffer(_ len: Int) -> UInt64 {
-        if bufNext + len > regionBytes - bufBase { bufNext = 0 }
-        defer { bufNext += (len + 15) & ~15 }
-        return guestBase + UInt64(bufBase + bufNext)
-    }
-    func host(_ g: UInt64) -> UnsafeMutableRawPointer { s.host + Int(g - guestBase) }
-
-    /// Writes a chain of `segs` (guest address, length, writable) to queue k and makes it available; returns its head.
-    @discardableResult
-    func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) -> Int {
-        guard !segs.isEmpty, live, freeIDs[k].count >= segs.count else { return -1 }
-        let b = ringBase(k)
-        let desc = host(guestBase + b), avail = host(guestBase + b + 256)
-        var ids: [Int] = []
-        for _ in segs { ids.append(freeIDs[k].removeLast()) }
-        chainOf[k][ids[0]] = ids
-        fuzzMakeAvailable(desc: desc, avail: avail, ids: ids, segs: segs, availIdx: &availIdx[k], qsize: qsize)
-        return ids[0]
-    }
+    var buffers = FuzzBuffers(base: guestBase + UInt64(rings.ringBytes), end: guestBase + UInt64(regionBytes))
+    func buffer(_ len: Int) -> UInt64 { buffers.take(len) }
+    func host(_ g: UInt64) -> UnsafeMutableRawPointer { rings.at(g) }
+    @discardableResult func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) -> Int { rings.submit(k, segs) }
     func checkUsed() {
-        guard live else { return }
+        guard rings.live else { return }
         for k in 0..<3 {
-            let used = host(guestBase + ringBase(k) + 512)
-            let idx = used.load(fromByteOffset: 2, as: UInt16.self).littleEndian
-            while usedSeen[k] != idx {
-                let e = used + 4 + 8 * Int(usedSeen[k] % qsize)
-                let id = e.load(as: UInt32.self).littleEndian, len = e.load(fromByteOffset: 4, as: UInt32.self).littleEndian
-                fuzzCheck(id < UInt32(qsize), "queue \(k) used id \(id)")
-                fuzzCheck(!chainOf[k][Int(id)].isEmpty, "queue \(k) used id \(id) is not an outstanding head")
-                freeIDs[k].append(contentsOf: chainOf[k][Int(id)])
-                chainOf[k][Int(id)] = []
-                let at = where_[k][Int(id)]
+            rings.forEachUsed(k) { id, len in
+                let at = where_[k][id]
                 switch k {
                 case VirtioCAN.txQueue, VirtioCAN.controlQueue:
                     fuzzCheck(len <= 1, "queue \(k) used length \(len)")
@@ -141,7 +87,6 @@ public func canRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
                         fuzzCheck(cid <= (flags & VirtioCAN.flagExtended != 0 ? LinuxCAN.effMask : LinuxCAN.sffMask), "rx id \(cid)")
                     }
                 }
-                usedSeen[k] &+= 1
             }
             fuzzCheck(!queues[k].isBroken, "queue \(k) latched on a well-formed ring: \(queues[k].fault?.rawValue ?? "")")
         }

@@ -19,9 +19,6 @@ private let guestBase: UInt64 = 0x1000_0000
 
 nonisolated(unsafe) private var setup: FuzzDriverMemory?
 
-// Ring layout for queue k (size 16): desc at 4 KiB * (2k), avail at + 256, used at + 512; buffers from 16 KiB on.
-private func ringBase(_ k: Int) -> UInt64 { UInt64(2 * k * page) }
-
 @_cdecl("LLVMFuzzerTestOneInput")
 public func gpioRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     if setup == nil { setup = FuzzDriverMemory(bytes: regionBytes); Log.level = .error }
@@ -39,62 +36,23 @@ public func gpioRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     if f.bool() { features.insert(.indirectDesc) }
     if f.bool() { features.insert(VirtioGpio.fIRQ) }
     dev.ackFeatures(features)
-    let queues = UnsafeMutablePointer<SplitQueue>.allocate(capacity: 2)
-    var live = false
-    func activate() {
-        for k in 0..<2 {
-            let b = ringBase(k)
-            memset(s.host + Int(b), 0, 2 * page)
-            let c = QueueConfig(size: qsize, desc: guestBase + b, avail: guestBase + b + 256, used: guestBase + b + 512)
-            guard let q = try? SplitQueue(config: c, maxSize: qsize, memory: memory.view, features: features, interrupt: .none) else { abort() }
-            (queues + k).initialize(to: q)
-        }
-        live = true
-        let ctx = DeviceContext(queues: queues, queueCount: 2, memory: memory.view, loop: s.loop, configInterrupt: .none,
-                                features: features)
-        do { try dev.activate(ctx) } catch { abort() }
-    }
-    func deactivate() {
-        guard live else { return }
-        dev.reset()
-        (queues + 0).deinitialize(count: 2)
-        live = false
-    }
-    defer { deactivate(); queues.deallocate() }
+    let rings = FuzzRings(count: 2, size: qsize, memory: s, guestBase: guestBase)
+    let queues = rings.queues
+    func activate() { rings.activate(dev, memory: memory, features: features, loop: s.loop) }
+    func deactivate() { rings.deactivate(dev) }
+    defer { deactivate() }
     activate()
 
-    var availIdx: [UInt16] = [0, 0], usedSeen: [UInt16] = [0, 0], nextDesc: [Int] = [0, 0]
-    let bufBase = 4 * page
-    var bufNext = 0
-    func buffer(_ len: Int) -> UInt64 {
-        if bufNext + len > regionBytes - bufBase { bufNext = 0 }
-        defer { bufNext += (len + 15) & ~15 }
-        return guestBase + UInt64(bufBase + bufNext)
-    }
-    func host(_ g: UInt64) -> UnsafeMutableRawPointer { s.host + Int(g - guestBase) }
+    var buffers = FuzzBuffers(base: guestBase + UInt64(rings.ringBytes), end: guestBase + UInt64(regionBytes))
+    func buffer(_ len: Int) -> UInt64 { buffers.take(len) }
+    func host(_ g: UInt64) -> UnsafeMutableRawPointer { rings.at(g) }
     let namesSize = dev.namesSize
-
-    /// Writes a chain of `segs` (guest address, length, writable) to queue k and makes it available.
-    func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) {
-        guard !segs.isEmpty else { return }
-        let b = ringBase(k)
-        let desc = host(guestBase + b), avail = host(guestBase + b + 256)
-        var ids: [Int] = []
-        for _ in segs { ids.append(nextDesc[k] % Int(qsize)); nextDesc[k] += 1 }
-        fuzzMakeAvailable(desc: desc, avail: avail, ids: ids, segs: segs, availIdx: &availIdx[k], qsize: qsize)
-    }
-    /// Splits `total` bytes at `base` into 1-3 segments.
+    func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) { rings.submit(k, segs) }
     func checkUsed() {
-        for k in 0..<2 where live {
-            let used = host(guestBase + ringBase(k) + 512)
-            let idx = used.load(fromByteOffset: 2, as: UInt16.self).littleEndian
-            while usedSeen[k] != idx {
-                let e = used + 4 + 8 * Int(usedSeen[k] % qsize)
-                let id = e.load(as: UInt32.self).littleEndian, len = e.load(fromByteOffset: 4, as: UInt32.self).littleEndian
-                fuzzCheck(id < UInt32(qsize), "used id \(id)")
+        for k in 0..<2 {
+            rings.forEachUsed(k) { _, len in
                 if k == 0 { fuzzCheck(len <= 2 || len == UInt32(1 + namesSize), "requestq used length \(len)") }
                 else { fuzzCheck(len <= 1, "eventq used length \(len)") }
-                usedSeen[k] &+= 1
             }
         }
     }
@@ -117,7 +75,7 @@ public func gpioRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
                 host(r).storeBytes(of: v.littleEndian, toByteOffset: 4, as: UInt32.self)
             } else { f.fill(host(r), max(readable, 1)) }
             submit(0, f.pieces(r, readable, writable: false) + f.pieces(w, room, writable: true))
-            if live { dev.queueNotified(0) }
+            if rings.live { dev.queueNotified(0) }
         case 3, 4:      // an event buffer
             let readable = f.u8() < 32 ? f.below(5) : 2
             let room = f.u8() < 32 ? f.below(3) : 1
@@ -125,7 +83,7 @@ public func gpioRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             host(r).storeBytes(of: UInt16(f.below(lines + 2)).littleEndian, as: UInt16.self)
             host(w).storeBytes(of: 0xee, as: UInt8.self)
             submit(1, f.pieces(r, readable, writable: false) + f.pieces(w, room, writable: true))
-            if live {
+            if rings.live {
                 dev.queueNotified(1)
                 if room >= 1 {
                     let st = host(w).load(as: UInt8.self)
@@ -144,11 +102,10 @@ public func gpioRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             deactivate()
             fuzzCheck(dev.held == 0, "reset left \(dev.held) held buffers")
             fuzzCheck(chip.direction.allSatisfy { $0 == .none }, "reset left lines requested")
-            availIdx = [0, 0]; usedSeen = [0, 0]; nextDesc = [0, 0]
             activate()
         }
         fuzzCheck(dev.held <= lines, "held \(dev.held) > \(lines) lines")
-        if live { fuzzCheck(!queues[0].isBroken && !queues[1].isBroken, "well-formed ring latched: \(String(describing: queues[0].fault)) \(String(describing: queues[1].fault))") }
+        if rings.live { fuzzCheck(!queues[0].isBroken && !queues[1].isBroken, "well-formed ring latched: \(String(describing: queues[0].fault)) \(String(describing: queues[1].fault))") }
         checkUsed()
     }
     return 0

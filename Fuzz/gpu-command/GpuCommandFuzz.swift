@@ -22,8 +22,6 @@ private let budget = 1 << 20
 
 nonisolated(unsafe) private var setup: FuzzDriverMemory?
 
-private func ringBase(_ k: Int) -> UInt64 { UInt64(2 * k * page) }
-
 private let commands: [UInt32] = [
     VirtioGPU.cmdGetDisplayInfo, VirtioGPU.cmdResourceCreate2D, VirtioGPU.cmdResourceUnref, VirtioGPU.cmdSetScanout,
     VirtioGPU.cmdResourceFlush, VirtioGPU.cmdTransferToHost2D, VirtioGPU.cmdResourceAttachBacking,
@@ -46,62 +44,26 @@ public func gpuCommandFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     if f.bool() { features.insert(.indirectDesc) }
     if dev.offeredFeatures.contains(VirtioGPU.fEDID) && f.bool() { features.insert(VirtioGPU.fEDID) }
     dev.ackFeatures(features)
-    let queues = UnsafeMutablePointer<SplitQueue>.allocate(capacity: 2)
-    var live = false
-    func activate() {
-        for k in 0..<2 {
-            let b = ringBase(k)
-            memset(s.host + Int(b), 0, 2 * page)
-            let c = QueueConfig(size: qsize, desc: guestBase + b, avail: guestBase + b + 256, used: guestBase + b + 512)
-            guard let q = try? SplitQueue(config: c, maxSize: qsize, memory: memory.view, features: features, interrupt: .none) else { abort() }
-            (queues + k).initialize(to: q)
-        }
-        live = true
-        let ctx = DeviceContext(queues: queues, queueCount: 2, memory: memory.view, loop: s.loop, configInterrupt: .none,
-                                features: features)
-        do { try dev.activate(ctx) } catch { abort() }
-    }
-    func deactivate() {
-        guard live else { return }
-        dev.reset()
-        (queues + 0).deinitialize(count: 2)
-        live = false
-    }
-    defer { deactivate(); queues.deallocate() }
+    let rings = FuzzRings(count: 2, size: qsize, memory: s, guestBase: guestBase)
+    let queues = rings.queues
+    func activate() { rings.activate(dev, memory: memory, features: features, loop: s.loop) }
+    func deactivate() { rings.deactivate(dev) }
+    defer { deactivate() }
     activate()
 
-    var availIdx: [UInt16] = [0, 0], usedSeen: [UInt16] = [0, 0], nextDesc: [Int] = [0, 0]
-    let bufBase = 4 * page
-    var bufNext = 0
-    func buffer(_ len: Int) -> UInt64 {
-        if bufNext + len > regionBytes - bufBase { bufNext = 0 }
-        defer { bufNext += (len + 15) & ~15 }
-        return guestBase + UInt64(bufBase + bufNext)
-    }
-    func host(_ g: UInt64) -> UnsafeMutableRawPointer { s.host + Int(g - guestBase) }
-
-    func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) {
-        guard !segs.isEmpty else { return }
-        let b = ringBase(k)
-        let desc = host(guestBase + b), avail = host(guestBase + b + 256)
-        var ids: [Int] = []
-        for _ in segs { ids.append(nextDesc[k] % Int(qsize)); nextDesc[k] += 1 }
-        fuzzMakeAvailable(desc: desc, avail: avail, ids: ids, segs: segs, availIdx: &availIdx[k], qsize: qsize)
-    }
+    let bufBase = rings.ringBytes
+    var buffers = FuzzBuffers(base: guestBase + UInt64(bufBase), end: guestBase + UInt64(regionBytes))
+    func buffer(_ len: Int) -> UInt64 { buffers.take(len) }
+    func host(_ g: UInt64) -> UnsafeMutableRawPointer { rings.at(g) }
+    func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) { rings.submit(k, segs) }
     func checkUsed() {
-        for k in 0..<2 where live {
-            let used = host(guestBase + ringBase(k) + 512)
-            let idx = used.load(fromByteOffset: 2, as: UInt16.self).littleEndian
-            while usedSeen[k] != idx {
-                let e = used + 4 + 8 * Int(usedSeen[k] % qsize)
-                let id = e.load(as: UInt32.self).littleEndian, len = e.load(fromByteOffset: 4, as: UInt32.self).littleEndian
-                fuzzCheck(id < UInt32(qsize), "used id \(id)")
+        for k in 0..<2 {
+            rings.forEachUsed(k) { _, len in
                 if k == 0 {
                     fuzzCheck([0, 24, UInt32(VirtioGPU.displayInfoSize), UInt32(VirtioGPU.edidResponseSize)].contains(len), "controlq used length \(len)")
                 } else {
                     fuzzCheck(len == 0 || len == 24, "cursorq used length \(len)")
                 }
-                usedSeen[k] &+= 1
             }
         }
         fuzzCheck(dev.memoryUsed <= budget && dev.memoryUsed >= 0, "memory \(dev.memoryUsed) of \(budget)")
@@ -166,7 +128,7 @@ public func gpuCommandFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             let w = buffer(max(room, 1))
             memset(host(w), 0xee, max(room, 1))
             submit(0, f.pieces(r, req, writable: false) + extra + f.pieces(w, room, writable: true))
-            if live { dev.queueNotified(0); checkResponse(w, room) }
+            if rings.live { dev.queueNotified(0); checkResponse(w, room) }
         case 7:       // a cursorq command
             let type = f.u8() < 240 ? (f.bool() ? VirtioGPU.cmdUpdateCursor : VirtioGPU.cmdMoveCursor) : f.u32()
             let req = f.u8() < 230 ? 56 : f.below(70)
@@ -182,19 +144,18 @@ public func gpuCommandFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             let w = buffer(max(room, 1))
             memset(host(w), 0xee, max(room, 1))
             submit(1, f.pieces(r, max(req, 1), writable: false) + f.pieces(w, room, writable: true))
-            if live { dev.queueNotified(1); checkResponse(w, room) }
+            if rings.live { dev.queueNotified(1); checkResponse(w, room) }
         case 8:       // hot-plug, events_clear
             _ = dev.setConnected(f.below(scanouts + 1), f.bool())
             var v = f.u32()
             withUnsafeBytes(of: &v) { dev.writeConfig(offset: 4, from: $0) }
         default:      // reset and re-activation
             deactivate()
-            availIdx = [0, 0]; usedSeen = [0, 0]; nextDesc = [0, 0]
             activate()
             fuzzCheck(dev.resourceCount == 0 && dev.memoryUsed == 0, "reset left resources")
         }
         checkUsed()
-        for k in 0..<2 where live { fuzzCheck(!queues[k].faultPending, "queue \(k) latched a fault on a well-formed ring") }
+        for k in 0..<2 where rings.live { fuzzCheck(!queues[k].faultPending, "queue \(k) latched a fault on a well-formed ring") }
     }
     return 0
 }

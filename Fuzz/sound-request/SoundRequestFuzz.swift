@@ -23,9 +23,6 @@ nonisolated(unsafe) private var fakeNow: UInt64 = 1_000_000_000
 
 nonisolated(unsafe) private var setup: FuzzDriverMemory?
 
-// Ring layout for queue k (size 16): desc at 8 KiB * k, avail at + 256, used at + 512; buffers from 36 KiB on.
-private func ringBase(_ k: Int) -> UInt64 { UInt64(2 * k * page) }
-
 @_cdecl("LLVMFuzzerTestOneInput")
 public func soundRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     if setup == nil { setup = FuzzDriverMemory(bytes: regionBytes); Log.level = .error }
@@ -45,82 +42,37 @@ public func soundRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt 
     var features: VirtioFeatures = [.version1]
     for bit in [VirtioFeatures.eventIdx, .indirectDesc] where f.bool() { features.insert(bit) }
     dev.ackFeatures(features)
-    let queues = UnsafeMutablePointer<SplitQueue>.allocate(capacity: 4)
-    var live = false
-    var availIdx: [UInt16] = [0, 0, 0, 0], usedSeen: [UInt16] = [0, 0, 0, 0]
-    // Descriptors a driver may use: those of chains the device gave back (it holds I/O chains for a while).
-    var free = [[Int]](repeating: Array(0..<Int(qsize)), count: 4)
-    var chainOf = [[[Int]]](repeating: [[Int]](repeating: [], count: Int(qsize)), count: 4)
+    let rings = FuzzRings(count: 4, size: qsize, memory: s, guestBase: guestBase)
+    let queues = rings.queues
     // Per queue and head: where its response/status is, and how much room the chain had.
     var at = [[UInt64]](repeating: [UInt64](repeating: 0, count: Int(qsize)), count: 4)
     var room = [[Int]](repeating: [Int](repeating: 0, count: Int(qsize)), count: 4)
-    func activate() {
-        for k in 0..<4 {
-            let b = ringBase(k)
-            memset(s.host + Int(b), 0, 2 * page)
-            let c = QueueConfig(size: qsize, desc: guestBase + b, avail: guestBase + b + 256, used: guestBase + b + 512)
-            guard let q = try? SplitQueue(config: c, maxSize: qsize, memory: memory.view, features: features, interrupt: .none) else { abort() }
-            (queues + k).initialize(to: q)
-        }
-        availIdx = [0, 0, 0, 0]; usedSeen = [0, 0, 0, 0]
-        free = [[Int]](repeating: Array(0..<Int(qsize)), count: 4)
-        chainOf = [[[Int]]](repeating: [[Int]](repeating: [], count: Int(qsize)), count: 4)
-        live = true
-        let ctx = DeviceContext(queues: queues, queueCount: 4, memory: memory.view, loop: s.loop, configInterrupt: .none,
-                                features: features)
-        do { try dev.activate(ctx) } catch { abort() }
-    }
-    func deactivate() {
-        guard live else { return }
-        dev.reset()
-        (queues + 0).deinitialize(count: 4)
-        live = false
-    }
-    defer { deactivate(); queues.deallocate() }
+    func activate() { rings.activate(dev, memory: memory, features: features, loop: s.loop) }
+    func deactivate() { rings.deactivate(dev) }
+    defer { deactivate() }
     activate()
 
     let bufBase = 9 * page
-    var bufNext = 0
+    var buffers = FuzzBuffers(base: guestBase + UInt64(bufBase), end: guestBase + UInt64(regionBytes))
     func buffer(_ len: Int) -> UInt64 {
-        if bufNext + len > regionBytes - bufBase {
+        let wraps = buffers.wraps
+        let b = buffers.take(len)
+        if buffers.wraps != wraps {
             // Wrapping reuses memory of chains the device may still hold (sound holds I/O until its clock says so):
             // their response/status bytes are no longer the device's to judge.
-            bufNext = 0
             for k in 0..<4 { for h in 0..<Int(qsize) { at[k][h] = 0 } }
         }
-        defer { bufNext += (len + 15) & ~15 }
-        return guestBase + UInt64(bufBase + bufNext)
+        return b
     }
-    func host(_ g: UInt64) -> UnsafeMutableRawPointer { s.host + Int(g - guestBase) }
-
-    /// Writes a chain of `segs` (guest address, length, writable) to queue k and makes it available; returns its head.
-    @discardableResult
-    func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) -> Int {
-        guard !segs.isEmpty, live else { return -1 }
-        // A well-formed driver uses only descriptors the device gave back.
-        guard free[k].count >= segs.count else { return -1 }
-        let b = ringBase(k)
-        let desc = host(guestBase + b), avail = host(guestBase + b + 256)
-        var ids: [Int] = []
-        for _ in segs { ids.append(free[k].removeLast()) }
-        chainOf[k][ids[0]] = ids
-        fuzzMakeAvailable(desc: desc, avail: avail, ids: ids, segs: segs, availIdx: &availIdx[k], qsize: qsize)
-        return ids[0]
-    }
+    func host(_ g: UInt64) -> UnsafeMutableRawPointer { rings.at(g) }
+    @discardableResult func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) -> Int { rings.submit(k, segs) }
     let known: Set<UInt32> = [VirtioSnd.sOK, VirtioSnd.sBadMsg, VirtioSnd.sNotSupp, VirtioSnd.sIOErr]
     func checkUsed() {
-        guard live else { return }
+        guard rings.live else { return }
         for k in 0..<4 {
-            let used = host(guestBase + ringBase(k) + 512)
-            let idx = used.load(fromByteOffset: 2, as: UInt16.self).littleEndian
-            while usedSeen[k] != idx {
-                let e = used + 4 + 8 * Int(usedSeen[k] % qsize)
-                let id = e.load(as: UInt32.self).littleEndian, len = Int(e.load(fromByteOffset: 4, as: UInt32.self).littleEndian)
-                fuzzCheck(id < UInt32(qsize), "queue \(k) used id \(id)")
-                fuzzCheck(!chainOf[k][Int(id)].isEmpty, "queue \(k) used id \(id) not in flight")
-                free[k] += chainOf[k][Int(id)]
-                chainOf[k][Int(id)] = []
-                let r = room[k][Int(id)], p = at[k][Int(id)]
+            rings.forEachUsed(k) { id, used in
+                let len = Int(used)
+                let r = room[k][id], p = at[k][id]
                 fuzzCheck(len <= r, "queue \(k) used length \(len) over the room \(r)")
                 switch k {
                 case VirtioSnd.controlQueue:
@@ -152,7 +104,6 @@ public func soundRequestFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt 
                         }
                     }
                 }
-                usedSeen[k] &+= 1
             }
             fuzzCheck(!queues[k].isBroken, "queue \(k) latched on a well-formed ring: \(queues[k].fault?.rawValue ?? "")")
         }

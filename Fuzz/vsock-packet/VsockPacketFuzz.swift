@@ -22,9 +22,6 @@ private let hdr = VirtioVsock.headerSize
 
 nonisolated(unsafe) private var setup: FuzzDriverMemory?
 
-// Queue k: desc at 8 KiB * k, avail + 256, used + 512; buffers from 24 KiB on.
-private func ringBase(_ k: Int) -> UInt64 { UInt64(2 * k * page) }
-
 @_cdecl("LLVMFuzzerTestOneInput")
 public func vsockPacketFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     if setup == nil { setup = FuzzDriverMemory(bytes: regionBytes); Log.level = .error }
@@ -37,89 +34,42 @@ public func vsockPacketFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     if f.bool() { features.insert(.eventIdx) }
     if f.bool() { features.insert(.indirectDesc) }
     dev.ackFeatures(features)
-    let queues = UnsafeMutablePointer<SplitQueue>.allocate(capacity: 3)
-    var live = false
-    func activate() {
-        for k in 0..<3 {
-            let b = ringBase(k)
-            memset(s.host + Int(b), 0, 2 * page)
-            let c = QueueConfig(size: qsize, desc: guestBase + b, avail: guestBase + b + 256, used: guestBase + b + 512)
-            guard let q = try? SplitQueue(config: c, maxSize: qsize, memory: memory.view, features: features, interrupt: .none) else { abort() }
-            (queues + k).initialize(to: q)
-        }
-        live = true
-        let ctx = DeviceContext(queues: queues, queueCount: 3, memory: memory.view, loop: s.loop, configInterrupt: .none,
-                                features: features)
-        do { try dev.activate(ctx) } catch { abort() }
-    }
-    func deactivate() {
-        guard live else { return }
-        dev.reset()
-        (queues + 0).deinitialize(count: 3)
-        live = false
-    }
-    defer { deactivate(); queues.deallocate() }
+    let rings = FuzzRings(count: 3, size: qsize, memory: s, guestBase: guestBase)
+    let queues = rings.queues
+    func activate() { rings.activate(dev, memory: memory, features: features, loop: s.loop) }
+    func deactivate() { rings.deactivate(dev) }
+    defer { deactivate() }
     activate()
 
-    var availIdx: [UInt16] = [0, 0, 0], usedSeen: [UInt16] = [0, 0, 0], nextDesc: [Int] = [0, 0, 0]
     var room: [[Int]] = Array(repeating: Array(repeating: 0, count: Int(qsize)), count: 3)
     var firstAddr: [[UInt64]] = Array(repeating: Array(repeating: 0, count: Int(qsize)), count: 3)
     /// The credit the driver gave per (host port, driver port): its buf_alloc and fwd_cnt; what it received.
     var credit: [UInt64: (alloc: UInt32, fwd: UInt32, got: UInt32)] = [:]
     // Receive buffers: one 256-byte slot each at 24 KiB (at most 16 in flight), so a later buffer never overlaps
     // one the device still holds (its header is checked at completion); other buffers from 28 KiB on.
-    let rxSlotBase = 6 * page
+    let rxSlotBase = rings.ringBytes
     var rxSlotUsed = [Bool](repeating: false, count: Int(qsize))
     var rxSlotOfHead = [Int](repeating: -1, count: Int(qsize))
-    let bufBase = 7 * page
-    var bufNext = 0
-    func buffer(_ len: Int) -> UInt64 {
-        if bufNext + len > regionBytes - bufBase { bufNext = 0 }
-        defer { bufNext += (len + 15) & ~15 }
-        return guestBase + UInt64(bufBase + bufNext)
-    }
-    func host(_ g: UInt64) -> UnsafeMutableRawPointer { s.host + Int(g - guestBase) }
+    var buffers = FuzzBuffers(base: guestBase + UInt64(rxSlotBase + page), end: guestBase + UInt64(regionBytes))
+    func buffer(_ len: Int) -> UInt64 { buffers.take(len) }
+    func host(_ g: UInt64) -> UnsafeMutableRawPointer { rings.at(g) }
 
-    /// Descriptors the device holds (a well-formed driver never reuses one before its used entry): per queue,
-    /// the chain's ids by head.
-    var inUse: [[Bool]] = Array(repeating: Array(repeating: false, count: Int(qsize)), count: 3)
-    var chainIDs: [[[Int]]] = Array(repeating: Array(repeating: [], count: Int(qsize)), count: 3)
-    func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) {
-        guard !segs.isEmpty else { return }
-        let b = ringBase(k)
-        let desc = host(guestBase + b), avail = host(guestBase + b + 256)
-        var ids: [Int] = []
-        var tries = 0
-        while ids.count < segs.count && tries < Int(qsize) {
-            let i = nextDesc[k] % Int(qsize)
-            nextDesc[k] += 1
-            tries += 1
-            if !inUse[k][i] { ids.append(i) }
-        }
-        guard ids.count == segs.count else { return }   // ring full: the driver waits
-        for i in ids { inUse[k][i] = true }
-        chainIDs[k][ids[0]] = ids
-        room[k][ids[0]] = segs.filter { $0.2 }.reduce(0) { $0 + Int($1.1) }
-        firstAddr[k][ids[0]] = segs[0].0
-        fuzzMakeAvailable(desc: desc, avail: avail, ids: ids, segs: segs, availIdx: &availIdx[k], qsize: qsize)
+    /// Makes a chain available on queue k and records its room and first address by head; the head or -1 (ring full).
+    @discardableResult
+    func submit(_ k: Int, _ segs: [(UInt64, UInt32, Bool)]) -> Int {
+        let head = rings.submit(k, segs)
+        guard head >= 0 else { return -1 }
+        room[k][head] = segs.filter { $0.2 }.reduce(0) { $0 + Int($1.1) }
+        firstAddr[k][head] = segs[0].0
+        return head
     }
-    /// `total` bytes at `base` as one contiguous buffer cut into 1-3 segments.
     func checkUsed() {
-        for k in 0..<3 where live {
-            let used = host(guestBase + ringBase(k) + 512)
-            let idx = used.load(fromByteOffset: 2, as: UInt16.self).littleEndian
-            while usedSeen[k] != idx {
-                let e = used + 4 + 8 * Int(usedSeen[k] % qsize)
-                let id = e.load(as: UInt32.self).littleEndian, len = e.load(fromByteOffset: 4, as: UInt32.self).littleEndian
-                fuzzCheck(id < UInt32(qsize), "used id \(id)")
-                if id < UInt32(qsize) {
-                    fuzzCheck(!chainIDs[k][Int(id)].isEmpty, "queue \(k): used id \(id) not in flight")
-                    for i in chainIDs[k][Int(id)] { inUse[k][i] = false }
-                }
-                if id < UInt32(qsize) { fuzzCheck(Int(len) <= room[k][Int(id)], "queue \(k) used length \(len) > \(room[k][Int(id)])") }
-                if k == 0 && len > 0 && id < UInt32(qsize) {
+        for k in 0..<3 {
+            rings.forEachUsed(k) { head, len in
+                fuzzCheck(Int(len) <= room[k][head], "queue \(k) used length \(len) > \(room[k][head])")
+                if k == 0 && len > 0 {
                     // Receive buffers are contiguous (cut into pieces): the header is at the first address.
-                    let h = VsockHeader(from: host(firstAddr[0][Int(id)]))
+                    let h = VsockHeader(from: host(firstAddr[0][head]))
                     fuzzCheck(Int(len) == hdr + Int(h.len), "rx len \(len) vs header len \(h.len)")
                     fuzzCheck(h.srcCID == 2 && h.dstCID == 3 && h.type == VirtioVsock.typeStream, "rx addressing")
                     if h.op == VirtioVsock.Op.rw.rawValue {
@@ -132,12 +82,10 @@ public func vsockPacketFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
                     }
                 }
                 if k == 2 { fuzzCheck(len == 0 || len == 4, "event length \(len)") }
-                if id < UInt32(qsize) { chainIDs[k][Int(id)] = [] }
-                if k == 0 && id < UInt32(qsize) && rxSlotOfHead[Int(id)] >= 0 {
-                    rxSlotUsed[rxSlotOfHead[Int(id)]] = false
-                    rxSlotOfHead[Int(id)] = -1
+                if k == 0 && rxSlotOfHead[head] >= 0 {
+                    rxSlotUsed[rxSlotOfHead[head]] = false
+                    rxSlotOfHead[head] = -1
                 }
-                usedSeen[k] &+= 1
             }
         }
     }
@@ -164,36 +112,33 @@ public func vsockPacketFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
                 h.store(to: host(b))
                 f.fill(host(b) + hdr, payload)
             } else { f.fill(host(b), max(readable, 1)) }
-            let before = availIdx[1]
-            submit(1, f.pieces(b, readable, writable: false))
+            let made = submit(1, f.pieces(b, readable, writable: false)) >= 0
             // The device takes the driver's credit from packets it accepts (a refused one changes nothing; one that
             // found the ring full was never made available).
-            if availIdx[1] != before && readable >= hdr && validateVsockHeader(h, payload: payload, guestCID: 3) == nil {
+            if made && readable >= hdr && validateVsockHeader(h, payload: payload, guestCID: 3) == nil {
                 let key = UInt64(dst) << 32 | UInt64(src)
                 if opRaw == VirtioVsock.Op.request.rawValue || opRaw == VirtioVsock.Op.response.rawValue {
                     credit[key] = (h.bufAlloc, h.fwdCnt, 0)
                 } else if var c = credit[key] { c.alloc = h.bufAlloc; c.fwd = h.fwdCnt; credit[key] = c }
             }
-            if live { dev.queueNotified(1) }
+            if rings.live { dev.queueNotified(1) }
         case 4, 5, 6:      // receive buffers
             for _ in 0..<(1 + f.below(3)) {
                 let n = f.u8() < 224 ? hdr + 1 + f.below(128) : f.below(hdr + 2)
                 guard n > 0, let slot = rxSlotUsed.firstIndex(of: false) else { continue }
                 let b = guestBase + UInt64(rxSlotBase + 256 * slot)
                 memset(host(b), 0xee, n)
-                let before = availIdx[0]
-                submit(0, f.pieces(b, n, writable: true))
-                if availIdx[0] != before {
-                    let head = Int(host(guestBase + ringBase(0) + 256).load(fromByteOffset: 4 + 2 * Int(before % qsize), as: UInt16.self).littleEndian)
+                let head = submit(0, f.pieces(b, n, writable: true))
+                if head >= 0 {
                     rxSlotUsed[slot] = true
                     rxSlotOfHead[head] = slot
                 }
             }
-            if live { dev.queueNotified(0) }
+            if rings.live { dev.queueNotified(0) }
         case 7:            // an event buffer
             let n = f.u8() < 224 ? 4 + f.below(8) : f.below(4)
             submit(2, f.pieces(buffer(max(n, 1)), n, writable: true))
-            if live { dev.queueNotified(2) }
+            if rings.live { dev.queueNotified(2) }
         case 8:            // the host side
             let conns = Array(fake.conns.keys).sorted()
             switch f.u8() % 4 {
@@ -214,18 +159,15 @@ public func vsockPacketFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
             deactivate()
             fuzzCheck(dev.connectionCount == 0, "reset left \(dev.connectionCount) connections")
             fuzzCheck(fake.conns.isEmpty, "reset left \(fake.conns.count) host connections open")
-            availIdx = [0, 0, 0]; usedSeen = [0, 0, 0]; nextDesc = [0, 0, 0]
             credit = [:]
-            inUse = Array(repeating: Array(repeating: false, count: Int(qsize)), count: 3)
             rxSlotUsed = [Bool](repeating: false, count: Int(qsize)); rxSlotOfHead = [Int](repeating: -1, count: Int(qsize))
-            chainIDs = Array(repeating: Array(repeating: [], count: Int(qsize)), count: 3)
             activate()
         default:
-            if live { dev.queueNotified(f.below(3)) }
+            if rings.live { dev.queueNotified(f.below(3)) }
         }
         fuzzCheck(dev.connectionCount <= dev.maxConnections, "connections \(dev.connectionCount)")
         fuzzCheck(dev.connectionCount == fake.conns.count, "device has \(dev.connectionCount) connections, host side \(fake.conns.count)")
-        if live { fuzzCheck((0..<3).allSatisfy { !queues[$0].isBroken }, "well-formed ring latched") }
+        if rings.live { fuzzCheck((0..<3).allSatisfy { !queues[$0].isBroken }, "well-formed ring latched") }
         checkUsed()
     }
     return 0
