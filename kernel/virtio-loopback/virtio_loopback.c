@@ -436,8 +436,8 @@ static bool vlo_dir_from_device(int dir)
 	return dir == DMA_FROM_DEVICE || dir == DMA_BIDIRECTIONAL;
 }
 
-static dma_addr_t vlo_dma_map_page(struct device *d, struct page *page, unsigned long offset, size_t size,
-				   enum dma_data_direction dir, unsigned long attrs)
+static dma_addr_t vlo_dma_map(struct device *d, phys_addr_t phys, size_t size, enum dma_data_direction dir,
+			      unsigned long attrs)
 {
 	struct vlo_pool *p = vlo_dma_pool(d);
 	long off;
@@ -446,7 +446,7 @@ static dma_addr_t vlo_dma_map_page(struct device *d, struct page *page, unsigned
 		return DMA_MAPPING_ERROR;
 	/* Buffers of half a page or more start on a page (a device may do O_DIRECT I/O into them). */
 	off = vlo_pool_alloc(p, size, size >= PAGE_SIZE / 2 ? PAGE_SIZE : VLO_UNIT,
-			     page_to_phys(page) + offset, dir);
+			     phys, dir);
 	if (off < 0) {
 		/* virtio_ring fails the add with ENOMEM; virtio_blk requeues, others retry later. */
 		if (!p->full_warned) {
@@ -460,8 +460,21 @@ static dma_addr_t vlo_dma_map_page(struct device *d, struct page *page, unsigned
 	return VIRTIO_LO_POOL_IOVA + off;
 }
 
-static void vlo_dma_unmap_page(struct device *d, dma_addr_t addr, size_t size, enum dma_data_direction dir,
-			       unsigned long attrs)
+/*
+ * dma_map_ops took struct page + offset (map_page) up to 6.18; map_phys (a physical address) was added next to it and
+ * map_page removed by 7.x (compiled against Debian's 7.3.4 headers; the cut-over version is an assumption: 6.19).
+ * unmap_page and unmap_phys have the same arguments.
+ */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 19, 0)
+static dma_addr_t vlo_dma_map_page(struct device *d, struct page *page, unsigned long offset, size_t size,
+				   enum dma_data_direction dir, unsigned long attrs)
+{
+	return vlo_dma_map(d, page_to_phys(page) + offset, size, dir, attrs);
+}
+#endif
+
+static void vlo_dma_unmap(struct device *d, dma_addr_t addr, size_t size, enum dma_data_direction dir,
+			  unsigned long attrs)
 {
 	struct vlo_pool *p = vlo_dma_pool(d);
 	long u = vlo_pool_find(p, addr, 0, true);
@@ -509,7 +522,7 @@ static void vlo_dma_unmap_sg(struct device *d, struct scatterlist *sgl, int nent
 	int i;
 
 	for_each_sg(sgl, sg, nents, i)
-		vlo_dma_unmap_page(d, sg_dma_address(sg), sg_dma_len(sg), dir, attrs);
+		vlo_dma_unmap(d, sg_dma_address(sg), sg_dma_len(sg), dir, attrs);
 }
 
 static int vlo_dma_map_sg(struct device *d, struct scatterlist *sgl, int nents, enum dma_data_direction dir,
@@ -519,7 +532,7 @@ static int vlo_dma_map_sg(struct device *d, struct scatterlist *sgl, int nents, 
 	int i;
 
 	for_each_sg(sgl, sg, nents, i) {
-		sg_dma_address(sg) = vlo_dma_map_page(d, sg_page(sg), sg->offset, sg->length, dir, attrs);
+		sg_dma_address(sg) = vlo_dma_map(d, sg_phys(sg), sg->length, dir, attrs);
 		if (sg_dma_address(sg) == DMA_MAPPING_ERROR) {
 			vlo_dma_unmap_sg(d, sgl, i, dir, attrs | DMA_ATTR_SKIP_CPU_SYNC);
 			return -ENOMEM;
@@ -559,8 +572,13 @@ static size_t vlo_dma_max_mapping_size(struct device *d)
 static const struct dma_map_ops vlo_dma_ops = {
 	.alloc			= vlo_dma_alloc,
 	.free			= vlo_dma_free,
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 19, 0)
 	.map_page		= vlo_dma_map_page,
-	.unmap_page		= vlo_dma_unmap_page,
+	.unmap_page		= vlo_dma_unmap,
+#else
+	.map_phys		= vlo_dma_map,
+	.unmap_phys		= vlo_dma_unmap,
+#endif
 	.map_sg			= vlo_dma_map_sg,
 	.unmap_sg		= vlo_dma_unmap_sg,
 	.sync_single_for_cpu	= vlo_dma_sync_for_cpu,
