@@ -118,6 +118,31 @@ final class BlockTests: XCTestCase {
         XCTAssertEqual(dev.capacity, 7)
     }
 
+    /// Restricted memory: one request must fit in half the device's pool, so seg_max (segments of at most the
+    /// pool's 256 KiB largest mapping) is lowered before the driver reads it; never raised, never below 1.
+    func testLimitRequestBytesLowersSegMax() throws {
+        let path = makeFile(size: 1 << 20)
+        let dev = try BlockDevice(path: path, readOnly: false, queues: 1, queueSize: 64)
+        func segMax() -> UInt32 {
+            var v: UInt32 = 0
+            withUnsafeMutableBytes(of: &v) { dev.readConfig(offset: 12, into: $0) }
+            return UInt32(littleEndian: v)
+        }
+        XCTAssertEqual(segMax(), 62)
+        dev.limitRequestBytes(1 << 20)                          // a 2 MiB pool: 4 segments of 256 KiB
+        XCTAssertEqual(segMax(), 4)
+        XCTAssertEqual(dev.segMax, 4)
+        dev.limitRequestBytes(64 << 20)                         // never raised again
+        XCTAssertEqual(segMax(), 4)
+        dev.limitRequestBytes(4096)                             // at least one segment
+        XCTAssertEqual(segMax(), 1)
+        let any: VirtioDevice = try BlockDevice(path: path, readOnly: false, queues: 1, queueSize: 64)
+        any.limitRequestBytes(1 << 20)                          // through the protocol (the kernel link's call)
+        var v: UInt32 = 0
+        withUnsafeMutableBytes(of: &v) { any.readConfig(offset: 12, into: $0) }
+        XCTAssertEqual(UInt32(littleEndian: v), 4)
+    }
+
     func testConfigSpaceAndFeatures() throws {
         let path = makeFile(size: 4 << 20)
         let dev = try BlockDevice(path: path, readOnly: false, queues: 4, queueSize: 128)

@@ -56,7 +56,7 @@ public final class BlockDevice: VirtioDevice, EventHandler {
     /// Logical block size reported in `blk_size` (512 for files; the device's for block devices).
     public let blockSize: UInt32
     public let isBlockDevice: Bool
-    public let segMax: UInt32
+    public private(set) var segMax: UInt32
     public let maxDiscardSectors: UInt32 = 0x3F_FFFF         // just under 2 GiB per discard
     public let maxWriteZeroesSectors: UInt32 = 0x1_0000      // 32 MiB: may fall back to writing zeroes
     public let ioDepth: Int
@@ -238,6 +238,17 @@ public final class BlockDevice: VirtioDevice, EventHandler {
     public func ackFeatures(_ features: VirtioFeatures) {
         writeThrough = !readOnly && !features.contains(VirtioBlk.flush)
     }
+
+    /// Restricted memory: seg_max lowered so that seg_max segments of the pool's largest mapping (256 KiB, the
+    /// module's max_mapping_size, which bounds virtio_blk's segment size) fit in `bytes` (at least one segment).
+    public func limitRequestBytes(_ bytes: Int) {
+        let fit = UInt32(clamping: max(1, bytes / BlockDevice.largestSegment))
+        guard fit < segMax else { return }
+        segMax = fit
+        config.storeBytes(of: segMax.littleEndian, toByteOffset: VirtioBlk.Config.segMax, as: UInt32.self)
+    }
+    /// The largest segment a driver maps through a restricted device's pool (the module's VLO_MAX_MAP).
+    static let largestSegment = 256 << 10
 
     public func readConfig(offset: Int, into buffer: UnsafeMutableRawBufferPointer) {
         guard let b = buffer.baseAddress, buffer.count > 0 else { return }

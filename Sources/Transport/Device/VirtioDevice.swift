@@ -98,9 +98,16 @@ public protocol VirtioDevice: AnyObject {
     /// lock and never completes the chain (a soft lockup; holding input back while output is outstanding narrows
     /// the window but cannot close it: the writer can start right after the check).
     var interruptsMayWaitForDevice: Bool { get }
+    /// Restricted memory (kernel link): every buffer of a request is bounced through the device's pool, so one
+    /// request larger than the pool can never be mapped and the driver retries it for ever (virtio_blk: a request
+    /// is up to seg_max segments of up to 256 KiB, the pool's largest mapping, and Linux 7.x builds requests of up to
+    /// 4 MiB). Called before the driver sees the config: a device whose requests can be that large offers less, so
+    /// that one request needs at most `bytes`. Default: nothing to limit.
+    func limitRequestBytes(_ bytes: Int)
 }
 
 extension VirtioDevice {
+    public func limitRequestBytes(_ bytes: Int) {}
     public var supportsQueueRestart: Bool { false }
     public func stopQueue(_ index: Int) {}
     public func startQueue(_ index: Int) {}

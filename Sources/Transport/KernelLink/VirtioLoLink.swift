@@ -217,6 +217,18 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         return added
     }
 
+    /// The module's default pool size (parameter pool_kib) for a restricted device added with pool-kib 0; 4096 (the
+    /// module's default) if the parameter cannot be read.
+    static func modulePoolKiB() -> UInt32 {
+        let fd = open("/sys/module/virtio_loopback/parameters/pool_kib", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return 4096 }
+        defer { FD.close(fd) }
+        var b = [UInt8](repeating: 0, count: 16)
+        let n = read(fd, &b, b.count - 1)
+        guard n > 0, let v = UInt32(String(decoding: b[0..<n], as: UTF8.self).filter { $0.isNumber }), v > 0 else { return 4096 }
+        return v
+    }
+
     /// The parts of `[start, start+size)` that no region covers, in order. Pure (unit-tested).
     public static func unmappedParts(start: UInt64, size: UInt64, of regions: [RegionInfo]) -> [(UInt64, UInt64)] {
         let (end, o) = start.addingReportingOverflow(size)
@@ -264,6 +276,11 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
             d.configKick = try FD.eventfd().release()
             d.configChanged = try FD.eventfd().release()
         } catch { closeAll(d); throw DeviceError("\(name): eventfd: \(error)") }
+        if restricted {
+            // One request must fit in the pool with room for another (else the driver retries it for ever).
+            let poolBytes = Int(poolKiB != 0 ? poolKiB : VirtioLoLink.modulePoolKiB()) << 10
+            host.loop.executeAndWait { host.device(index).limitRequestBytes(poolBytes / 2) }
+        }
         var config = [UInt8](repeating: 0, count: info.configSize)
         _ = host.loop.executeAndWait { config.withUnsafeMutableBytes { host.readConfig(index, offset: 0, into: $0) } }
         var qinfo = (0..<n).map { q in virtio_lo_qinfo(kickfd: d.kicks[q], size: UInt32(info.queueMaxSizes[q]), desc: 0, avail: 0, used: 0) }

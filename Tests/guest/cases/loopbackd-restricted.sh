@@ -39,9 +39,18 @@ odirect check /dev/vda 2M 1M 23 || lb_fail "O_DIRECT read back"
 dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null || lb_fail "full read"
 # buffered I/O in large requests (up to the block layer's limit): bounced in pieces of at most 256 KiB each
 dd if=/dev/vda of=/tmp/big bs=4M count=4 2>/dev/null || lb_fail "4 MiB reads"
+# requests as large as Linux 7.x builds them (max_sectors_kb 4096, read-ahead 8 MiB): loopbackd lowered seg_max so
+# that one request fits in half the pool (2 MiB pool: 4 segments of at most 256 KiB); before, a 4 MiB read-ahead
+# request could never be mapped and the reader hung (found on Debian's 7.3)
+[ "$(cat /sys/block/vda/queue/max_segments)" = 4 ] || lb_fail "max_segments $(cat /sys/block/vda/queue/max_segments), want 4"
+echo 4096 > /sys/block/vda/queue/max_sectors_kb && echo 8192 > /sys/block/vda/queue/read_ahead_kb || fail "queue limits"
+echo 3 > /proc/sys/vm/drop_caches
+timeout 20 dd if=/dev/vda of=/tmp/big bs=4M count=4 2>/dev/null || lb_fail "reads with 4 MiB requests"
+timeout 20 odirect write /dev/vda 4M 4M 29 && timeout 20 odirect check /dev/vda 4M 4M 29 || lb_fail "4 MiB O_DIRECT"
 loopbackd_stop TERM
 wait_for 10 gone /dev/vda || fail "/dev/vda still present after SIGTERM"
 odirect checkb /tmp/disk0.img 2M 1M 23 || fail "backing file does not hold the data"
+odirect checkb /tmp/disk0.img 4M 4M 29 || fail "backing file does not hold the 4 MiB pattern"
 # mixed: rng restricted, disk0 with full mapping (the node is not restricted then)
 write_conf
 cat >> /etc/loopbackd.conf <<'CONF'
