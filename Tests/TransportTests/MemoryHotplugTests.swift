@@ -63,7 +63,7 @@ final class MemoryHotplugTests: XCTestCase {
         let extra = try sharedMiB()
         let hotBase: UInt64 = 0x4000_0000
         var asked: [UInt64] = []
-        drv.memory.onMiss = { [memory = drv.memory] addr, _ in
+        drv.memory.onMiss = { [memory = drv.memory] addr in
             asked.append(addr)
             guard addr >= hotBase, addr < hotBase + (1 << 20), memory.isFree(hotBase, 1 << 20) else { return false }
             try? memory.append(RegionInfo(guestBase: hotBase, size: 1 << 20, host: extra, fd: -1, fdOffset: 0, userAddr: 0),

@@ -117,3 +117,19 @@ i2c_bus_of() {
 }
 # i2c_detect BUS ARGS...: the addresses i2cdetect finds on BUS, space-separated
 i2c_detect() { b=$1; shift; i2cdetect -y "$@" "$b" | tail -n +2 | cut -c5- | tr ' ' '\n' | grep -E '^[0-9a-f]{2}$' | tr '\n' ' ' | sed 's/ $//'; }
+
+# ---- gpu cases
+# gpu_draw SEED [X Y]: gputool holds pattern SEED on $CARD in the connector's preferred mode, which must be $W x $H
+# (cursor at X,Y if given), then the gpu's file output $GPU_PPM must equal it; $GPU_DIAG (a command) adds context to
+# a failure. gpu_undraw ends the holder (the driver keeps the last frame on screen).
+gpu_draw() {
+  bg_start /tmp/draw$1.log gputool draw "$CARD" "$1" 600 ${2:+$2 $3}
+  DRAW=$BGPID
+  wait_for 20 grep -q READY /tmp/draw$1.log ||
+    lb_fail "draw $1: $(tr '\n' '|' < /tmp/draw$1.log)${GPU_DIAG:+ -- $($GPU_DIAG)}"
+  grep -q "MODE $W $H" /tmp/draw$1.log || fail "draw $1: preferred mode $(head -1 /tmp/draw$1.log), want $W $H"
+  wait_for 10 gputool check "$GPU_PPM" $W $H "$1" ||
+    lb_fail "draw $1: $(gputool check "$GPU_PPM" $W $H "$1" 2>&1)${GPU_DIAG:+ -- $($GPU_DIAG)}"
+  info "pattern $1: $GPU_PPM equals it (${W}x${H})"
+}
+gpu_undraw() { kill $DRAW 2>/dev/null; wait $DRAW 2>/dev/null; DRAW=; }

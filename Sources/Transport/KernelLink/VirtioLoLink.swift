@@ -187,7 +187,7 @@ public final class VirtioLoLink: EventHandler, DeviceHostObserver {
         Log.info("mapped \(regions.count) RAM range(s), \(regions.reduce(0 as UInt64) { $0 &+ $1.size } >> 20) MiB")
         // Memory hot-plug: RAM added after this point is mapped when a buffer is first found in it (the module
         // lists it in GET_RAM; with RAM_HOTPLUG it also keeps offline blocks out of the mappings).
-        memory?.onMiss = { [weak self] addr, _ in self?.mapHotAddedRAM(missed: addr) ?? false }
+        memory?.onMiss = { [weak self] addr in self?.mapHotAddedRAM(missed: addr) ?? false }
     }
 
     /// A driver's address lies in no mapped RAM range: re-read the RAM list and map every part of it not mapped

@@ -56,12 +56,12 @@ public final class GuestMemory {
 
     /// Called (on the translating thread: the device's loop) when an address lies in no region; returns true if
     /// regions were appended (the translation is retried once). Cleared by the owner before it goes away.
-    public var onMiss: ((UInt64, UInt64) -> Bool)? {
+    public var onMiss: ((UInt64) -> Bool)? {
         didSet {
             header.pointee.context = onMiss == nil ? nil : Unmanaged.passUnretained(self).toOpaque()
-            header.pointee.miss = onMiss == nil ? nil : { ctx, addr, len in
+            header.pointee.miss = onMiss == nil ? nil : { ctx, addr in
                 guard let ctx else { return false }
-                return Unmanaged<GuestMemory>.fromOpaque(ctx).takeUnretainedValue().onMiss?(addr, len) ?? false
+                return Unmanaged<GuestMemory>.fromOpaque(ctx).takeUnretainedValue().onMiss?(addr) ?? false
             }
         }
     }
@@ -135,7 +135,7 @@ public final class GuestMemory {
 /// What views share with their `GuestMemory`: the number of published entries and the miss hook.
 public struct MemoryHeader {
     var count: Int
-    var miss: (@convention(c) (UnsafeMutableRawPointer?, UInt64, UInt64) -> Bool)?
+    var miss: (@convention(c) (UnsafeMutableRawPointer?, UInt64) -> Bool)?
     var context: UnsafeMutableRawPointer?
 }
 
@@ -166,7 +166,7 @@ public struct MemoryView: @unchecked Sendable {
     func missed(_ addr: UInt64) -> Int? {
         guard let hook = header.pointee.miss else { return nil }
         let before = count
-        guard hook(header.pointee.context, addr, 1), count > before else { return nil }
+        guard hook(header.pointee.context, addr), count > before else { return nil }
         for i in before..<count where addr >= table[i].guestBase && addr - table[i].guestBase < table[i].size { return i }
         return nil
     }

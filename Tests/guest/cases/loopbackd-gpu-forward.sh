@@ -48,22 +48,16 @@ wait_for 10 test -c "$CARD" || fail "$CARD not created"
 # display info comes from loopbackd's GET_DISPLAY_INFO answer, through the back-end (7.2 has no GET_EDID)
 wait_for 10 sh -c "gputool modes $CARD | grep -q 'connected ${W}x${H}'" || lb_fail "connector: $(gputool modes $CARD 2>&1 | tr '\n' '|')"
 info "$CARD $(gputool modes $CARD | head -1)"
-draw() { # $1 = seed [$2 $3 = cursor position]
-  bg_start /tmp/draw$1.log gputool draw "$CARD" "$1" 600 ${2:+$2 $3}
-  DRAW=$BGPID
-  wait_for 20 grep -q READY /tmp/draw$1.log || lb_fail "draw $1: $(cat /tmp/draw$1.log | tr '\n' '|') -- vug: $(tail -3 /tmp/vug.log | tr '\n' '|')"
-  grep -q "MODE $W $H" /tmp/draw$1.log || fail "draw $1: preferred mode $(head -1 /tmp/draw$1.log), want $W $H"
-  wait_for 10 gputool check /tmp/gpu-0.ppm $W $H "$1" || lb_fail "draw $1: $(gputool check /tmp/gpu-0.ppm $W $H "$1" 2>&1) -- vug: $(tail -3 /tmp/vug.log | tr '\n' '|')"
-  info "pattern $1: /tmp/gpu-0.ppm equals it (${W}x${H}), forwarded through vhost-user-gpu"
-}
-undraw() { kill $DRAW 2>/dev/null; wait $DRAW 2>/dev/null; DRAW=; }
-draw 1 100 50
+GPU_PPM=/tmp/gpu-0.ppm
+vug_tail() { echo "vug: $(tail -3 /tmp/vug.log | tr '\n' '|')"; }
+GPU_DIAG=vug_tail
+gpu_draw 1 100 50
 # the cursor gputool set (the driver's cursor plane: UPDATE_CURSOR on the cursor queue) came back as CURSOR_UPDATE
 wait_for 10 grep -q "scanout 0 cursor image set" /tmp/loopbackd.log || lb_fail "no CURSOR_UPDATE from the back-end"
 info "cursor: $(grep -o 'scanout 0 cursor image set.*' /tmp/loopbackd.log | head -1)"
-undraw
-draw 2
-undraw
+gpu_undraw
+gpu_draw 2
+gpu_undraw
 kill -0 $VUGPID 2>/dev/null || lb_fail "vhost-user-gpu died: $(tail -5 /tmp/vug.log | tr '\n' '|')"
 # driver reload (a virtio reset): the same back-end keeps its display socket (7.2 ignores a second SET_SOCKET),
 # the new driver gets the configured mode again and draws
@@ -74,8 +68,8 @@ insmod /lib/modules/virtio-gpu.ko || fail "insmod virtio-gpu again"
 wait_for 30 card || lb_fail "no DRM card after the reload"
 CARD=$(card)
 wait_for 10 sh -c "gputool modes $CARD | grep -q 'connected ${W}x${H}'" || lb_fail "connector after reload: $(gputool modes $CARD 2>&1 | tr '\n' '|')"
-draw 3
-undraw
+gpu_draw 3
+gpu_undraw
 kill -0 $VUGPID 2>/dev/null || lb_fail "vhost-user-gpu died: $(tail -5 /tmp/vug.log | tr '\n' '|')"
 grep -q "closing the display connection" /tmp/loopbackd.log && lb_fail "display connection closed"
 loopbackd_stop TERM

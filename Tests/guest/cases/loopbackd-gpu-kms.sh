@@ -62,29 +62,21 @@ wait_for 30 card || lb_fail "no DRM card of the virtio device: $(ls -l /sys/clas
 CARD=$(card)
 wait_for 10 sh -c "gputool modes $CARD | grep -q 'connected ${W}x${H}'" || lb_fail "connector: $(gputool modes $CARD 2>&1 | tr '\n' '|')"
 info "virtio-gpu: $CARD"
-draw() { # $1 = seed [$2 $3 = cursor]: on screen (held by gputool); the PPM and QEMU's screendump equal it
-  bg_start /tmp/draw$1.log gputool draw "$CARD" "$1" 600 ${2:+$2 $3}
-  DRAW=$BGPID
-  wait_for 20 grep -q READY /tmp/draw$1.log || lb_fail "draw $1: $(cat /tmp/draw$1.log | tr '\n' '|')"
-  grep -q "MODE $W $H" /tmp/draw$1.log || fail "draw $1: mode $(head -1 /tmp/draw$1.log), want $W $H"
-  wait_for 10 gputool check /tmp/lb/gpu-0.ppm $W $H "$1" || lb_fail "draw $1: file output: $(gputool check /tmp/lb/gpu-0.ppm $W $H "$1" 2>&1)"
-  info "pattern $1: /tmp/lb/gpu-0.ppm equals it"
-  screendump p$1 $W $H $1
-}
-undraw() { kill $DRAW 2>/dev/null; wait $DRAW 2>/dev/null; DRAW=; }
+GPU_PPM=/tmp/lb/gpu-0.ppm
+draw() { gpu_draw "$@"; screendump p$1 $W $H $1; }   # on screen; the PPM (lib.sh) and QEMU's screendump equal it
 draw 1 100 50
 info "$(loopbackd ctl --socket /tmp/ctl.sock device gpu0 snapshot 2>&1 | tr '\n' ' ')"
-undraw
+gpu_undraw
 draw 2
 # hot-unplug: the scanout shows nothing, the display goes black; back, and a third pattern
 out=$(loopbackd ctl --socket /tmp/ctl.sock device gpu0 scanout 0 off 2>&1) || lb_fail "ctl scanout off: $out"
 screendump off $W $H black
 out=$(loopbackd ctl --socket /tmp/ctl.sock device gpu0 scanout 0 on 2>&1) || lb_fail "ctl scanout on: $out"
-undraw
+gpu_undraw
 wait_for 10 sh -c "gputool modes $CARD | grep -q 'connected ${W}x${H}'" || lb_fail "replug: $(gputool modes $CARD 2>&1 | tr '\n' '|')"
 draw 3
 info "$(loopbackd ctl --socket /tmp/ctl.sock device gpu0 snapshot 2>&1 | tr '\n' ' ')"
-undraw
+gpu_undraw
 grep -q "further failures" /tmp/loopbackd.log && lb_fail "a kms call failed: $(grep 'kms' /tmp/loopbackd.log | tail -3 | tr '\n' '|')"
 loopbackd_stop TERM
 wait_for 20 sh -c '! card' || fail "virtio card still there after SIGTERM"
@@ -102,7 +94,7 @@ DRAW=$BGPID
 wait_for 20 grep -q READY /tmp/draw4.log || lb_fail "draw 4: $(cat /tmp/draw4.log | tr '\n' '|')"
 wait_for 10 gputool check /tmp/lb/gpu-0.ppm $W $H 4 || lb_fail "draw 4: file output: $(gputool check /tmp/lb/gpu-0.ppm $W $H 4 2>&1)"
 screendump p4 1024 768 4 $W $H 12 34
-undraw
+gpu_undraw
 # a driver with a cursor plane: a second loopbackd (B, as root) serves gpu1 (640x480) with its kms output on the
 # virtio-gpu card of the first (card1, whose connector offers only the EDID's 1000x700: B centres its picture at
 # (180, 110)); B's own virtio card is a third. gputool's pattern and cursor on it reach B, B's kms output flips them
@@ -137,7 +129,7 @@ wait_for 10 a_cursor || fail "cursor through B's kms output: $(loopbackd ctl --s
 info "cursor at 110,70 on B's card is at 290,180 on the first loopbackd's scanout: $(loopbackd ctl --socket /tmp/ctl.sock device gpu0 info | grep -o 'cursor=[^ ]*')"
 info "B: $(loopbackd ctl --socket /tmp/ctl2.sock device gpu1 snapshot 2>&1)"
 grep -q "takes no cursor" /tmp/b.log && fail "B: no cursor on virtio-gpu: $(grep cursor /tmp/b.log)"
-undraw
+gpu_undraw
 kill -TERM $BPID; wait $BPID
 loopbackd_stop TERM
 pass

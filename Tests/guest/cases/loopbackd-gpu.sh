@@ -40,28 +40,20 @@ up() { # $1 = tag: the DRM card of the virtio device, its connector connected wi
   wait_for 10 sh -c "gputool modes $CARD | grep -q 'connected ${W}x${H}'" || lb_fail "$1: connector: $(gputool modes $CARD 2>&1 | tr '\n' '|')"
   info "$1: $CARD $(gputool modes $CARD | head -1)"
 }
-draw() { # $1 = seed [$2 $3 = cursor position]: the pattern on screen (held by gputool), then the PPM equals it
-  bg_start /tmp/draw$1.log gputool draw "$CARD" "$1" 600 ${2:+$2 $3}
-  DRAW=$BGPID
-  wait_for 20 grep -q READY /tmp/draw$1.log || lb_fail "draw $1: $(cat /tmp/draw$1.log | tr '\n' '|')"
-  grep -q "MODE $W $H" /tmp/draw$1.log || fail "draw $1: preferred mode $(head -1 /tmp/draw$1.log), want $W $H"
-  wait_for 10 gputool check /tmp/gpu-0.ppm $W $H "$1" || lb_fail "draw $1: $(gputool check /tmp/gpu-0.ppm $W $H "$1" 2>&1)"
-  info "pattern $1: /tmp/gpu-0.ppm equals it (${W}x${H})"
-}
-undraw() { kill $DRAW 2>/dev/null; wait $DRAW 2>/dev/null; DRAW=; }
+GPU_PPM=/tmp/gpu-0.ppm
 
 up start
 [ -c /dev/fb0 ] && info "fbdev emulation: /dev/fb0 ($(cat /sys/class/graphics/fb0/name 2>/dev/null))"
-draw 1 100 50
+gpu_draw 1 100 50
 # the cursor (the driver's cursor plane: UPDATE_CURSOR, then MOVE_CURSOR on the cursor queue) is at the moved position
 cursor_at() { loopbackd ctl --socket /tmp/ctl.sock device gpu0 info 2>/dev/null | grep -q "^scanout 0 .* cursor=[1-9][0-9]*@$1,$2 "; }
 wait_for 10 cursor_at 110 70 || lb_fail "cursor: $(loopbackd ctl --socket /tmp/ctl.sock device gpu0 info 2>&1 | tr '\n' '|')"
 info "cursor: $(loopbackd ctl --socket /tmp/ctl.sock device gpu0 info | grep -o 'cursor=[^ ]*')"
-undraw
+gpu_undraw
 # fbcon takes the scanout back when the DRM client closes; a new client draws again
-draw 2
+gpu_draw 2
 
-undraw
+gpu_undraw
 # hot-plug: the connector follows the scanout's enabled state (VIRTIO_GPU_EVENT_DISPLAY + config interrupt; the
 # driver re-reads the display info). Its status is read after a forced probe (sysfs "detect"), as a compositor
 # does on the hotplug uevent.
@@ -80,17 +72,17 @@ rmmod virtio-gpu 2>/dev/null || rmmod virtio_gpu || fail "rmmod virtio-gpu"
 wait_for 10 no_card || fail "card still there after rmmod"
 insmod /lib/modules/virtio-gpu.ko || fail "insmod virtio-gpu again"
 up reload
-draw 3
+gpu_draw 3
 
 # SIGKILL while the driver is bound and a client holds its buffer: nothing hangs, the card goes
 loopbackd_stop KILL
 wait_for 20 no_card || fail "card still there after SIGKILL"
-undraw
+gpu_undraw
 wait_for 10 no_d_state || fail "a task in D state after SIGKILL: $(grep -l '^State:.*D' /proc/[0-9]*/status 2>/dev/null | tr '\n' ' ')"
 loopbackd_start
 up restart
-draw 4
-undraw
+gpu_draw 4
+gpu_undraw
 loopbackd_stop TERM
 wait_for 20 no_card || fail "card still there after SIGTERM"
 pass
